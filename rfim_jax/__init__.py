@@ -1,0 +1,51 @@
+"""rfim_jax: relative Fisher information metrics and relative natural gradient in JAX.
+
+After Ke Sun and Frank Nielsen, "Relative Fisher Information and Natural Gradient for
+Learning Large Modular Models" (ICML 2017; arXiv 1606.06069).
+"""
+
+from rfim_jax._src.activations import (
+    ACTIVATION_NAMES,
+    ELU,
+    Activation,
+    Linear,
+    ReLU,
+    Sigmoid,
+    Tanh,
+    get_activation,
+)
+from rfim_jax._src.metrics import (
+    BlockDiagonalMetric,
+    DenseMetric,
+    SharedBlockMetric,
+)
+from rfim_jax._src.rfim import (
+    layer_rfim_from_activations,
+    linear_rfim,
+    neuron_rfim,
+    nonlinear_rfim,
+    softmax_rfim,
+    two_layer_rfim,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ACTIVATION_NAMES",
+    "Activation",
+    "BlockDiagonalMetric",
+    "DenseMetric",
+    "ELU",
+    "Linear",
+    "ReLU",
+    "SharedBlockMetric",
+    "Sigmoid",
+    "Tanh",
+    "get_activation",
+    "layer_rfim_from_activations",
+    "linear_rfim",
+    "neuron_rfim",
+    "nonlinear_rfim",
+    "softmax_rfim",
+    "two_layer_rfim",
+]
