@@ -28,6 +28,14 @@ from rfim_jax._src.rfim import (
     two_layer_rfim,
 )
 
+from rfim_jax._src.paths import layer_paths
+from rfim_jax._src.transform import (
+    ScaleByRNGDState,
+    rngd,
+    scale_by_rngd,
+    scale_by_whitening,
+)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -42,10 +50,15 @@ __all__ = [
     "Sigmoid",
     "Tanh",
     "get_activation",
+    "ScaleByRNGDState",
+    "layer_paths",
     "layer_rfim_from_activations",
     "linear_rfim",
     "neuron_rfim",
     "nonlinear_rfim",
     "softmax_rfim",
+    "rngd",
+    "scale_by_rngd",
+    "scale_by_whitening",
     "two_layer_rfim",
 ]
