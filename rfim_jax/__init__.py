@@ -19,6 +19,7 @@ from rfim_jax._src.metrics import (
     DenseMetric,
     SharedBlockMetric,
 )
+from rfim_jax._src.paths import layer_paths
 from rfim_jax._src.rfim import (
     layer_rfim_from_activations,
     linear_rfim,
@@ -27,8 +28,6 @@ from rfim_jax._src.rfim import (
     softmax_rfim,
     two_layer_rfim,
 )
-
-from rfim_jax._src.paths import layer_paths
 from rfim_jax._src.transform import (
     ScaleByRNGDState,
     rngd,
