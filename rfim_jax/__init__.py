@@ -14,6 +14,13 @@ from rfim_jax._src.activations import (
     Tanh,
     get_activation,
 )
+from rfim_jax._src.capture import (
+    activation_paths,
+    apply_gradients,
+    capture_linen,
+    capture_nnx,
+    record,
+)
 from rfim_jax._src.metrics import (
     BlockDiagonalMetric,
     DenseMetric,
@@ -48,6 +55,10 @@ __all__ = [
     "SharedBlockMetric",
     "Sigmoid",
     "Tanh",
+    "activation_paths",
+    "apply_gradients",
+    "capture_linen",
+    "capture_nnx",
     "get_activation",
     "ScaleByRNGDState",
     "layer_paths",
@@ -56,6 +67,7 @@ __all__ = [
     "neuron_rfim",
     "nonlinear_rfim",
     "softmax_rfim",
+    "record",
     "rngd",
     "scale_by_rngd",
     "scale_by_whitening",

@@ -103,7 +103,12 @@ def _resolve_kind(path: str, kind: LayerKind) -> Any:
 
 def _resolve_layers(layers: Mapping[str, LayerKind] | None, default_kind, params) -> list[_Layer]:
     """Checks ``layers`` against the params tree and returns the static layer descriptions."""
-    available = paths_lib.layer_paths(params)
+    # optax.partition / optax.masked hand this transform MaskedNode leaves for the layers that
+    # belong to another transform; those are not ours to precondition.
+    available = [
+        p for p in paths_lib.layer_paths(params)
+        if not isinstance(paths_lib.get_by_path(params, p)["kernel"], optax.MaskedNode)
+    ]
     if layers is None:
         layers = {p: default_kind for p in available}
     if not isinstance(layers, Mapping):
@@ -123,6 +128,12 @@ def _resolve_layers(layers: Mapping[str, LayerKind] | None, default_kind, params
         if kind is None:
             continue
         kernel = node["kernel"]
+        if isinstance(kernel, optax.MaskedNode):
+            raise ValueError(
+                f"layer {path!r} is masked out of this transform (optax.partition or "
+                f"optax.masked gives its params to another one); remove it from `layers`. "
+                f"Layers this transform sees: {available}."
+            )
         if kernel.ndim != 2:
             raise ValueError(
                 f"layer {path!r}: kernel must be 2-D (d_in, m), got shape {tuple(kernel.shape)}."
@@ -167,7 +178,10 @@ def _layer_activations(activations, layer: _Layer) -> tuple[jax.Array, jax.Array
             f"{tuple(entry['preacts'].shape)})."
         )
     if x.shape[0] == 0:
-        raise ValueError(f"layer {layer.path!r}: the batch is empty (inputs {tuple(x.shape)}).")
+        raise ValueError(
+            f"layer {layer.path!r}: the batch is empty (inputs {tuple(x.shape)}, preacts "
+            f"{tuple(z.shape)})."
+        )
     dtype = rfim_lib.stats_dtype(x, z)
     return x.astype(dtype), z.astype(dtype)
 
@@ -308,6 +322,11 @@ def scale_by_rngd(
             return new
 
         new_updates = paths_lib.map_layers(precondition, updates, set(by_path))
+        # map_layers may rebuild container types (e.g. nested nnx.State); keep the grads' own
+        # tree structure so later stages (optax.trace, nnx.Optimizer) see identical trees.
+        new_updates = jax.tree.unflatten(
+            jax.tree.structure(updates), jax.tree.leaves(new_updates)
+        )
         new_state = ScaleByRNGDState(
             count=count + 1,
             metrics=new_metrics,

@@ -1,0 +1,591 @@
+"""Tests for rfim_jax._src.capture with real Flax models.
+
+Captured inputs and pre-activations are checked against an independent recomputation from the
+params (z = x @ kernel + bias, each layer's input = the previous layer's post-activation), keys
+against the params tree, and gradients against the plain forward pass's gradients.
+"""
+
+import threading
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from flax.training import train_state
+
+from rfim_jax._src import capture as cap
+from rfim_jax._src import paths
+
+TIGHT = dict(rtol=1e-12, atol=1e-12)
+
+
+def _f64(tree):
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
+
+
+def _dense(layer, x):
+    z = np.asarray(x) @ np.asarray(layer["kernel"])
+    if "bias" in layer:
+        z = z + np.asarray(layer["bias"])
+    return z
+
+
+def _assert_layer(acts, path, inputs, preacts):
+    got = paths.get_by_path(acts, path)
+    assert set(got) == {"inputs", "preacts"}
+    np.testing.assert_allclose(got["inputs"], inputs, **TIGHT)
+    np.testing.assert_allclose(got["preacts"], preacts, **TIGHT)
+
+
+def _paths(params):
+    return sorted(paths.layer_paths(params))
+
+
+def _captured(acts):
+    return sorted(cap.activation_paths(acts))
+
+
+def _recording_sgd(lr, log):
+    """A GradientTransformationExtraArgs that records the extra kwargs it is given."""
+
+    def update(grads, state, params=None, **extra):
+        log.append(extra)
+        return jax.tree.map(lambda g: -lr * g, grads), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+
+# --------------------------------------------------------------------------------------------
+# Path utilities and plain JAX.
+
+
+def test_record_nests_like_params_with_int_keys():
+    params = {
+        "head": {"kernel": jnp.ones((2, 3))},
+        "layers": {0: {"kernel": jnp.ones((4, 2)), "bias": jnp.ones(2)}},
+        "ln": {"scale": jnp.ones(4)},
+    }
+    acts = cap.record({"layers": {0: {}}}, "layers/0", jnp.ones((5, 4)), jnp.ones((5, 2)))
+    acts = cap.record(acts, "head", jnp.ones((5, 2)), jnp.zeros((5, 3)))
+    assert list(acts["layers"]) == [0]  # the existing int key is reused, not "0"
+    assert _captured(acts) == _paths(params) == ["head", "layers/0"]
+    np.testing.assert_array_equal(paths.get_by_path(acts, "head")["preacts"], np.zeros((5, 3)))
+    fresh = cap.record(None, "a/b", jnp.ones((1, 2)), jnp.ones((1, 3)))
+    assert fresh["a"]["b"]["inputs"].shape == (1, 2) and cap.activation_paths(fresh) == ["a/b"]
+    root = cap.record({}, "", jnp.ones((1, 2)), jnp.ones((1, 3)))
+    assert set(root) == {"inputs", "preacts"} and cap.activation_paths(root) == [""]
+
+
+def test_paths_on_nnx_state():
+    model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.Linear(4, 2, rngs=nnx.Rngs(1)))
+    state = nnx.state(model, nnx.Param)
+    _, acts = cap.capture_nnx(model, jnp.ones((2, 3)))
+    assert _paths(state) == _paths(nnx.to_pure_dict(state)) == _captured(acts)
+    assert _captured(acts) == ["layers/0", "layers/1"]
+    kernel = paths.get_by_path(state, "layers/1")["kernel"][...]  # "1" finds the int key 1
+    assert acts["layers"][1]["inputs"].shape == (2, kernel.shape[0])
+    assert acts["layers"][1]["preacts"].shape == (2, kernel.shape[1])
+
+
+def test_plain_jax_record_and_grad(key):
+    k0, k1, k2, kx = jax.random.split(key, 4)
+    params = {
+        "Dense_0": {"kernel": jax.random.normal(k0, (4, 5)), "bias": jax.random.normal(k1, (5,))},
+        "out": {"kernel": jax.random.normal(k2, (5, 3))},  # no bias
+    }
+    x = jax.random.normal(kx, (7, 4))
+
+    def forward(params, x):
+        acts = {}
+        z0 = x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"]
+        acts = cap.record(acts, "Dense_0", x, z0)
+        h = jnp.tanh(z0)
+        z1 = h @ params["out"]["kernel"]
+        acts = cap.record(acts, "out", h, z1)
+        return jnp.mean(z1**2), acts
+
+    (loss, acts), grads = jax.jit(jax.value_and_grad(forward, has_aux=True))(params, x)
+    assert _captured(acts) == _paths(params)
+    z0 = _dense(params["Dense_0"], x)
+    _assert_layer(acts, "Dense_0", x, z0)
+    _assert_layer(acts, "out", np.tanh(z0), _dense(params["out"], np.tanh(z0)))
+    plain = jax.grad(lambda p: forward(p, x)[0])(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TIGHT), grads, plain)
+
+
+def test_record_errors():
+    acts = cap.record({}, "a/b", jnp.ones((3, 2)), jnp.ones((3, 4)))
+    with pytest.raises(ValueError, match="layer 'a/b' is already recorded"):
+        cap.record(acts, "a/b", jnp.ones((3, 2)), jnp.ones((3, 4)))
+    with pytest.raises(ValueError, match=r"share their leading \(batch\) axes"):
+        cap.record({}, "c", jnp.ones((3, 2)), jnp.ones((2, 4)))
+    with pytest.raises(ValueError, match="cannot record below 'x'"):
+        cap.record({"x": 1}, "x/y", jnp.ones((3, 2)), jnp.ones((3, 4)))
+    with pytest.raises(ValueError, match="'a' already holds other entries"):
+        cap.record(acts, "a", jnp.ones((3, 2)), jnp.ones((3, 4)))
+
+
+# --------------------------------------------------------------------------------------------
+# flax.linen.
+
+
+class LinenMLP(nn.Module):
+    features: tuple = (5, 4, 3)
+
+    @nn.compact
+    def __call__(self, x):
+        for i, f in enumerate(self.features):
+            x = nn.Dense(f)(x)
+            if i < len(self.features) - 1:
+                x = nn.relu(x)
+        return x
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.LayerNorm()(x)
+        return jnp.tanh(nn.Dense(4, use_bias=False)(x))
+
+
+class LinenNested(nn.Module):
+    def setup(self):
+        self.inp = nn.Dense(6)
+        self.block = Block()
+        self.layers = [nn.Dense(3), nn.Dense(2)]
+
+    def __call__(self, x):
+        x = nn.relu(self.inp(x))
+        x = self.block(x)
+        return self.layers[1](nn.sigmoid(self.layers[0](x)))
+
+
+def _init_linen(model, key, x):
+    return {"params": _f64(model.init(key, x)["params"])}
+
+
+def test_linen_mlp_matches_manual(key):
+    kx, ki = jax.random.split(key)
+    x = jax.random.normal(kx, (6, 4))
+    model = LinenMLP()
+    variables = _init_linen(model, ki, x)
+    out, acts = cap.capture_linen(model, variables, x)
+    p = variables["params"]
+    assert _captured(acts) == ["Dense_0", "Dense_1", "Dense_2"]
+    assert _captured(acts) == _paths(p)
+    h = np.asarray(x)
+    for name in ("Dense_0", "Dense_1", "Dense_2"):
+        z = _dense(p[name], h)
+        _assert_layer(acts, name, h, z)
+        h = np.maximum(z, 0.0)
+    np.testing.assert_allclose(out, z, **TIGHT)
+    np.testing.assert_allclose(out, model.apply(variables, x), **TIGHT)
+
+
+def test_linen_nested_layernorm_and_sequence_axes(key):
+    kx, ki = jax.random.split(key)
+    x = jax.random.normal(kx, (2, 3, 5))  # (batch, seq, d): leading axes kept as captured
+    model = LinenNested()
+    variables = _init_linen(model, ki, x)
+    p = variables["params"]
+    out, acts = cap.capture_linen(model, variables, x)
+    assert _paths(p) == ["block/Dense_0", "inp", "layers_0", "layers_1"]
+    assert _captured(acts) == _paths(p)
+    assert "LayerNorm_0" in p["block"] and set(acts["block"]) == {"Dense_0"}
+    h0 = np.maximum(_dense(p["inp"], x), 0.0)
+    _assert_layer(acts, "inp", x, _dense(p["inp"], x))
+    ln = nn.LayerNorm().apply({"params": p["block"]["LayerNorm_0"]}, h0)
+    _assert_layer(acts, "block/Dense_0", ln, _dense(p["block"]["Dense_0"], ln))
+    h1 = np.tanh(_dense(p["block"]["Dense_0"], ln))
+    z2 = _dense(p["layers_0"], h1)
+    _assert_layer(acts, "layers_0", h1, z2)
+    s = 1.0 / (1.0 + np.exp(-z2))
+    _assert_layer(acts, "layers_1", s, _dense(p["layers_1"], s))
+    assert acts["inp"]["inputs"].shape == (2, 3, 5)
+    assert acts["layers_1"]["preacts"].shape == (2, 3, 2)
+    np.testing.assert_allclose(out, model.apply(variables, x), **TIGHT)
+
+
+def test_linen_jit_value_and_grad_identical():
+    key = jax.random.PRNGKey(0)
+    kx, ky, ki = jax.random.split(key, 3)
+    x = jax.random.normal(kx, (8, 5))
+    y = jax.random.randint(ky, (8,), 0, 2)
+    model = LinenNested()
+    params = _init_linen(model, ki, x)["params"]
+
+    def ce(logits):
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    def loss(params):
+        out, acts = cap.capture_linen(model, {"params": params}, x)
+        return ce(out), acts
+
+    (val, acts), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    val_ref, grads_ref = jax.jit(jax.value_and_grad(lambda p: ce(model.apply({"params": p}, x))))(
+        params
+    )
+    np.testing.assert_allclose(val, val_ref, **TIGHT)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TIGHT), grads, grads_ref)
+    _, acts_eager = cap.capture_linen(model, {"params": params}, x)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TIGHT), acts, acts_eager)
+
+
+def test_linen_dense_general():
+    key = jax.random.PRNGKey(0)
+
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.DenseGeneral(3, axis=-1)(jnp.tanh(nn.DenseGeneral(4, name="dg")(x)))
+
+    kx, ki = jax.random.split(key)
+    x = jax.random.normal(kx, (5, 2, 6))
+    model = M()
+    variables = _init_linen(model, ki, x)
+    p = variables["params"]
+    assert p["dg"]["kernel"].shape == (6, 4)  # features=int, axis=-1: a (d_in, m) kernel
+    _, acts = cap.capture_linen(model, variables, x)
+    assert _captured(acts) == ["DenseGeneral_0", "dg"]
+    _assert_layer(acts, "dg", x, _dense(p["dg"], x))
+    h = np.tanh(_dense(p["dg"], x))
+    _assert_layer(acts, "DenseGeneral_0", h, _dense(p["DenseGeneral_0"], h))
+
+
+def test_linen_dense_general_multi_axis_error_or_skip():
+    key = jax.random.PRNGKey(0)
+
+    class Attn(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            q = nn.DenseGeneral((2, 3), name="query")(x)
+            return nn.Dense(2)(q.reshape(q.shape[:-2] + (6,)))
+
+    class Outer(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return Attn(name="attn")(x)
+
+    x = jax.random.normal(key, (4, 5))
+    model = Outer()
+    variables = _init_linen(model, key, x)
+    with pytest.raises(ValueError, match=r"DenseGeneral layer 'attn/query' has features=\(2, 3\)"):
+        cap.capture_linen(model, variables, x)
+    out, acts = cap.capture_linen(model, variables, x, skip_unsupported=True)
+    assert _captured(acts) == ["attn/Dense_0"]
+    np.testing.assert_allclose(out, model.apply(variables, x), **TIGHT)
+
+
+def test_linen_mutable_batch_stats_passthrough():
+    key = jax.random.PRNGKey(0)
+
+    class BNNet(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool):
+            x = nn.Dense(4)(x)
+            x = nn.BatchNorm(use_running_average=not train, epsilon=1e-3)(x)
+            return nn.Dense(2)(nn.relu(x))
+
+    x = jax.random.normal(key, (8, 3))
+    model = BNNet()
+    variables = _f64(model.init(key, x, train=False))
+    (out, updates), acts = cap.capture_linen(
+        model, variables, x, train=True, mutable=["batch_stats"]
+    )
+    out_ref, updates_ref = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(out, out_ref, **TIGHT)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TIGHT), updates, updates_ref)
+    assert _captured(acts) == ["Dense_0", "Dense_1"]
+    assert "BatchNorm_0" not in acts
+    _assert_layer(acts, "Dense_0", x, _dense(variables["params"]["Dense_0"], x))
+
+
+def test_linen_called_twice_raises_with_path():
+    key = jax.random.PRNGKey(0)
+
+    class Repeat(nn.Module):
+        def setup(self):
+            self.proj = nn.Dense(3)
+
+        def __call__(self, x):
+            return self.proj(jnp.tanh(self.proj(x)))
+
+    class Outer(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return Repeat(name="block")(x)
+
+    class Tied(nn.Module):
+        def setup(self):
+            self.shared = nn.Dense(3)
+            self.a = Wrap(self.shared)
+            self.b = Wrap(self.shared)
+
+        def __call__(self, x):
+            return self.b(self.a(x))
+
+    class Wrap(nn.Module):
+        layer: nn.Module
+
+        def __call__(self, x):
+            return jnp.tanh(self.layer(x))
+
+    x = jnp.ones((2, 3))
+    for model, path in ((Outer(), "block/proj"), (Tied(), "shared")):
+        variables = model.init(key, x)
+        assert path in _paths(variables["params"])
+        with pytest.raises(ValueError, match=f"dense layer '{path}' was called more than once"):
+            cap.capture_linen(model, variables, x)
+        with pytest.raises(ValueError, match=f"'{path}'"):
+            jax.jit(lambda v: cap.capture_linen(model, v, x))(variables)  # noqa: B023
+
+
+def test_linen_model_is_one_dense():
+    key = jax.random.PRNGKey(0)
+    x = jax.random.normal(key, (4, 3))
+    model = nn.Dense(2)
+    variables = _init_linen(model, key, x)
+    _, acts = cap.capture_linen(model, variables, x)
+    assert _paths(variables["params"]) == [""]
+    _assert_layer(acts, "", x, _dense(variables["params"], x))
+
+
+def test_linen_apply_gradients_forwards_kwargs():
+    key = jax.random.PRNGKey(0)
+    kx, ki = jax.random.split(key)
+    x = jax.random.normal(kx, (6, 4))
+    model = LinenMLP()
+    params = _init_linen(model, ki, x)["params"]
+    log = []
+    state = train_state.TrainState.create(
+        apply_fn=model.apply, params=params, tx=_recording_sgd(0.1, log)
+    )
+
+    @jax.jit
+    def step(state):
+        def loss(params):
+            out, acts = cap.capture_linen(model, {"params": params}, x)
+            return jnp.mean(out**2), acts
+
+        (_, acts), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
+        return cap.apply_gradients(state, grads, activations=acts), grads, acts
+
+    new_state, grads, acts = step(state)
+    assert len(log) == 1 and set(log[0]) == {"activations"}
+    assert jax.tree.structure(log[0]["activations"]) == jax.tree.structure(acts)
+    assert int(new_state.step) == 1
+    jax.tree.map(
+        lambda new, old, g: np.testing.assert_allclose(new, old - 0.1 * g, **TIGHT),
+        new_state.params,
+        params,
+        grads,
+    )
+    # Eagerly, the transformation receives exactly the captured arrays.
+    log.clear()
+    _, acts_eager = cap.capture_linen(model, {"params": params}, x)
+    cap.apply_gradients(state, grads, activations=acts_eager, extra=3)
+    assert log[0]["extra"] == 3 and log[0]["activations"] is acts_eager
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TIGHT), acts, acts_eager)
+
+
+# --------------------------------------------------------------------------------------------
+# flax.nnx.
+
+
+class NnxMLP(nnx.Module):
+    def __init__(self, sizes, rngs):
+        pairs = zip(sizes[:-1], sizes[1:], strict=True)
+        self.layers = nnx.List(
+            [nnx.Linear(a, b, param_dtype=jnp.float64, rngs=rngs) for a, b in pairs]
+        )
+
+    def __call__(self, x):
+        for layer in self.layers[:-1]:
+            x = nnx.relu(layer(x))
+        return self.layers[-1](x)
+
+
+class NnxNorm(nnx.Module):
+    def __init__(self, rngs):
+        kw = dict(param_dtype=jnp.float64, rngs=rngs)
+        self.linear1 = nnx.Linear(4, 6, **kw)
+        self.norm = nnx.LayerNorm(6, **kw)
+        self.linear2 = nnx.Linear(6, 3, use_bias=False, **kw)
+
+    def __call__(self, x):
+        return self.linear2(jnp.tanh(self.norm(self.linear1(x))))
+
+
+def _pure(model):
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def test_nnx_mlp_matches_manual(seed):
+    model = NnxMLP((4, 5, 5, 3), nnx.Rngs(seed))
+    x = jax.random.normal(jax.random.PRNGKey(seed + 10), (7, 4))
+    out, acts = cap.capture_nnx(model, x)
+    p = _pure(model)
+    assert _paths(p) == ["layers/0", "layers/1", "layers/2"]
+    assert _captured(acts) == _paths(p)
+    assert list(acts["layers"]) == list(p["layers"]) == [0, 1, 2]  # int keys, like the state
+    h = np.asarray(x)
+    for i in range(3):
+        z = _dense(p["layers"][i], h)
+        _assert_layer(acts, f"layers/{i}", h, z)
+        h = np.maximum(z, 0.0)
+    np.testing.assert_allclose(out, z, **TIGHT)
+    assert nnx.Linear.__call__.__name__ == "__call__"  # the class is restored
+
+
+def test_nnx_layernorm_not_captured():
+    key = jax.random.PRNGKey(0)
+    model = NnxNorm(nnx.Rngs(int(key[-1])))
+    x = jax.random.normal(key, (3, 2, 4))
+    out, acts = cap.capture_nnx(model, x)
+    p = _pure(model)
+    assert _paths(p) == ["linear1", "linear2"] and "norm" in p
+    assert set(acts) == {"linear1", "linear2"}
+    z1 = _dense(p["linear1"], x)
+    _assert_layer(acts, "linear1", x, z1)
+    h = np.tanh(np.asarray(model.norm(jnp.asarray(z1))))
+    _assert_layer(acts, "linear2", h, _dense(p["linear2"], h))
+    np.testing.assert_allclose(out, model(x), **TIGHT)
+
+
+def test_nnx_jit_value_and_grad_identical():
+    key = jax.random.PRNGKey(0)
+    kx, ky = jax.random.split(key)
+    model = NnxMLP((5, 6, 3), nnx.Rngs(int(key[-1])))
+    x = jax.random.normal(kx, (8, 5))
+    y = jax.random.randint(ky, (8,), 0, 3)
+
+    def ce(logits):
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    @nnx.jit
+    def with_capture(model):
+        def loss(model):
+            out, acts = cap.capture_nnx(model, x)
+            return ce(out), acts
+
+        return nnx.value_and_grad(loss, has_aux=True)(model)
+
+    (val, acts), grads = with_capture(model)
+    val_ref, grads_ref = nnx.jit(nnx.value_and_grad(lambda m: ce(m(x))))(model)
+    np.testing.assert_allclose(val, val_ref, **TIGHT)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, **TIGHT),
+        nnx.to_pure_dict(grads),
+        nnx.to_pure_dict(grads_ref),
+    )
+    _, acts_eager = cap.capture_nnx(model, x)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TIGHT), acts, acts_eager)
+    assert _captured(acts) == _paths(grads)
+
+
+def test_nnx_optimizer_forwards_activations():
+    key = jax.random.PRNGKey(0)
+    model = NnxNorm(nnx.Rngs(int(key[-1])))
+    x = jax.random.normal(key, (6, 4))
+    log = []
+    optimizer = nnx.Optimizer(model, _recording_sgd(0.1, log), wrt=nnx.Param)
+    before = _pure(model)
+
+    def loss(model):
+        out, acts = cap.capture_nnx(model, x)
+        return jnp.mean(out**2), acts
+
+    # Eager: tx.update receives the captured arrays under the `activations` keyword.
+    (_, acts), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+    optimizer.update(model, grads, activations=acts)
+    assert len(log) == 1 and set(log[0]) == {"activations"}
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), log[0]["activations"], acts)
+    jax.tree.map(
+        lambda new, old, g: np.testing.assert_allclose(new, old - 0.1 * g, **TIGHT),
+        _pure(model),
+        before,
+        nnx.to_pure_dict(grads),
+    )
+
+    @nnx.jit
+    def train_step(model, optimizer):
+        (val, acts), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+        optimizer.update(model, grads, activations=acts)
+        return val, acts
+
+    log.clear()
+    _, acts_jit = train_step(model, optimizer)
+    assert set(log[0]) == {"activations"}
+    assert jax.tree.structure(log[0]["activations"]) == jax.tree.structure(acts_jit)
+    assert _captured(log[0]["activations"]) == ["linear1", "linear2"]
+    assert int(optimizer.step[...]) == 2
+
+
+def test_nnx_called_twice_tied_and_foreign_raise():
+    class Twice(nnx.Module):
+        def __init__(self, rngs):
+            self.block = nnx.Dict(proj=nnx.Linear(3, 3, rngs=rngs))
+
+        def __call__(self, x):
+            return self.block["proj"](jnp.tanh(self.block["proj"](x)))
+
+    class Tied(nnx.Module):
+        def __init__(self, rngs):
+            self.a = nnx.Linear(3, 3, rngs=rngs)
+            self.b = self.a
+
+        def __call__(self, x):
+            return self.b(self.a(x))
+
+    x = jnp.ones((2, 3))
+    original = nnx.Linear.__call__
+    for model, path in ((Twice(nnx.Rngs(0)), "block/proj"), (Tied(nnx.Rngs(0)), "a")):
+        assert path in _paths(nnx.state(model, nnx.Param))
+        with pytest.raises(ValueError, match=f"dense layer '{path}' was called more than once"):
+            cap.capture_nnx(model, x)
+        assert nnx.Linear.__call__ is original  # restored after the error
+    # Tied but used once: keyed like its params (the first path in graph order).
+    tied = Tied(nnx.Rngs(0))
+    _, acts = cap.capture_nnx(tied, x, method=lambda m, x: m.a(x))
+    assert _captured(acts) == _paths(_pure(tied)) == ["a"]
+
+    foreign = nnx.Linear(3, 2, rngs=nnx.Rngs(1))
+    model = NnxMLP((3, 3), nnx.Rngs(0))
+    with pytest.raises(ValueError, match="not a submodule of the captured model"):
+        cap.capture_nnx(model, x, method=lambda m, x: foreign(m(x)))
+    assert nnx.Linear.__call__ is original
+    with pytest.raises(TypeError, match="must be an nnx.Module"):
+        cap.capture_nnx(lambda x: x, x)
+
+
+def test_nnx_other_threads_unaffected():
+    model = NnxMLP((3, 4, 2), nnx.Rngs(0))
+    other = nnx.Linear(3, 2, rngs=nnx.Rngs(1))
+    x = jnp.ones((2, 3))
+    seen = {}
+
+    def run_other():
+        seen["out"] = other(x)  # a Linear outside the model, from another thread: not recorded
+
+    def forward(model, x):
+        t = threading.Thread(target=run_other)
+        t.start()
+        t.join()
+        return model(x)
+
+    _, acts = cap.capture_nnx(model, x, method=forward)
+    assert _captured(acts) == ["layers/0", "layers/1"]
+    np.testing.assert_allclose(seen["out"], _dense(_pure(other), x), rtol=1e-6)
+    # Nested captures record into the innermost one.
+    inner_acts = {}
+
+    def nested(model, x):
+        out, inner_acts["acts"] = cap.capture_nnx(model.layers[1], nnx.relu(model.layers[0](x)))
+        return out
+
+    _, outer = cap.capture_nnx(model, x, method=nested)
+    assert _captured(outer) == ["layers/0"]
+    assert set(inner_acts["acts"]) == {"inputs", "preacts"}  # the inner model is one Linear

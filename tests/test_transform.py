@@ -1,0 +1,338 @@
+"""scale_by_rngd / rngd / scale_by_whitening against a direct numpy computation of SPEC §4.
+
+The reference below re-derives every step from the paper (eqs. 22, 23, 25, 30-33) with
+numpy loops over neurons and samples; it shares no code with the library.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import rfim_jax
+
+# ---------------------------------------------------------------------------- reference
+
+
+def _sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def _nu(kind, z):
+    if kind == "relu":  # defaults omega=1, iota=0, sigma=1: nu = s(z)^2 (eq. 18)
+        return _sigmoid(z) ** 2
+    if kind == "tanh":
+        return 1.0 - np.tanh(z) ** 2
+    if kind == "sigmoid":
+        return _sigmoid(z) * (1.0 - _sigmoid(z))
+    if kind == "elu":
+        return np.where(z >= 0, 1.0, np.exp(2 * z))
+    raise AssertionError(kind)
+
+
+def _aug(x, has_bias):
+    x = np.asarray(x, np.float64)
+    return np.concatenate([x, np.ones((len(x), 1))], 1) if has_bias else x
+
+
+def _damp(block, eps0):
+    return block + eps0 * np.trace(block) / block.shape[0] * np.eye(block.shape[0])
+
+
+def reference_blocks(kind, x, z, has_bias, eps0):
+    """This batch's damped blocks, as a list."""
+    xa = _aug(x, has_bias)
+    n, d = xa.shape
+    z = np.asarray(z, np.float64)
+    m = z.shape[1]
+    if kind == "linear":
+        return [_damp(sum(np.outer(r, r) for r in xa) / n, eps0)]
+    if kind == "softmax":
+        full = np.zeros((m * d, m * d))
+        for i in range(n):
+            e = np.exp(z[i] - z[i].max())
+            eta = e / e.sum()
+            full += np.kron(np.diag(eta) - np.outer(eta, eta), np.outer(xa[i], xa[i]))
+        return [_damp(full / n, eps0)]
+    nu = _nu(kind, z)
+    return [
+        _damp(sum(nu[i, l] * np.outer(xa[i], xa[i]) for i in range(n)) / n, eps0)
+        for l in range(m)
+    ]
+
+
+def reference_precondition(kind, inverses, g_kernel, g_bias):
+    cols = np.asarray(g_kernel, np.float64)
+    if g_bias is not None:
+        cols = np.concatenate([cols, np.asarray(g_bias)[None]], 0)
+    d, m = cols.shape
+    if kind == "linear":
+        out = inverses[0] @ cols
+    elif kind == "softmax":
+        out = (inverses[0] @ cols.T.reshape(-1)).reshape(m, d).T
+    else:
+        out = np.stack([inverses[l] @ cols[:, l] for l in range(m)], 1)
+    return (out[:-1], out[-1]) if g_bias is not None else (out, None)
+
+
+class ReferenceRNGD:
+    """SPEC §4 step by step: fresh damped estimate, EMA from I, refresh, precondition."""
+
+    def __init__(self, specs, decay, inverse_every, eps0):
+        self.specs, self.decay, self.every, self.eps0 = specs, decay, inverse_every, eps0
+        self.count = 0
+        self.G, self.inv = {}, {}
+        for path, (kind, d_in, m, has_bias) in specs.items():
+            d = d_in + has_bias
+            size, k = (m * d, 1) if kind == "softmax" else (d, 1 if kind == "linear" else m)
+            self.G[path] = [np.eye(size) for _ in range(k)]
+            self.inv[path] = [np.eye(size) for _ in range(k)]
+
+    def update(self, grads, acts):
+        out = {}
+        for path, (kind, _, _, has_bias) in self.specs.items():
+            fresh = reference_blocks(kind, acts[path]["inputs"], acts[path]["preacts"],
+                                     has_bias, self.eps0)
+            self.G[path] = [self.decay * g + (1 - self.decay) * f
+                            for g, f in zip(self.G[path], fresh)]
+            if self.count % self.every == 0:
+                self.inv[path] = [np.linalg.inv(g) for g in self.G[path]]
+            out[path] = reference_precondition(
+                kind, self.inv[path], grads[path]["kernel"], grads[path].get("bias"))
+        self.count += 1
+        return out
+
+
+# ------------------------------------------------------------------------------ fixtures
+
+KINDS = ["relu", "tanh", "sigmoid", "elu", "linear", "softmax"]
+
+
+def _make_problem(rng, kinds, has_bias=True, n=6, widths=None):
+    widths = widths or [int(w) for w in rng.integers(2, 5, size=len(kinds) + 1)]
+    params, specs = {}, {}
+    for i, kind in enumerate(kinds):
+        layer = {"kernel": jnp.asarray(rng.normal(size=(widths[i], widths[i + 1])))}
+        if has_bias:
+            layer["bias"] = jnp.asarray(rng.normal(size=widths[i + 1]))
+        params[f"Dense_{i}"] = layer
+        specs[f"Dense_{i}"] = (kind, widths[i], widths[i + 1], has_bias)
+    return params, specs
+
+
+def _random_acts(rng, specs, n, lead=()):
+    acts = {}
+    for path, (_, d_in, m, _) in specs.items():
+        acts[path] = {
+            "inputs": jnp.asarray(rng.normal(size=lead + (n, d_in))),
+            "preacts": jnp.asarray(2 * rng.normal(size=lead + (n, m))),
+        }
+    return acts
+
+
+def _random_grads(rng, params):
+    return jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)), params)
+
+
+def _flat_acts(acts):
+    return {p: {k: np.asarray(v).reshape(-1, v.shape[-1]) for k, v in a.items()}
+            for p, a in acts.items()}
+
+
+# --------------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize(
+    "seed,has_bias,inverse_every", [(0, True, 1), (1, False, 3), (2, True, 3), (3, True, 2)]
+)
+def test_scale_by_rngd_matches_direct_computation(seed, has_bias, inverse_every):
+    rng = np.random.default_rng(seed)
+    params, specs = _make_problem(rng, KINDS, has_bias=has_bias)
+    decay, eps0 = 0.8, 0.05
+    tx = rfim_jax.scale_by_rngd({p: s[0] for p, s in specs.items()}, decay=decay,
+                                inverse_every=inverse_every, damping=eps0)
+    ref = ReferenceRNGD(specs, decay, inverse_every, eps0)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    sizes = [int(n) for n in rng.integers(3, 6, size=5)]
+    for n in sizes:
+        acts = _random_acts(rng, specs, n=n)
+        grads = _random_grads(rng, params)
+        out, state = update(grads, state, params, activations=acts)
+        expected = ref.update(grads, _flat_acts(acts))
+        for path, (k, b) in expected.items():
+            np.testing.assert_allclose(out[path]["kernel"], k, rtol=1e-7, atol=1e-9)
+            if has_bias:
+                np.testing.assert_allclose(out[path]["bias"], b, rtol=1e-7, atol=1e-9)
+    assert int(state.count) == 5
+    # One compilation per batch size: repeated calls with the same shapes never retrace.
+    assert update._cache_size() == len(set(sizes))
+
+
+def test_first_update_refreshes_and_moving_average_starts_at_identity():
+    rng = np.random.default_rng(0)
+    params, specs = _make_problem(rng, ["relu"], widths=[3, 2])
+    tx = rfim_jax.scale_by_rngd({"Dense_0": "relu"}, decay=0.5, inverse_every=100, damping=0.0)
+    state = tx.init(params)
+    np.testing.assert_array_equal(state.metrics["Dense_0"], np.broadcast_to(np.eye(4), (2, 4, 4)))
+    acts = _random_acts(rng, specs, n=5)
+    _, state = tx.update(_random_grads(rng, params), state, activations=acts)
+    fresh = reference_blocks("relu", *(_flat_acts(acts)["Dense_0"][k] for k in
+                                       ("inputs", "preacts")), True, 0.0)
+    expected = [0.5 * np.eye(4) + 0.5 * f for f in fresh]
+    np.testing.assert_allclose(state.metrics["Dense_0"], expected, rtol=1e-10)
+    np.testing.assert_allclose(state.inverses["Dense_0"], [np.linalg.inv(e) for e in expected],
+                               rtol=1e-7, atol=1e-9)
+    # Count 1 is not a refresh step: the inverse stays while the average moves on.
+    inv_before = state.inverses["Dense_0"]
+    _, state = tx.update(_random_grads(rng, params), state, activations=acts)
+    np.testing.assert_array_equal(state.inverses["Dense_0"], inv_before)
+
+
+def test_leading_batch_axes_are_flattened():
+    rng = np.random.default_rng(1)
+    params, specs = _make_problem(rng, ["tanh", "linear"])
+    tx = rfim_jax.scale_by_rngd({p: s[0] for p, s in specs.items()}, inverse_every=1)
+    acts3 = _random_acts(rng, specs, n=3, lead=(2,))
+    acts2 = jax.tree.map(lambda a: a.reshape(-1, a.shape[-1]), acts3)
+    grads = _random_grads(rng, params)
+    out3, _ = tx.update(grads, tx.init(params), activations=acts3)
+    out2, _ = tx.update(grads, tx.init(params), activations=acts2)
+    jax.tree.map(np.testing.assert_allclose, out3, out2)
+
+
+def test_nested_paths_pass_through_and_flat_activations():
+    rng = np.random.default_rng(2)
+    params = {
+        "block": {"Dense_0": {"kernel": jnp.asarray(rng.normal(size=(3, 4))),
+                              "bias": jnp.zeros(4)}},
+        "head": {"kernel": jnp.asarray(rng.normal(size=(4, 2))), "bias": jnp.zeros(2)},
+        "LayerNorm_0": {"scale": jnp.ones(4), "bias": jnp.zeros(4)},
+    }
+    x = jnp.asarray(rng.normal(size=(5, 3)))
+    z = x @ params["block"]["Dense_0"]["kernel"]
+    layers = {"block/Dense_0": "relu", "head": None}
+    tx = rfim_jax.scale_by_rngd(layers, inverse_every=1)
+    grads = _random_grads(rng, params)
+    nested = {"block": {"Dense_0": {"inputs": x, "preacts": z}}}
+    flat = {"block/Dense_0": {"inputs": x, "preacts": z}}
+    out_nested, state = tx.update(grads, tx.init(params), activations=nested)
+    out_flat, _ = tx.update(grads, tx.init(params), activations=flat)
+    jax.tree.map(np.testing.assert_array_equal, out_nested, out_flat)
+    # kind None and non-dense params are untouched; the state holds only the RNGD layer.
+    jax.tree.map(np.testing.assert_array_equal, out_nested["head"], grads["head"])
+    jax.tree.map(np.testing.assert_array_equal, out_nested["LayerNorm_0"], grads["LayerNorm_0"])
+    assert set(state.metrics) == {"block/Dense_0"}
+    assert not np.allclose(out_nested["block"]["Dense_0"]["kernel"],
+                           grads["block"]["Dense_0"]["kernel"])
+
+
+@pytest.mark.parametrize("momentum", [None, 0.9])
+def test_rngd_is_chain_of_scale_trace_and_learning_rate(momentum):
+    rng = np.random.default_rng(7)
+    params, specs = _make_problem(rng, ["relu", "softmax"])
+    layers = {p: s[0] for p, s in specs.items()}
+    lr = 0.3
+    tx = rfim_jax.rngd(lr, layers, momentum=momentum, inverse_every=2)
+    pre = rfim_jax.scale_by_rngd(layers, inverse_every=2)
+    s_tx, s_pre = tx.init(params), pre.init(params)
+    tx_update, pre_update = jax.jit(tx.update), jax.jit(pre.update)
+    trace = jax.tree.map(jnp.zeros_like, params)
+    for _ in range(4):
+        acts = _random_acts(rng, specs, n=4)
+        grads = _random_grads(rng, params)
+        out, s_tx = tx_update(grads, s_tx, params, activations=acts)
+        direction, s_pre = pre_update(grads, s_pre, params, activations=acts)
+        if momentum is not None:
+            trace = jax.tree.map(lambda t, g: momentum * t + g, trace, direction)
+            direction = trace
+        jax.tree.map(lambda o, d: np.testing.assert_allclose(o, -lr * d, rtol=1e-12), out,
+                     direction)
+
+
+def test_rngd_accepts_a_schedule():
+    rng = np.random.default_rng(0)
+    params, specs = _make_problem(rng, ["relu"])
+    sched = optax.linear_schedule(1.0, 0.0, 4)
+    tx = rfim_jax.rngd(sched, {"Dense_0": "relu"}, momentum=None)
+    state = tx.init(params)
+    acts = _random_acts(rng, specs, n=4)
+    grads = _random_grads(rng, params)
+    norms = []
+    for _ in range(3):
+        out, state = tx.update(grads, state, params, activations=acts)
+        norms.append(float(jnp.linalg.norm(out["Dense_0"]["kernel"])))
+    assert norms[0] > 0 and norms[2] < norms[0]
+
+
+def test_update_every_one_is_default_and_k_skips_statistics():
+    rng = np.random.default_rng(3)
+    params, specs = _make_problem(rng, ["relu"])
+    decay, k = 0.9, 3
+    tx = rfim_jax.scale_by_rngd({"Dense_0": "relu"}, decay=decay, update_every=k,
+                                inverse_every=1, damping=0.01)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    G = [np.eye(specs["Dense_0"][1] + 1)] * specs["Dense_0"][2]
+    for step in range(5):
+        acts = _random_acts(rng, specs, n=4)
+        _, state = update(_random_grads(rng, params), state, activations=acts)
+        if step % k == 0:
+            a = _flat_acts(acts)["Dense_0"]
+            fresh = reference_blocks("relu", a["inputs"], a["preacts"], True, 0.01)
+            G = [decay**k * g + (1 - decay**k) * f for g, f in zip(G, fresh)]
+        np.testing.assert_allclose(state.metrics["Dense_0"], G, rtol=1e-10)
+
+
+def test_normalize_max_eigenvalue_scales_by_largest_eigenvalue():
+    rng = np.random.default_rng(4)
+    params, specs = _make_problem(rng, ["relu"])
+    acts = _random_acts(rng, specs, n=6)
+    grads = _random_grads(rng, params)
+    plain = rfim_jax.scale_by_rngd({"Dense_0": "relu"}, inverse_every=1, decay=0.5)
+    balanced = rfim_jax.scale_by_rngd({"Dense_0": "relu"}, inverse_every=1, decay=0.5,
+                                      normalize_max_eigenvalue=True)
+    out_p, s_p = plain.update(grads, plain.init(params), activations=acts)
+    out_b, _ = balanced.update(grads, balanced.init(params), activations=acts)
+    lam = max(np.linalg.eigvalsh(b).max() for b in np.asarray(s_p.metrics["Dense_0"]))
+    np.testing.assert_allclose(out_b["Dense_0"]["kernel"], lam * out_p["Dense_0"]["kernel"],
+                               rtol=1e-6)
+
+
+def test_scale_by_whitening_is_linear_rfim_on_every_layer(seed):
+    rng = np.random.default_rng(seed)
+    params, specs = _make_problem(rng, ["linear", "linear"])
+    tx = rfim_jax.scale_by_whitening(decay=0.7, inverse_every=1)
+    ref = ReferenceRNGD(specs, 0.7, 1, 1e-2)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for _ in range(3):
+        acts = _random_acts(rng, specs, n=5)
+        grads = _random_grads(rng, params)
+        out, state = update(grads, state, activations=acts)
+        for path, (k, b) in ref.update(grads, _flat_acts(acts)).items():
+            np.testing.assert_allclose(out[path]["kernel"], k, rtol=1e-7)
+            np.testing.assert_allclose(out[path]["bias"], b, rtol=1e-7)
+    assert tuple(state.metrics["Dense_0"].shape) == (1, specs["Dense_0"][1] + 1,
+                                                     specs["Dense_0"][1] + 1)
+
+
+def test_float32_params_keep_float32_state_and_updates():
+    rng = np.random.default_rng(5)
+    params, specs = _make_problem(rng, ["relu", "linear"])
+    params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
+    acts = jax.tree.map(lambda a: a.astype(jnp.bfloat16), _random_acts(rng, specs, n=4))
+    grads = jax.tree.map(lambda p: p.astype(jnp.float32), _random_grads(rng, params))
+    tx = rfim_jax.scale_by_rngd({p: s[0] for p, s in specs.items()})
+    out, state = jax.jit(tx.update)(grads, tx.init(params), activations=acts)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(out))
+    assert all(v.dtype == jnp.float32 for v in state.metrics.values())
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(out))
+
+
+def test_invalid_configuration_errors():
+    with pytest.raises(ValueError, match="inverse_every must be a positive integer, got 0"):
+        rfim_jax.scale_by_rngd({}, inverse_every=0)
+    with pytest.raises(ValueError, match="update_every must be a positive integer, got 2.5"):
+        rfim_jax.scale_by_rngd({}, update_every=2.5)
