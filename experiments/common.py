@@ -1,0 +1,183 @@
+"""Shared experiment utilities: command line, JSON output, progress bars, tau-sharp ratio, plots."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_OUT = "results"
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+def make_parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with the flags every experiment shares.
+
+    ``--quick`` (the default) and ``--full`` select the scale, ``--seed`` the base seed,
+    ``--out`` the output directory (default ``results/``) and ``--data-dir`` an IDX directory
+    (default: Debian's Fashion-MNIST location).
+    """
+    parser = argparse.ArgumentParser(description=description)
+    scale = parser.add_mutually_exclusive_group()
+    scale.add_argument("--quick", dest="full", action="store_false",
+                       help="small, fast run on the embedded 8x8 digits (default)")
+    scale.add_argument("--full", dest="full", action="store_true",
+                       help="paper-scale run on all tasks")
+    parser.set_defaults(full=False)
+    parser.add_argument("--seed", type=int, default=0, help="base random seed (default 0)")
+    parser.add_argument("--out", type=str, default=DEFAULT_OUT,
+                        help=f"output directory for JSON and PNG (default {DEFAULT_OUT}/)")
+    parser.add_argument("--data-dir", type=str, default=None,
+                        help="directory of MNIST-format IDX files "
+                             "(default /usr/share/datasets/fashion-mnist)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+# ------------------------------------------------------------------------------ JSON output
+
+
+def to_jsonable(obj: Any, *, digits: int | None = None) -> Any:
+    """Converts numpy/JAX values, dataclasses, tuples and paths to JSON types.
+
+    Non-finite floats become ``None`` (JSON has no NaN); ``digits`` rounds floats to that many
+    significant digits to keep large result files small.
+    """
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v, digits=digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v, digits=digits) for v in obj]
+    if isinstance(obj, (str, bool)) or obj is None:
+        return obj
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if hasattr(obj, "shape") and hasattr(obj, "dtype"):  # numpy and JAX arrays, scalars
+        arr = np.asarray(obj)
+        if arr.ndim > 0:
+            return to_jsonable(arr.tolist(), digits=digits)
+        obj = arr.item()
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, int):
+        return obj
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            return None
+        return float(f"{obj:.{digits}g}") if digits else obj
+    return str(obj)
+
+
+def environment() -> dict:
+    """Versions and machine facts worth recording next to results."""
+    import jax
+
+    return {
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+    }
+
+
+def write_json(path: str | os.PathLike, results: dict, *, config: Any = None,
+               digits: int | None = None) -> Path:
+    """Writes ``{"config": config, "environment": ..., **results}`` as JSON; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {}
+    if config is not None:
+        payload["config"] = config
+    payload["environment"] = environment()
+    payload["written_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    payload.update(results)
+    path.write_text(json.dumps(to_jsonable(payload, digits=digits), indent=1) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------------------- progress
+
+
+def progress(iterable: Iterable | None = None, *, enabled: bool = True, **kwargs):
+    """A tqdm progress bar (``disable=not enabled``); kwargs go to tqdm."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=not enabled, dynamic_ncols=True, **kwargs)
+
+
+# --------------------------------------------------------------------------- tau-sharp ratio
+
+
+def tau_sharp_ratio(costs: Sequence[float] | np.ndarray, taus: Sequence[float]) -> dict:
+    """The tau-sharp ratio: the training cost over the last ``tau * M`` of ``M`` iterations.
+
+    For ``costs`` of shape (M,), entry ``tau`` of the result is ``{"mean", "std", "window"}``:
+    mean and (population) standard deviation of ``costs[M - k:]`` with ``k = ceil(tau * M)``
+    (at least 1).  For ``costs`` of shape (R, M) (R runs), each run's window mean is taken
+    first; ``"mean"`` and ``"std"`` are then across the R window means, and ``"per_run"``
+    lists them.  Keys are the taus as given.  Each tau must be in (0, 1].
+    """
+    costs = np.asarray(costs, dtype=np.float64)
+    if costs.ndim not in (1, 2) or costs.shape[-1] == 0:
+        raise ValueError(
+            f"tau_sharp_ratio: costs must have shape (M,) or (runs, M) with M >= 1, got "
+            f"{costs.shape}."
+        )
+    m = costs.shape[-1]
+    out = {}
+    for tau in taus:
+        if not 0.0 < tau <= 1.0:
+            raise ValueError(f"tau_sharp_ratio: every tau must be in (0, 1], got {tau}.")
+        k = max(1, math.ceil(tau * m - 1e-9))
+        window = costs[..., m - k:]
+        if costs.ndim == 1:
+            out[tau] = {"mean": float(window.mean()), "std": float(window.std()), "window": k}
+        else:
+            per_run = window.mean(axis=-1)
+            out[tau] = {"mean": float(per_run.mean()), "std": float(per_run.std()),
+                        "window": k, "per_run": per_run.tolist()}
+    return out
+
+
+# ---------------------------------------------------------------------------------- plots
+
+
+def pyplot():
+    """matplotlib.pyplot with the non-interactive Agg backend (works without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_band(ax, x, mean, lo=None, hi=None, *, label=None, color=None, alpha=0.2, **kwargs):
+    """A mean line with a shaded band between ``lo`` and ``hi`` (e.g. min-max or +-std)."""
+    (line,) = ax.plot(x, mean, label=label, color=color, **kwargs)
+    if lo is not None and hi is not None:
+        ax.fill_between(x, lo, hi, color=line.get_color(), alpha=alpha, linewidth=0)
+    return line
+
+
+def save_figure(fig, path: str | os.PathLike, *, dpi: int = 100) -> Path:
+    """Saves ``fig`` as PNG (creating the directory) and closes it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    pyplot().close(fig)
+    return path
