@@ -261,7 +261,8 @@ def scale_by_rngd(
             k, n, _ = layer.block_shape
             eye = jnp.broadcast_to(jnp.eye(n, dtype=dtype), (k, n, n))
             metrics[layer.path] = eye
-            inverses[layer.path] = eye
+            # A distinct buffer: a state built outside jit can then be donated (donate_argnums).
+            inverses[layer.path] = jnp.copy(eye)
             skipped[layer.path] = jnp.zeros([], jnp.int32)
             fallbacks[layer.path] = jnp.zeros([], jnp.int32)
         return ScaleByRNGDState(jnp.zeros([], jnp.int32), metrics, inverses, skipped, fallbacks)
@@ -283,8 +284,8 @@ def scale_by_rngd(
                 fresh = _fresh_blocks(layer, x, z, damping).astype(old.dtype)
                 finite = jnp.all(jnp.isfinite(fresh))
                 # A non-finite batch must not poison the average: keep the old one, count it.
-                avg = rate * old + (1.0 - rate) * jnp.where(finite, fresh, old)
-                return jnp.where(finite, avg, old), (~finite).astype(jnp.int32)
+                avg = jnp.where(finite, rate * old + (1.0 - rate) * fresh, old)
+                return avg, (~finite).astype(jnp.int32)
 
             if stats_every_step:
                 g, bad = ema()

@@ -1,0 +1,351 @@
+"""A small plain-JAX MLP for the ecosystem tests, and the entry points their subprocesses run.
+
+Used two ways:
+
+* imported by tests/test_ecosystem.py and tests/test_sharding.py for the model;
+* run as a script in a fresh process (so that a restore, or a forced device count, starts
+  from nothing)::
+
+      python tests/_driver.py resume CKPT_DIR OUT.npz   # orbax restore, continue, dump leaves
+      python tests/_driver.py sharding OUT.json         # needs 4 host devices (XLA_FLAGS)
+
+The model: ``Dense_0`` (input layer, kind "linear") -> relu -> ``LayerNorm_0`` (a scale only,
+a non-dense param) -> ``block/Dense_0`` (hidden, kind "relu", a nested path) -> relu -> ``out``
+(kind "softmax"), with mean softmax cross-entropy. The loss returns the activations as aux, in
+the format of SPEC §4: the params nesting down to each dense layer, each mapping to
+``{"inputs": (n, d_in), "preacts": (n, m)}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import rfim_jax
+
+LAYERS = {"Dense_0": "linear", "block/Dense_0": "relu", "out": "softmax"}
+
+
+def init_mlp(key, d_in=5, hidden=4, classes=3, dtype=jnp.float64):
+    ks = jax.random.split(key, 5)
+
+    def dense(k, a, b):
+        kw, kb = jax.random.split(k)
+        return {
+            "kernel": (jax.random.normal(kw, (a, b)) / np.sqrt(a)).astype(dtype),
+            "bias": (0.1 * jax.random.normal(kb, (b,))).astype(dtype),
+        }
+
+    return {
+        "Dense_0": dense(ks[0], d_in, hidden),
+        "LayerNorm_0": {"scale": (1.0 + 0.1 * jax.random.normal(ks[1], (hidden,))).astype(dtype)},
+        "block": {"Dense_0": dense(ks[2], hidden, hidden)},
+        "out": dense(ks[3], hidden, classes),
+    }
+
+
+def mlp_loss(params, x, y):
+    """Mean softmax cross-entropy, with each dense layer's (inputs, preacts) as aux."""
+    acts = {}
+
+    def dense(path_params, h):
+        return h @ path_params["kernel"] + path_params["bias"]
+
+    z0 = dense(params["Dense_0"], x)
+    acts["Dense_0"] = {"inputs": x, "preacts": z0}
+    h = jax.nn.relu(z0) * params["LayerNorm_0"]["scale"]
+    z1 = dense(params["block"]["Dense_0"], h)
+    acts["block"] = {"Dense_0": {"inputs": h, "preacts": z1}}
+    h = jax.nn.relu(z1)
+    z2 = dense(params["out"], h)
+    acts["out"] = {"inputs": h, "preacts": z2}
+    loss = optax.softmax_cross_entropy_with_integer_labels(z2, y).mean()
+    return loss, acts
+
+
+def make_batch(key, n=8, d_in=5, classes=3, dtype=jnp.float64):
+    kx, ky = jax.random.split(key)
+    x = jax.random.normal(kx, (n, d_in)).astype(dtype)
+    return x, jax.random.randint(ky, (n,), 0, classes)
+
+
+def grads_and_acts(params, x, y):
+    (_, acts), grads = jax.value_and_grad(mlp_loss, has_aux=True)(params, x, y)
+    return grads, acts
+
+
+def _node(tree, path):
+    for part in path.split("/"):
+        tree = tree[part]
+    return tree
+
+
+def make_step(tx):
+    """One jitted training step: forward with capture, backward, tx.update, apply."""
+
+    def step(params, opt_state, x, y):
+        (loss, acts), grads = jax.value_and_grad(mlp_loss, has_aux=True)(params, x, y)
+        updates, opt_state = tx.update(grads, opt_state, params, activations=acts)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
+
+
+# ------------------------------------------------------------------------------ numpy reference
+# SPEC §4 re-derived with numpy loops over samples and neurons; shares no code with rfim_jax.
+
+
+def np_fresh_blocks(kind, x, z, damping):
+    """This batch's damped RFIM blocks (eqs. 22, 23, 25 + eq. 30's damping), stacked (k, b, b).
+
+    kind "linear": one block mean x~x~^T; "relu" (omega=1, iota=0, sigma=1): per neuron
+    mean s(z_l)^2 x~x~^T; "softmax": the (m d, m d) matrix of eq. (25), neuron-major.
+    """
+    x = np.asarray(x, np.float64)
+    z = np.asarray(z, np.float64)
+    xa = np.concatenate([x, np.ones((len(x), 1))], 1)
+    n, d = xa.shape
+    m = z.shape[1]
+    if kind == "linear":
+        blocks = [sum(np.outer(r, r) for r in xa) / n]
+    elif kind == "relu":
+        nu = (1.0 / (1.0 + np.exp(-z))) ** 2
+        blocks = [sum(nu[i, l] * np.outer(xa[i], xa[i]) for i in range(n)) / n for l in range(m)]
+    elif kind == "softmax":
+        full = np.zeros((m * d, m * d))
+        for i in range(n):
+            eta = np.exp(z[i] - z[i].max())
+            eta /= eta.sum()
+            coeff = np.diag(eta) - np.outer(eta, eta)
+            for k in range(m):
+                for l in range(m):
+                    full[k * d:(k + 1) * d, l * d:(l + 1) * d] += coeff[k, l] * np.outer(
+                        xa[i], xa[i]
+                    )
+        blocks = [full / n]
+    else:
+        raise AssertionError(kind)
+    return np.stack([b + damping * np.trace(b) / len(b) * np.eye(len(b)) for b in blocks])
+
+
+def np_precondition(kind, inverses, grad_layer):
+    """Applies stacked inverse blocks to a layer's gradient (eq. 33), column per neuron."""
+    cols = np.concatenate(
+        [np.asarray(grad_layer["kernel"]), np.asarray(grad_layer["bias"])[None]], 0
+    )
+    d, m = cols.shape
+    if kind == "linear":
+        out = inverses[0] @ cols
+    elif kind == "softmax":
+        out = (inverses[0] @ cols.T.reshape(-1)).reshape(m, d).T
+    else:
+        out = np.stack([inverses[l] @ cols[:, l] for l in range(m)], 1)
+    return {"kernel": out[:-1], "bias": out[-1]}
+
+
+def np_first_step(layers, params, grads, acts, *, decay, damping):
+    """scale_by_rngd's first update from G = I: metrics, and the preconditioned grads."""
+    metrics, updates = {}, {}
+    for path, kind in layers.items():
+        a = _node(acts, path)
+        fresh = np_fresh_blocks(kind, a["inputs"], a["preacts"], damping)
+        g = decay * np.eye(fresh.shape[-1]) + (1.0 - decay) * fresh
+        metrics[path] = g
+        updates[path] = np_precondition(kind, np.linalg.inv(g), _node(grads, path))
+    return metrics, updates
+
+
+# ------------------------------------------------------------------------------ checkpoint
+
+# The run the checkpoint test interrupts: 6 steps, saved after CKPT_STEP. inverse_every=2 so
+# that an inverse refresh happens after the restore.
+CKPT_STEPS, CKPT_STEP = 6, 3
+
+
+def ckpt_setup():
+    params = init_mlp(jax.random.PRNGKey(0))
+    tx = rfim_jax.rngd(0.05, LAYERS, inverse_every=2, decay=0.9)
+    return params, tx
+
+
+def ckpt_batch(i):
+    return make_batch(jax.random.PRNGKey(100 + i))
+
+
+def resume(ckpt_dir: str, out: str) -> None:
+    """Restores {params, opt_state} with orbax into a fresh process and finishes the run."""
+    import orbax.checkpoint as ocp
+
+    params, tx = ckpt_setup()
+    template = {"params": params, "opt_state": tx.init(params)}
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    restored = ocp.StandardCheckpointer().restore(ckpt_dir, abstract)
+    if jax.tree.structure(restored) != jax.tree.structure(template):
+        raise AssertionError(
+            f"restored tree {jax.tree.structure(restored)} != {jax.tree.structure(template)}"
+        )
+    params, opt_state = restored["params"], restored["opt_state"]
+    step = jax.jit(make_step(tx))
+    for i in range(CKPT_STEP, CKPT_STEPS):
+        params, opt_state, _ = step(params, opt_state, *ckpt_batch(i))
+    leaves = jax.tree.leaves({"params": params, "opt_state": opt_state})
+    np.savez(out, *[np.asarray(a) for a in leaves])
+
+
+# ------------------------------------------------------------------------------ sharding
+
+
+def opt_state_shardings(opt_state, params, param_shardings, mesh):
+    """Shardings for an rngd state: per-neuron blocks follow the kernel's output (m) axis.
+
+    ``ScaleByRNGDState.metrics[path]`` and ``.inverses[path]`` of an activation kind are
+    (m, d, d), one block per neuron, so they take the mesh axis of the kernel's axis 1. Shared
+    (1, d, d) and softmax (1, md, md) blocks, counters and scalars are replicated. Stages whose
+    state has the params' structure (``optax.trace``, Adam moments) take the params' shardings.
+    """
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    replicated = NamedSharding(mesh, P())
+    params_def = jax.tree.structure(params)
+
+    def blocks(path, a):
+        spec = _node(param_shardings, path)["kernel"].spec
+        m_axis = spec[1] if len(spec) > 1 else None
+        if m_axis is None or a.shape[0] == 1:  # replicated kernel, or one shared block
+            return replicated
+        return NamedSharding(mesh, P(m_axis))
+
+    def shard(node):
+        if isinstance(node, rfim_jax.ScaleByRNGDState):
+            return rfim_jax.ScaleByRNGDState(
+                count=replicated,
+                metrics={p: blocks(p, a) for p, a in node.metrics.items()},
+                inverses={p: blocks(p, a) for p, a in node.inverses.items()},
+                skipped=jax.tree.map(lambda _: replicated, node.skipped),
+                fallbacks=jax.tree.map(lambda _: replicated, node.fallbacks),
+            )
+        if jax.tree.structure(node) == params_def:
+            return param_shardings
+        return jax.tree.map(lambda _: replicated, node)
+
+    def is_leaf(node):
+        return isinstance(node, rfim_jax.ScaleByRNGDState) or (
+            jax.tree.structure(node) == params_def
+        )
+
+    return jax.tree.map(shard, opt_state, is_leaf=is_leaf)
+
+
+SHARD_DIMS = {"d_in": 6, "hidden": 8, "classes": 4, "n": 16}
+
+
+def _max_err(a, b):
+    return max(
+        float(np.max(np.abs(np.asarray(u) - np.asarray(v))) / (1.0 + np.max(np.abs(v))))
+        for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
+def sharding(out: str) -> None:
+    """Data-parallel and neuron-sharded RNGD on 4 devices against one device; writes JSON."""
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    devices = jax.devices()
+    if len(devices) < 4:
+        raise SystemExit(f"need 4 devices, got {devices}; set XLA_FLAGS")
+    dims = SHARD_DIMS
+    params0 = init_mlp(jax.random.PRNGKey(0), dims["d_in"], dims["hidden"], dims["classes"])
+    tx = rfim_jax.rngd(0.1, LAYERS, inverse_every=2, decay=0.8)
+    batches = [
+        make_batch(jax.random.PRNGKey(10 + i), dims["n"], dims["d_in"], dims["classes"])
+        for i in range(3)
+    ]
+    step = make_step(tx)
+
+    # Reference: every array on one device, global batch.
+    one = jax.devices()[0]
+    ref_step = jax.jit(step)
+    ref_params = jax.device_put(params0, one)
+    ref_state = jax.device_put(tx.init(params0), one)
+    refs = []
+    for x, y in batches:
+        ref_params, ref_state, _ = ref_step(ref_params, ref_state, *jax.device_put((x, y), one))
+        refs.append((ref_params, ref_state))
+
+    def run(mesh, param_specs, batch_spec):
+        param_sh = jax.tree.map(
+            lambda s: NamedSharding(mesh, s), param_specs, is_leaf=lambda s: isinstance(s, P)
+        )
+        state0 = tx.init(params0)
+        state_sh = opt_state_shardings(state0, params0, param_sh, mesh)
+        batch_sh = NamedSharding(mesh, batch_spec)
+        jitted = jax.jit(
+            step,
+            in_shardings=(param_sh, state_sh, batch_sh, batch_sh),
+            out_shardings=(param_sh, state_sh, NamedSharding(mesh, P())),
+        )
+        params = jax.device_put(params0, param_sh)
+        state = jax.device_put(state0, state_sh)
+        outs = []
+        for x, y in batches:
+            params, state, _ = jitted(params, state, x, y)
+            outs.append((params, state))
+        return outs
+
+    report = {}
+
+    # (a) Data parallel: batch over "data", params and state replicated.
+    mesh = Mesh(np.array(devices[:4]), ("data",))
+    rep_specs = jax.tree.map(lambda _: P(), params0)
+    outs = run(mesh, rep_specs, P("data"))
+    last_state = outs[-1][1][0]
+    report["data"] = {
+        "params_err": max(_max_err(o[0], r[0]) for o, r in zip(outs, refs, strict=True)),
+        "state_err": max(_max_err(o[1], r[1]) for o, r in zip(outs, refs, strict=True)),
+        "first_metrics": {
+            p: np.asarray(a).tolist() for p, a in outs[0][1][0].metrics.items()
+        },
+        "hidden_state_spec": str(last_state.metrics["block/Dense_0"].sharding.spec),
+    }
+
+    # (b) Neuron axis: Dense_0 and block/Dense_0 kernels split over their m axis, the hidden
+    # layer's per-neuron (m, d, d) state with them; the batch is replicated.
+    mesh = Mesh(np.array(devices[:4]), ("model",))
+    specs = jax.tree.map(lambda _: P(), params0)
+    for path in ("Dense_0", "block/Dense_0"):
+        layer = _node(specs, path)
+        layer["kernel"], layer["bias"] = P(None, "model"), P("model")
+    outs = run(mesh, specs, P())
+    last_params, last_state = outs[-1][0], outs[-1][1][0]
+    hidden_metric = last_state.metrics["block/Dense_0"]
+    report["model"] = {
+        "params_err": max(_max_err(o[0], r[0]) for o, r in zip(outs, refs, strict=True)),
+        "state_err": max(_max_err(o[1], r[1]) for o, r in zip(outs, refs, strict=True)),
+        "hidden_state_spec": str(hidden_metric.sharding.spec),
+        "hidden_state_shard_shape": list(hidden_metric.addressable_shards[0].data.shape),
+        "hidden_inverse_shard_shape": list(
+            last_state.inverses["block/Dense_0"].addressable_shards[0].data.shape
+        ),
+        "hidden_kernel_shard_shape": list(
+            last_params["block"]["Dense_0"]["kernel"].addressable_shards[0].data.shape
+        ),
+        "input_state_spec": str(last_state.metrics["Dense_0"].sharding.spec),
+    }
+    with open(out, "w") as f:
+        json.dump(report, f)
+
+
+if __name__ == "__main__":
+    jax.config.update("jax_enable_x64", True)
+    command, *args = sys.argv[1:]
+    {"resume": resume, "sharding": sharding}[command](*args)
+    sys.stdout.flush()
+    os._exit(0)  # orbax leaves background threads; do not wait for them

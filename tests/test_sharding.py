@@ -1,0 +1,82 @@
+"""RNGD under jax.sharding on 4 host CPU devices, against one device and a numpy reference.
+
+The device count is fixed when jax starts, so the sharded runs happen in a fresh process
+(tests/_driver.py sharding) with ``XLA_FLAGS=--xla_force_host_platform_device_count=4``. It
+runs 3 jitted steps (``inverse_every=2``, so two inverse refreshes) of the plain-JAX MLP with
+``jax.jit(in_shardings=..., out_shardings=...)`` twice:
+
+(a) data parallel: the batch (hence the activations and the loss) split over a "data" axis,
+    params and optimiser state replicated;
+(b) neuron axis: the kernels of ``Dense_0`` and ``block/Dense_0`` split over their output axis
+    m on a "model" axis, and the hidden layer's per-neuron state (m, d, d) split with them;
+
+and compares params and the full optimiser state after every step with the same steps on
+one device.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from _driver import LAYERS, SHARD_DIMS, grads_and_acts, init_mlp, make_batch, np_first_step
+
+DRIVER = Path(__file__).with_name("_driver.py")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sharding") / "report.json"
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    ).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(
+        [sys.executable, str(DRIVER), "sharding", str(out)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def test_data_parallel_matches_one_device(report):
+    r = report["data"]
+    # Relative to max(1, |reference|); float64 reductions in another order differ by ~1e-16.
+    assert r["params_err"] < 1e-12
+    assert r["state_err"] < 1e-12
+
+
+def test_data_parallel_statistics_are_global_batch_statistics(report):
+    # The first step's moving average from G = I, recomputed in numpy on the whole batch of 16:
+    # a per-shard (4-row) estimate would differ at O(1).
+    dims = SHARD_DIMS
+    params = init_mlp(jax.random.PRNGKey(0), dims["d_in"], dims["hidden"], dims["classes"])
+    x, y = make_batch(jax.random.PRNGKey(10), dims["n"], dims["d_in"], dims["classes"])
+    grads, acts = grads_and_acts(params, x, y)
+    want, _ = np_first_step(LAYERS, params, grads, acts, decay=0.8, damping=1e-2)
+    got = report["data"]["first_metrics"]
+    for path in LAYERS:
+        np.testing.assert_allclose(np.asarray(got[path]), want[path], rtol=1e-10, atol=1e-12)
+
+
+def test_neuron_axis_sharding_matches_one_device(report):
+    r = report["model"]
+    assert r["params_err"] < 1e-12
+    assert r["state_err"] < 1e-12
+
+
+def test_neuron_axis_sharding_splits_per_neuron_state(report):
+    r = report["model"]
+    hidden, d = SHARD_DIMS["hidden"], SHARD_DIMS["hidden"] + 1
+    # 8 neurons over 4 devices: 2 kernel columns and 2 (d, d) blocks per device.
+    assert r["hidden_state_spec"] == "P('model',)"
+    assert r["hidden_state_shard_shape"] == [hidden // 4, d, d]
+    assert r["hidden_inverse_shard_shape"] == [hidden // 4, d, d]
+    assert r["hidden_kernel_shard_shape"] == [hidden, hidden // 4]
+    # The input layer's "linear" kind has one shared block: replicated.
+    assert r["input_state_spec"] == "P()"
