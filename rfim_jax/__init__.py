@@ -21,6 +21,13 @@ from rfim_jax._src.capture import (
     capture_nnx,
     record,
 )
+from rfim_jax._src.fisher import (
+    FullFisher,
+    condition_number,
+    fim_rank,
+    full_fisher,
+    ravel_neuron_major,
+)
 from rfim_jax._src.metrics import (
     BlockDiagonalMetric,
     DenseMetric,
@@ -50,6 +57,7 @@ __all__ = [
     "BlockDiagonalMetric",
     "DenseMetric",
     "ELU",
+    "FullFisher",
     "Linear",
     "ReLU",
     "SharedBlockMetric",
@@ -59,6 +67,9 @@ __all__ = [
     "apply_gradients",
     "capture_linen",
     "capture_nnx",
+    "condition_number",
+    "fim_rank",
+    "full_fisher",
     "get_activation",
     "ScaleByRNGDState",
     "layer_paths",
@@ -67,6 +78,7 @@ __all__ = [
     "neuron_rfim",
     "nonlinear_rfim",
     "softmax_rfim",
+    "ravel_neuron_major",
     "record",
     "rngd",
     "scale_by_rngd",

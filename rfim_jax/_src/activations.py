@@ -12,7 +12,7 @@ activation response model                                     nu_f(z)
 =========  =================================================  =====================================
 tanh       y in {-1, 1}, p(y = 1) = (1 + tanh z) / 2           1 - tanh^2 z                 (eq. 12)
 sigmoid    y in {0, 1},  p(y = 1) = s(z)                       s(z) (1 - s(z))              (eq. 14)
-relu       y ~ N(relu_omega(z), sigma^2)                       f'(z)^2 / sigma^2       (eqs. 16-18, 41)
+relu       y ~ N(relu_omega(z), sigma^2)                       f'(z)^2 / sigma^2     (eqs. 16-18,41)
 elu        y ~ N(elu(z), sigma^2)                              f'(z)^2 / sigma^2            (eq. 20)
 linear     y ~ N(z, sigma^2)                                   1 / sigma^2                  (eq. 22)
 =========  =================================================  =====================================
@@ -29,7 +29,7 @@ Activation objects are frozen dataclasses: hashable, so they can be static argum
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Union
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -208,7 +208,7 @@ class Linear(Activation):
         return jnp.full_like(z, 1.0 / self.sigma**2)
 
 
-ActivationLike = Union[str, Activation]
+ActivationLike = str | Activation
 
 _BY_NAME = {
     "tanh": Tanh,

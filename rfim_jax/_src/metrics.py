@@ -122,6 +122,10 @@ class SharedBlockMetric(_Arithmetic):
     block: jax.Array
     num_neurons: int = struct.field(pytree_node=False)
     has_bias: bool = struct.field(pytree_node=False, default=True)
+    # A static tag per class: with jax 0.10.2, treedefs of register_dataclass nodes compare
+    # equal across classes whose static values are equal, so a jit cache could return one
+    # representation for another (seen: a DenseMetric coming back as a SharedBlockMetric).
+    _tag: str = struct.field(pytree_node=False, default="shared_block", repr=False)
 
     @property
     def block_size(self) -> int:
@@ -178,6 +182,8 @@ class BlockDiagonalMetric(_Arithmetic):
 
     blocks: jax.Array
     has_bias: bool = struct.field(pytree_node=False, default=True)
+    # See SharedBlockMetric._tag.
+    _tag: str = struct.field(pytree_node=False, default="block_diagonal", repr=False)
 
     @property
     def num_neurons(self) -> int:
@@ -243,6 +249,8 @@ class DenseMetric(_Arithmetic):
     matrix: jax.Array
     num_neurons: int = struct.field(pytree_node=False)
     has_bias: bool = struct.field(pytree_node=False, default=True)
+    # See SharedBlockMetric._tag.
+    _tag: str = struct.field(pytree_node=False, default="dense", repr=False)
 
     @property
     def block_size(self) -> int:

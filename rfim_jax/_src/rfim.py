@@ -2,7 +2,7 @@
 
 The RFIM of parameters theta with response h given reference x is (Definition 1, eq. 9)
 
-    g^h(theta | x) = E_{p(h | x, theta)} [ d/dtheta ln p(h | theta, x)  d/dtheta^T ln p(h | theta, x) ].
+    g^h(theta | x) = E_{p(h | x,theta)} [d_theta ln p(h | theta,x) d_theta^T ln p(h | theta,x)].
 
 Every function here computes the *observed* RFIM: the mean over the rows of a batch ``x`` of
 shape ``(..., d_in)``; all leading axes are flattened into samples (eqs. 30-32).  Statistics are
@@ -14,6 +14,8 @@ pre-activation is ``z = x @ kernel + bias``.  With ``x~ = [x, 1]`` (or ``x`` wit
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -50,8 +52,8 @@ def augment(x: jax.Array, has_bias: bool) -> jax.Array:
 
 
 def _unpack_dense(params: Params, name: str) -> tuple[jax.Array, jax.Array | None]:
-    if not isinstance(params, dict) or "kernel" not in params:
-        got = sorted(params) if isinstance(params, dict) else type(params).__name__
+    if not isinstance(params, Mapping) or "kernel" not in params:
+        got = sorted(params) if isinstance(params, Mapping) else type(params).__name__
         raise ValueError(f"{name}: params must be a dict with a 'kernel' entry, got {got}.")
     kernel = jnp.asarray(params["kernel"])
     if kernel.ndim != 2:

@@ -1,0 +1,250 @@
+"""Activations: f, f' and the Fisher coefficient nu against SPEC Sec. 3, written independently.
+
+The reference formulas below are written out from the paper (eqs. 11-20, 41) in numpy, not taken
+from the library.  nu is also checked against the definition (eq. 9) of a one-dimensional
+response model with the pre-activation z as parameter: exact sums over y for the Bernoulli
+models, Gauss-Hermite quadrature in y for the Gaussian ones.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rfim_jax
+from rfim_jax import ELU, Linear, ReLU, Sigmoid, Tanh, get_activation
+
+
+def _sigmoid(t):
+    return 1.0 / (1.0 + jnp.exp(-t))
+
+
+# (f, f', nu) written from the paper's formulas (jnp so that they can be differentiated).
+def _reference(act):
+    if isinstance(act, Tanh):
+        return jnp.tanh, lambda z: 1 - jnp.tanh(z) ** 2, lambda z: 1 - jnp.tanh(z) ** 2
+    if isinstance(act, Sigmoid):
+        s = _sigmoid
+        return s, lambda z: s(z) * (1 - s(z)), lambda z: s(z) * (1 - s(z))
+    if isinstance(act, ReLU):
+        om, io, sg = act.omega, act.iota, act.sigma
+        if om > 0:
+            def f(z):
+                return om * jnp.log(jnp.exp(io * z / om) + jnp.exp(z / om))
+
+            def df(z):
+                return io + (1 - io) * _sigmoid((1 - io) * z / om)
+
+            return f, df, lambda z: df(z) ** 2 / sg**2
+        return (
+            lambda z: jnp.maximum(z, io * z),
+            lambda z: jnp.where(z > 0, 1.0, io),
+            lambda z: jnp.where(z > 0, 1.0 / sg**2, io**2 / sg**2),
+        )
+    if isinstance(act, ELU):
+        al, sg = act.alpha, act.sigma
+        return (
+            lambda z: jnp.where(z >= 0, z, al * (jnp.exp(jnp.minimum(z, 0)) - 1)),
+            lambda z: jnp.where(z >= 0, 1.0, al * jnp.exp(jnp.minimum(z, 0))),
+            lambda z: jnp.where(
+                z >= 0, 1.0 / sg**2, al**2 * jnp.exp(2 * jnp.minimum(z, 0)) / sg**2
+            ),
+        )
+    if isinstance(act, Linear):
+        sg = act.sigma
+        return lambda z: z, lambda z: jnp.ones_like(z), lambda z: jnp.full_like(z, 1 / sg**2)
+    raise AssertionError(act)
+
+
+ACTIVATIONS = [
+    Tanh(),
+    Sigmoid(),
+    ReLU(),
+    ReLU(omega=0.5, iota=0.1, sigma=0.7),
+    ReLU(omega=2.0, iota=0.3, sigma=1.5),
+    ReLU(omega=0.0),
+    ReLU(omega=0.0, iota=0.2, sigma=0.5),
+    ELU(),
+    ELU(alpha=0.5, sigma=2.0),
+    Linear(),
+    Linear(sigma=0.3),
+]
+
+
+def _z(seed, n=41):
+    # Keep clear of 0 so the kinks of hard relu/elu are not sampled.
+    z = np.random.default_rng(seed).normal(scale=3.0, size=n)
+    return np.where(np.abs(z) < 1e-3, 0.5, z)
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=repr)
+def test_f_df_nu_match_table(act, seed):
+    z = _z(seed)
+    f, df, nu = _reference(act)
+    np.testing.assert_allclose(act.f(jnp.asarray(z)), f(z), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(act.df(jnp.asarray(z)), df(z), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(act.nu(jnp.asarray(z)), nu(z), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(act(jnp.asarray(z)), f(z), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=repr)
+def test_df_is_grad_of_f(act, seed):
+    z = jnp.asarray(_z(seed))
+    grad = jax.vmap(jax.grad(act.f))(z)
+    np.testing.assert_allclose(act.df(z), grad, rtol=1e-12, atol=1e-12)
+
+
+def _score_fisher(act, z):
+    """E_y[(d/dz ln p(y|z))^2] for one scalar z, by the definition (eq. 9)."""
+    if act.response == "bernoulli":
+        def logp(zz, y):
+            return y * jax.nn.log_sigmoid(zz) + (1 - y) * jax.nn.log_sigmoid(-zz)
+
+        ys, weights = jnp.array([0.0, 1.0]), None
+    elif act.response == "bernoulli_pm1":
+        def logp(zz, y):
+            return jnp.log((1 + y * jnp.tanh(zz)) / 2)
+
+        ys, weights = jnp.array([-1.0, 1.0]), None
+    else:
+        f = _reference(act)[0]
+        mean = float(f(z))
+        t, w = np.polynomial.hermite_e.hermegauss(5)
+        ys, weights = jnp.asarray(mean + act.sigma * t), jnp.asarray(w / np.sqrt(2 * np.pi))
+
+        def logp(zz, y):
+            return -0.5 * ((y - f(zz)) / act.sigma) ** 2
+
+    scores = jax.vmap(jax.grad(logp), in_axes=(None, 0))(z, ys)
+    if weights is None:
+        weights = jnp.exp(jax.vmap(logp, in_axes=(None, 0))(z, ys))
+    return jnp.sum(weights * scores**2)
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=repr)
+def test_nu_is_fisher_of_z(act, seed):
+    for z in _z(seed, n=4):
+        expected = _score_fisher(act, z)
+        np.testing.assert_allclose(act.nu(jnp.asarray(z)), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_paper_default_relu_is_sigmoid_squared():
+    z = jnp.linspace(-4, 4, 17)
+    np.testing.assert_allclose(ReLU().nu(z), _sigmoid(z) ** 2, rtol=1e-12)
+
+
+def test_z_zero_conventions():
+    zero = jnp.zeros(())
+    for iota, sigma in [(0.0, 1.0), (0.2, 0.5), (0.7, 3.0)]:
+        act = ReLU(omega=0.0, iota=iota, sigma=sigma)
+        np.testing.assert_allclose(act.nu(zero), iota**2 / sigma**2, rtol=1e-14, atol=0)
+        np.testing.assert_allclose(act.df(zero), iota, rtol=1e-14, atol=0)
+        np.testing.assert_allclose(act.f(zero), 0.0)
+    for alpha, sigma in [(1.0, 1.0), (0.5, 2.0)]:
+        act = ELU(alpha=alpha, sigma=sigma)
+        np.testing.assert_allclose(act.nu(zero), 1.0 / sigma**2, rtol=1e-14)
+        np.testing.assert_allclose(act.df(zero), 1.0, rtol=1e-14)
+
+
+def test_smoothed_relu_tends_to_hard_relu():
+    z = jnp.array([-2.0, -0.5, 0.5, 2.0])
+    hard = ReLU(omega=0.0, iota=0.2)
+    soft = ReLU(omega=1e-3, iota=0.2)
+    np.testing.assert_allclose(soft.f(z), hard.f(z), atol=1e-6)
+    np.testing.assert_allclose(soft.nu(z), hard.nu(z), atol=1e-6)
+
+
+def test_large_inputs_stay_finite():
+    z = jnp.array([-800.0, -50.0, 50.0, 800.0])
+    for act in ACTIVATIONS:
+        for fn in (act.f, act.df, act.nu):
+            assert bool(jnp.all(jnp.isfinite(fn(z)))), (act, fn)
+
+
+@pytest.mark.parametrize(
+    "name, cls", [("tanh", Tanh), ("sigmoid", Sigmoid), ("relu", ReLU), ("elu", ELU),
+                  ("linear", Linear), ("ReLU", ReLU), ("TANH", Tanh)]
+)
+def test_names_resolve_to_defaults(name, cls):
+    act = get_activation(name)
+    assert type(act) is cls
+    assert act == cls()
+    assert act.name == name.lower()
+
+
+def test_defaults():
+    assert (ReLU().omega, ReLU().iota, ReLU().sigma) == (1.0, 0.0, 1.0)
+    assert (ELU().alpha, ELU().sigma) == (1.0, 1.0)
+    assert Linear().sigma == 1.0
+    assert rfim_jax.ACTIVATION_NAMES == ("tanh", "sigmoid", "relu", "elu", "linear")
+
+
+def test_responses():
+    assert Tanh().response == "bernoulli_pm1"
+    assert Sigmoid().response == "bernoulli"
+    for act in (ReLU(), ELU(), Linear()):
+        assert act.response == "gaussian"
+
+
+def test_objects_pass_through():
+    act = ReLU(omega=0.3, iota=0.1, sigma=2.0)
+    assert get_activation(act) is act
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(
+        ValueError,
+        match=r"Unknown activation 'swish'; valid names are 'tanh', 'sigmoid', 'relu', 'elu', "
+        r"'linear'\.",
+    ):
+        get_activation("swish")
+
+
+def test_wrong_type():
+    with pytest.raises(TypeError, match=r"An activation must be a name .* got int: 3"):
+        get_activation(3)
+
+
+@pytest.mark.parametrize(
+    "make, msg",
+    [
+        (lambda: ReLU(omega=-0.1), r"ReLU: omega must be >= 0, got omega=-0.1"),
+        (lambda: ReLU(iota=1.0), r"ReLU: iota must lie in \[0, 1\), got iota=1.0"),
+        (lambda: ReLU(iota=-0.5), r"ReLU: iota must lie in \[0, 1\), got iota=-0.5"),
+        (lambda: ReLU(sigma=0.0), r"ReLU: sigma must be > 0, got sigma=0.0"),
+        (lambda: ELU(alpha=0.0), r"ELU: alpha must be > 0, got alpha=0.0"),
+        (lambda: ELU(alpha=-1.0), r"ELU: alpha must be > 0, got alpha=-1.0"),
+        (lambda: ELU(sigma=-1.0), r"ELU: sigma must be > 0, got sigma=-1.0"),
+        (lambda: Linear(sigma=0.0), r"Linear: sigma must be > 0, got sigma=0.0"),
+        (lambda: ReLU(omega=float("nan")), r"ReLU: omega must be >= 0, got omega=nan"),
+    ],
+)
+def test_invalid_parameters(make, msg):
+    with pytest.raises(ValueError, match=msg):
+        make()
+
+
+def test_hashable_and_static_under_jit():
+    assert hash(ReLU(omega=0.5)) == hash(ReLU(omega=0.5))
+    assert ReLU(omega=0.5) != ReLU(omega=0.6)
+    assert len({ReLU(), ReLU(), ELU(), Tanh(), Tanh()}) == 3
+    # Integer parameters are normalised to floats, so equal settings hash equally.
+    assert ReLU(omega=1, sigma=2) == ReLU(omega=1.0, sigma=2.0)
+
+    calls = []
+
+    def nu(z, act):
+        calls.append(act)
+        return act.nu(z)
+
+    jitted = jax.jit(nu, static_argnums=1)
+    z = jnp.linspace(-1, 1, 5)
+    np.testing.assert_allclose(jitted(z, ReLU(omega=0.5)), ReLU(omega=0.5).nu(z))
+    jitted(z, ReLU(omega=0.5))  # same static arg: no retrace
+    jitted(z, ReLU(omega=0.25))
+    assert len(calls) == 2
+
+
+def test_frozen():
+    with pytest.raises(Exception, match="cannot assign"):
+        ReLU().omega = 2.0
