@@ -1,0 +1,128 @@
+"""Feature whitening maps for the paper's WhiteGD and WhiteNGD (Sec. 5.1, eq. 28).
+
+The single-neuron experiment feeds the neuron with transformed samples
+
+    z = ( (x - a)^T A^T, 1 )^T,   i.e.   z = A (x - a)  augmented with a constant 1,   (eq. 28)
+
+where the whitening map ``(A, a)`` is precomputed from the data and fixed during learning, so
+that the transformed samples ``{A (x_i - a)}`` have zero mean and unit covariance *except on
+singular directions*.  In the row-sample layout used everywhere in this library (``x`` of
+shape (n, d)) eq. (28) reads ``Z = (X - a) @ A.T``; that is :func:`apply_whitening`.
+
+With a population covariance (divided by n) the whitened inputs satisfy
+``mean_i z_i z_i^T = I`` on the non-singular subspace: the linear-layer RFIM of eq. (22) on
+the whitened features is the identity there, which is why whitening conditions gradient
+descent.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from rfim_jax._src import rfim as rfim_lib
+
+WhiteningMethod = Literal["zca", "pca"]
+
+
+def whitening_map(
+    x: jax.Array,
+    *,
+    eps: float = 0.0,
+    rtol: float | None = None,
+    method: WhiteningMethod = "zca",
+) -> tuple[jax.Array, jax.Array]:
+    """Computes the feature-whitening map ``(A, a)`` of eq. (28) from samples ``x``.
+
+    With ``a = mean_i x_i`` and ``C = mean_i (x_i - a)(x_i - a)^T = V diag(lambda) V^T``,
+
+        A = V diag(m_k / sqrt(lambda_k + eps)) V^T        (method="zca", symmetric), or
+        A = diag(m_k / sqrt(lambda_k + eps)) V^T          (method="pca", rows = principal axes,
+                                                           largest variance first),
+
+    where ``m_k = 1`` if ``lambda_k > rtol * max_k lambda_k`` and 0 otherwise.  Directions with
+    a (numerically) zero variance -- constant pixels, duplicated or linearly dependent
+    features -- are *singular*: ``A`` maps them to 0 instead of dividing by ~0, so the result
+    is finite for any input.  Then ``z = A (x - a)`` (row layout: ``(x - a) @ A.T``, see
+    :func:`apply_whitening`) has zero mean and covariance ``A C A^T``, which is the identity
+    on the non-singular subspace and 0 on the singular one: the orthogonal projector
+    ``V diag(m) V^T`` for "zca", ``diag(m)`` for "pca" (when ``eps = 0``).
+
+    Args:
+      x: samples, shape (n, d) or (..., n, d); all leading axes are flattened into samples.
+      eps: optional regulariser added to every eigenvalue before the inverse square root
+        (``eps > 0`` gives a damped whitening whose covariance is ``lambda / (lambda + eps)``).
+      rtol: eigenvalues at or below ``rtol * lambda_max`` are treated as singular.  Defaults
+        to ``d * finfo(dtype).eps``, the accuracy of eigenvalues of a covariance matrix in
+        floating point (the convention of ``numpy.linalg.matrix_rank``).  Eigenvalues at the
+        level of the centring's rounding noise, ``d (sqrt(n) eps max|x|)^2``, are singular
+        too, so that constant data give ``A = 0``.
+      method: ``"zca"`` (default; ``A`` symmetric, features stay aligned with the input
+        coordinates) or ``"pca"``.
+
+    Returns:
+      ``(A, a)``: ``A`` of shape (d, d) and ``a`` of shape (d,), in the statistics dtype
+      (the input dtype promoted to at least float32).
+
+    This calls a single (d, d) ``eigh``; it is meant to run once per data set, and it is
+    jit-compatible (``method`` is static).
+    """
+    if method not in ("zca", "pca"):
+        raise ValueError(f"whitening_map: method must be 'zca' or 'pca', got {method!r}.")
+    if isinstance(eps, (int, float)) and eps < 0:
+        raise ValueError(f"whitening_map: eps must be >= 0, got eps={eps}.")
+    if isinstance(rtol, (int, float)) and rtol < 0:
+        raise ValueError(f"whitening_map: rtol must be >= 0, got rtol={rtol}.")
+    x = rfim_lib.flatten_batch(x, name="whitening_map: x")
+    n, d = x.shape
+    if n == 0:
+        raise ValueError(f"whitening_map: x has no samples (shape {tuple(x.shape)}).")
+    dtype = rfim_lib.stats_dtype(x)
+    x = x.astype(dtype)
+    if rtol is None:
+        rtol = d * float(jnp.finfo(dtype).eps)
+
+    a = jnp.mean(x, axis=0)
+    xc = x - a
+    cov = (xc.T @ xc) / n
+    # Symmetrise so that eigh sees an exactly symmetric matrix regardless of matmul rounding.
+    cov = 0.5 * (cov + cov.T)
+    lam, v = jnp.linalg.eigh(cov)
+    lam_max = jnp.maximum(jnp.max(lam), 0.0)
+    # Centring leaves an error of about sqrt(n) eps max|x| per entry, so variances at or below
+    # its square are rounding noise: this floor makes all-constant data map to 0 as well.
+    noise = (jnp.sqrt(n) * jnp.finfo(dtype).eps * jnp.max(jnp.abs(x))) ** 2 * d
+    keep = (lam > rtol * lam_max) & (lam > noise)
+    # The inner where keeps the discarded branch finite so gradients through it are too.
+    safe = jnp.where(keep, lam + eps, 1.0)
+    scale = jnp.where(keep, jax.lax.rsqrt(safe), 0.0)
+    if method == "zca":
+        big_a = (v * scale) @ v.T
+    else:
+        # eigh sorts eigenvalues ascending; put the largest-variance axis first.
+        big_a = (scale[:, None] * v.T)[::-1]
+    return big_a, a
+
+
+def apply_whitening(x: jax.Array, big_a: jax.Array, a: jax.Array) -> jax.Array:
+    """Applies eq. (28) row-wise: ``z_i = A (x_i - a)``, i.e. ``Z = (X - a) @ A.T``.
+
+    Args:
+      x: samples of shape (..., d).
+      big_a: the matrix ``A`` of shape (k, d) (k = d for :func:`whitening_map`).
+      a: the centre ``a`` of shape (d,).
+
+    Returns:
+      The whitened samples, shape (..., k).  The constant 1 of eq. (28) is the neuron's bias
+      and is not appended here.
+    """
+    x = jnp.asarray(x)
+    if big_a.ndim != 2 or a.shape != (big_a.shape[1],) or x.shape[-1] != big_a.shape[1]:
+        raise ValueError(
+            f"apply_whitening: expected x (..., d), A (k, d) and a (d,), got x "
+            f"{tuple(x.shape)}, A {tuple(big_a.shape)}, a {tuple(a.shape)}."
+        )
+    dtype = jnp.result_type(x, big_a, a)
+    return (x.astype(dtype) - a.astype(dtype)) @ big_a.astype(dtype).T
