@@ -58,6 +58,7 @@ from rfim_jax._src.transform import (
     scale_by_rngd,
     scale_by_whitening,
 )
+from rfim_jax._src.whitening import apply_whitening, whitening_map
 
 __version__ = "0.1.0"
 
@@ -75,6 +76,7 @@ __all__ = [
     "Tanh",
     "activation_paths",
     "add_damping",
+    "apply_whitening",
     "apply_gradients",
     "capture_linen",
     "capture_nnx",
@@ -102,4 +104,5 @@ __all__ = [
     "scale_by_rngd",
     "scale_by_whitening",
     "two_layer_rfim",
+    "whitening_map",
 ]

@@ -95,7 +95,7 @@ class ReferenceRNGD:
             fresh = reference_blocks(kind, acts[path]["inputs"], acts[path]["preacts"],
                                      has_bias, self.eps0)
             self.G[path] = [self.decay * g + (1 - self.decay) * f
-                            for g, f in zip(self.G[path], fresh)]
+                            for g, f in zip(self.G[path], fresh, strict=True)]
             if self.count % self.every == 0:
                 self.inv[path] = [np.linalg.inv(g) for g in self.G[path]]
             out[path] = reference_precondition(
@@ -281,7 +281,7 @@ def test_update_every_one_is_default_and_k_skips_statistics():
         if step % k == 0:
             a = _flat_acts(acts)["Dense_0"]
             fresh = reference_blocks("relu", a["inputs"], a["preacts"], True, 0.01)
-            G = [decay**k * g + (1 - decay**k) * f for g, f in zip(G, fresh)]
+            G = [decay**k * g + (1 - decay**k) * f for g, f in zip(G, fresh, strict=True)]
         np.testing.assert_allclose(state.metrics["Dense_0"], G, rtol=1e-10)
 
 

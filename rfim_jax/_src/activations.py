@@ -80,10 +80,12 @@ class Tanh(Activation):
         return jnp.tanh(z)
 
     def df(self, z):
-        return 1.0 - jnp.tanh(z) ** 2
+        # 1 - tanh^2 z = 4 s(2z) s(-2z); the product form keeps its tiny tail instead of
+        # rounding to exactly 0 once |z| is large, so saturated neurons keep a positive metric.
+        return 4.0 * jax.nn.sigmoid(2.0 * z) * jax.nn.sigmoid(-2.0 * z)
 
     def nu(self, z):
-        return 1.0 - jnp.tanh(z) ** 2
+        return self.df(z)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,12 +99,11 @@ class Sigmoid(Activation):
         return jax.nn.sigmoid(z)
 
     def df(self, z):
-        s = jax.nn.sigmoid(z)
-        return s * (1.0 - s)
+        # s(z)(1 - s(z)) written as s(z) s(-z): no cancellation in 1 - s(z) for large z.
+        return jax.nn.sigmoid(z) * jax.nn.sigmoid(-z)
 
     def nu(self, z):
-        s = jax.nn.sigmoid(z)
-        return s * (1.0 - s)
+        return self.df(z)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -66,6 +66,11 @@ def whitening_map(
       ``(A, a)``: ``A`` of shape (d, d) and ``a`` of shape (d,), in the statistics dtype
       (the input dtype promoted to at least float32).
 
+    Near-singular directions (e.g. pixels that are non-zero in only a few samples) are kept
+    by the default ``rtol`` and scaled by up to ``1/sqrt(rtol lambda_max)``: a handful of
+    samples then get very large features.  Pass a larger ``rtol`` (e.g. ``1e-6``) or ``eps``
+    to treat them as singular or to damp them.
+
     This calls a single (d, d) ``eigh``; it is meant to run once per data set, and it is
     jit-compatible (``method`` is static).
     """

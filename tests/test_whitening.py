@@ -1,0 +1,135 @@
+"""Tests of the feature-whitening map of eq. (28), checked against numpy."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rfim_jax._src.whitening import apply_whitening, whitening_map
+
+
+def _data(seed: int, n: int, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """Correlated data with constant and duplicated columns; returns (x, singular flags)."""
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(size=(d, d)) * rng.uniform(0.1, 3.0, size=d)
+    x = rng.normal(size=(n, d)) @ mix + rng.normal(size=d) * 5
+    x[:, 1] = 0.37  # a constant "pixel"
+    x[:, -1] = x[:, 0]  # a duplicated column
+    x[:, 2] = 2.0 * x[:, 3] - x[:, 4]  # a linear combination
+    return x
+
+
+def _numpy_projector(x: np.ndarray) -> np.ndarray:
+    """Orthogonal projector onto the range of the covariance (its non-singular subspace)."""
+    xc = x - x.mean(0)
+    cov = xc.T @ xc / len(x)
+    return cov @ np.linalg.pinv(cov, rcond=1e-10, hermitian=True)
+
+
+@pytest.mark.parametrize("n,d", [(50, 6), (200, 11), (30, 40)])
+def test_zca_whitened_covariance_is_projector(seed, n, d):
+    x = _data(seed, n, d)
+    big_a, a = whitening_map(jnp.asarray(x))
+    z = np.asarray(apply_whitening(jnp.asarray(x), big_a, a))
+    assert np.all(np.isfinite(np.asarray(big_a))) and np.all(np.isfinite(z))
+    np.testing.assert_allclose(np.asarray(a), x.mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-9)
+    proj = _numpy_projector(x)
+    # Rank: d - 3 singular directions, or fewer when n - 1 < d - 3.
+    assert round(np.trace(proj)) == min(d - 3, n - 1)
+    np.testing.assert_allclose(z.T @ z / n, proj, atol=1e-8)
+    # ZCA: A is symmetric and annihilates the singular subspace (e.g. the constant pixel).
+    np.testing.assert_allclose(np.asarray(big_a), np.asarray(big_a).T, atol=1e-10)
+    np.testing.assert_allclose(np.asarray(big_a) @ (np.eye(d) - proj), 0.0, atol=1e-7)
+    np.testing.assert_allclose(z[:, 1], 0.0, atol=1e-9)
+
+
+@pytest.mark.parametrize("n,d", [(60, 7), (25, 30)])
+def test_pca_whitened_covariance_is_identity_on_kept_axes(seed, n, d):
+    x = _data(seed, n, d)
+    big_a, a = whitening_map(jnp.asarray(x), method="pca")
+    z = np.asarray(apply_whitening(jnp.asarray(x), big_a, a))
+    rank = min(d - 3, n - 1)
+    expected = np.diag((np.arange(d) < rank).astype(float))  # largest variance first
+    np.testing.assert_allclose(z.T @ z / n, expected, atol=1e-8)
+    # The kept rows span the same subspace as numpy's non-singular eigenvectors.
+    rows = np.asarray(big_a)[:rank]
+    proj = _numpy_projector(x)
+    np.testing.assert_allclose(rows @ proj, rows, atol=1e-8)
+
+
+def test_matches_numpy_inverse_sqrt_on_full_rank_data(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(100, 5)) @ rng.normal(size=(5, 5))
+    big_a, _ = whitening_map(jnp.asarray(x))
+    xc = x - x.mean(0)
+    lam, v = np.linalg.eigh(xc.T @ xc / len(x))
+    np.testing.assert_allclose(np.asarray(big_a), (v / np.sqrt(lam)) @ v.T, rtol=1e-8)
+
+
+def test_eps_regularises_eigenvalues():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(80, 4)) * np.array([1.0, 2.0, 0.5, 3.0])
+    eps = 0.3
+    big_a, a = whitening_map(jnp.asarray(x), eps=eps)
+    xc = x - x.mean(0)
+    cov = xc.T @ xc / len(x)
+    lam, v = np.linalg.eigh(cov)
+    np.testing.assert_allclose(np.asarray(big_a), (v / np.sqrt(lam + eps)) @ v.T, rtol=1e-8)
+
+
+def test_rtol_drops_small_but_nonzero_directions():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 3)) * np.array([1.0, 1.0, 1e-4])
+    big_a, a = whitening_map(jnp.asarray(x), rtol=1e-6)
+    z = np.asarray(apply_whitening(jnp.asarray(x), big_a, a))
+    cov = z.T @ z / len(z)
+    # The third direction (variance ~1e-8 relative) is treated as singular.
+    assert abs(np.trace(cov) - 2.0) < 1e-8
+    np.testing.assert_allclose(z[:, 2], 0.0, atol=1e-3)
+
+
+def test_constant_data_maps_to_zero():
+    x = jnp.full((20, 4), 0.1)
+    big_a, a = whitening_map(x)
+    np.testing.assert_array_equal(np.asarray(big_a), 0.0)
+    np.testing.assert_allclose(np.asarray(a), 0.1)
+    assert np.all(np.asarray(apply_whitening(x, big_a, a)) == 0.0)
+
+
+def test_jit_and_float32():
+    rng = np.random.default_rng(2)
+    x = _data(2, 64, 8).astype(np.float32)
+    eager = whitening_map(jnp.asarray(x))
+    jitted = jax.jit(functools.partial(whitening_map, method="zca"))(jnp.asarray(x))
+    assert jitted[0].dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(jitted[0]), np.asarray(eager[0]), rtol=1e-4, atol=1e-4)
+    z = np.asarray(jax.jit(apply_whitening)(jnp.asarray(x), *jitted), dtype=np.float64)
+    assert np.all(np.isfinite(z))
+    np.testing.assert_allclose(z.T @ z / len(z), _numpy_projector(x.astype(np.float64)),
+                               atol=2e-3)
+    del rng
+
+
+def test_integer_input_and_leading_axes():
+    x = np.arange(24, dtype=np.int32).reshape(2, 4, 3) ** 2 % 7
+    big_a, a = whitening_map(jnp.asarray(x))
+    flat = x.reshape(-1, 3).astype(np.float64)
+    np.testing.assert_allclose(np.asarray(a), flat.mean(0), rtol=1e-6)
+    z = np.asarray(apply_whitening(jnp.asarray(x), big_a, a))
+    assert z.shape == (2, 4, 3)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="expected a batch of shape"):
+        whitening_map(jnp.ones(5))
+    with pytest.raises(ValueError, match="method must be 'zca' or 'pca'"):
+        whitening_map(jnp.ones((5, 2)), method="cholesky")
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        whitening_map(jnp.ones((5, 2)), eps=-1.0)
+    with pytest.raises(ValueError, match="rtol must be >= 0"):
+        whitening_map(jnp.ones((5, 2)), rtol=-1.0)
+    with pytest.raises(ValueError, match="expected x \\(..., d\\), A \\(k, d\\)"):
+        apply_whitening(jnp.ones((5, 3)), jnp.eye(2), jnp.zeros(2))
