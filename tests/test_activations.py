@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _cases import ACTIVATIONS
 
 import rfim_jax
 from rfim_jax import ELU, Linear, ReLU, Sigmoid, Tanh, get_activation
@@ -56,19 +57,6 @@ def _reference(act):
     raise AssertionError(act)
 
 
-ACTIVATIONS = [
-    Tanh(),
-    Sigmoid(),
-    ReLU(),
-    ReLU(omega=0.5, iota=0.1, sigma=0.7),
-    ReLU(omega=2.0, iota=0.3, sigma=1.5),
-    ReLU(omega=0.0),
-    ReLU(omega=0.0, iota=0.2, sigma=0.5),
-    ELU(),
-    ELU(alpha=0.5, sigma=2.0),
-    Linear(),
-    Linear(sigma=0.3),
-]
 
 
 def _z(seed, n=41):

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _cases import ACTIVATIONS
 
 from rfim_jax import (
     ELU,
@@ -229,19 +230,6 @@ def _data(n, d_in, m, seed, has_bias, scale=1.5):
     return _layer(rng, d_in, m, has_bias, scale), x, rng
 
 
-ACTIVATIONS = [
-    Sigmoid(),
-    Tanh(),
-    ReLU(),
-    ReLU(omega=0.5, iota=0.1, sigma=0.7),
-    ReLU(omega=2.0, iota=0.3, sigma=1.5),
-    ReLU(omega=0.0),
-    ReLU(omega=0.0, iota=0.2, sigma=0.5),
-    ELU(),
-    ELU(alpha=0.5, sigma=2.0),
-    Linear(),
-    Linear(sigma=0.3),
-]
 GAUSSIAN = [a for a in ACTIVATIONS if a.response == "gaussian"]
 # (n, d_in, m, seed, has_bias); the single-neuron ones have n < d, so their blocks are singular.
 CASES = [(5, 3, 2, 0, True), (7, 2, 3, 1, False), (4, 4, 1, 2, True), (4, 4, 1, 0, False)]
