@@ -159,6 +159,7 @@ def test_rngd_split_smoke():
     assert split["statistics_ms"] == pytest.approx(ms["no_refresh"] - ms["apply_only"])
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # kfac-jax's own jax.core use
 def test_kfac_jax_never_raises():
     data = _toy_data()
     res = speed.kfac_jax_run(data, sizes=SIZES, steps=3, batch=10)
