@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _reference import reference_blocks, reference_precondition
 
 import rfim_jax
 
@@ -98,55 +99,7 @@ def make_step(tx):
 
 
 # ------------------------------------------------------------------------------ numpy reference
-# SPEC §4 re-derived with numpy loops over samples and neurons; shares no code with rfim_jax.
-
-
-def np_fresh_blocks(kind, x, z, damping):
-    """This batch's damped RFIM blocks (eqs. 22, 23, 25 + eq. 30's damping), stacked (k, b, b).
-
-    kind "linear": one block mean x~x~^T; "relu" (omega=1, iota=0, sigma=1): per neuron
-    mean s(z_l)^2 x~x~^T; "softmax": the (m d, m d) matrix of eq. (25), neuron-major.
-    """
-    x = np.asarray(x, np.float64)
-    z = np.asarray(z, np.float64)
-    xa = np.concatenate([x, np.ones((len(x), 1))], 1)
-    n, d = xa.shape
-    m = z.shape[1]
-    if kind == "linear":
-        blocks = [sum(np.outer(r, r) for r in xa) / n]
-    elif kind == "relu":
-        nu = (1.0 / (1.0 + np.exp(-z))) ** 2
-        blocks = [sum(nu[i, l] * np.outer(xa[i], xa[i]) for i in range(n)) / n for l in range(m)]
-    elif kind == "softmax":
-        full = np.zeros((m * d, m * d))
-        for i in range(n):
-            eta = np.exp(z[i] - z[i].max())
-            eta /= eta.sum()
-            coeff = np.diag(eta) - np.outer(eta, eta)
-            for k in range(m):
-                for l in range(m):
-                    full[k * d:(k + 1) * d, l * d:(l + 1) * d] += coeff[k, l] * np.outer(
-                        xa[i], xa[i]
-                    )
-        blocks = [full / n]
-    else:
-        raise AssertionError(kind)
-    return np.stack([b + damping * np.trace(b) / len(b) * np.eye(len(b)) for b in blocks])
-
-
-def np_precondition(kind, inverses, grad_layer):
-    """Applies stacked inverse blocks to a layer's gradient (eq. 33), column per neuron."""
-    cols = np.concatenate(
-        [np.asarray(grad_layer["kernel"]), np.asarray(grad_layer["bias"])[None]], 0
-    )
-    d, m = cols.shape
-    if kind == "linear":
-        out = inverses[0] @ cols
-    elif kind == "softmax":
-        out = (inverses[0] @ cols.T.reshape(-1)).reshape(m, d).T
-    else:
-        out = np.stack([inverses[l] @ cols[:, l] for l in range(m)], 1)
-    return {"kernel": out[:-1], "bias": out[-1]}
+# SPEC §4's first step, from the shared numpy reference (tests/_reference.py).
 
 
 def np_first_step(layers, params, grads, acts, *, decay, damping):
@@ -154,10 +107,12 @@ def np_first_step(layers, params, grads, acts, *, decay, damping):
     metrics, updates = {}, {}
     for path, kind in layers.items():
         a = _node(acts, path)
-        fresh = np_fresh_blocks(kind, a["inputs"], a["preacts"], damping)
+        fresh = np.stack(reference_blocks(kind, a["inputs"], a["preacts"], True, damping))
         g = decay * np.eye(fresh.shape[-1]) + (1.0 - decay) * fresh
         metrics[path] = g
-        updates[path] = np_precondition(kind, np.linalg.inv(g), _node(grads, path))
+        grad = _node(grads, path)
+        kernel, bias = reference_precondition(kind, np.linalg.inv(g), grad["kernel"], grad["bias"])
+        updates[path] = {"kernel": kernel, "bias": bias}
     return metrics, updates
 
 

@@ -581,7 +581,7 @@ def test_update_without_activations_names_the_layer():
         (
             {"out": "relu"},
             lambda p: {**p, "out": {**p["out"], "bias": jnp.zeros(5)}},
-            r"layer 'out': bias must have shape \(3,\), got \(5,\)",
+            r"layer 'out': bias must have shape \(3,\) to match kernel \(\d+, 3\), got \(5,\)",
         ),
     ],
     ids=["missing_path", "not_dense", "unknown_kind", "kernel_4d", "bias_shape"],

@@ -604,8 +604,8 @@ def test_errors():
     with pytest.raises(ValueError, match=r"expected a batch of shape \(n, d\) or \(\.\.\., n, d\), "
                        r"got shape \(3,\)"):
         nonlinear_rfim(params, jnp.ones(3), "tanh")
-    with pytest.raises(ValueError, match=r"params must be a dict with a 'kernel' entry, got "
-                       r"\['bias', 'w'\]"):
+    with pytest.raises(ValueError, match=r"softmax_rfim: expected a dict with a 'kernel' "
+                       r"entry, got keys \['bias', 'w'\]"):
         softmax_rfim({"w": params["kernel"], "bias": params["bias"]}, x)
     with pytest.raises(
         ValueError,

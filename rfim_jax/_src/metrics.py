@@ -22,6 +22,7 @@ Damping in ``solve`` and ``inverse`` is absolute (``G + damping I``) unless
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -36,31 +37,43 @@ Params = dict[str, jax.Array]
 # ----------------------------------------------------------------------------- layout
 
 
+def unpack_dense(params: Params, name: str) -> tuple[jax.Array, jax.Array | None]:
+    """Checks a dense layer's ``{"kernel": (d_in, m), "bias": (m,)}`` and returns (kernel, bias).
+
+    ``bias`` is None when absent.  Every error names ``name`` and the shapes.
+    """
+    if not isinstance(params, Mapping) or "kernel" not in params:
+        got = f"keys {sorted(params)}" if isinstance(params, Mapping) else type(params).__name__
+        raise ValueError(f"{name}: expected a dict with a 'kernel' entry, got {got}.")
+    kernel = jnp.asarray(params["kernel"])
+    if kernel.ndim != 2:
+        raise ValueError(
+            f"{name}: kernel must be 2-D (d_in, m), got shape {tuple(kernel.shape)}."
+        )
+    bias = params.get("bias")
+    if bias is not None:
+        bias = jnp.asarray(bias)
+        if bias.shape != (kernel.shape[1],):
+            raise ValueError(
+                f"{name}: bias must have shape ({kernel.shape[1]},) to match kernel "
+                f"{tuple(kernel.shape)}, got {tuple(bias.shape)}."
+            )
+    return kernel, bias
+
+
 def params_to_columns(v: Params, has_bias: bool, *, name: str = "layer") -> jax.Array:
     """Stacks a param-layout vector into the augmented kernel ``W~ = [kernel; bias]``, (d, m).
 
     Column l of the result is neuron l's vector ``w~_l``.
     """
-    if "kernel" not in v:
-        raise ValueError(f"{name}: expected a dict with a 'kernel' entry, got keys {sorted(v)}.")
-    kernel = jnp.asarray(v["kernel"])
-    if kernel.ndim != 2:
-        raise ValueError(
-            f"{name}: kernel must be 2-D (d_in, m), got shape {tuple(kernel.shape)}."
-        )
-    if has_bias != ("bias" in v and v["bias"] is not None):
+    kernel, bias = unpack_dense(v, name)
+    if has_bias != (bias is not None):
         raise ValueError(
             f"{name}: the metric was built {'with' if has_bias else 'without'} a bias, but the "
             f"vector {'lacks' if has_bias else 'has'} one."
         )
     if not has_bias:
         return kernel
-    bias = jnp.asarray(v["bias"])
-    if bias.shape != (kernel.shape[1],):
-        raise ValueError(
-            f"{name}: bias must have shape ({kernel.shape[1]},) to match kernel "
-            f"{tuple(kernel.shape)}, got {tuple(bias.shape)}."
-        )
     return jnp.concatenate([kernel, bias[None, :].astype(kernel.dtype)], axis=0)
 
 

@@ -15,8 +15,6 @@ pre-activation is ``z = x @ kernel + bias``.  With ``x~ = [x, 1]`` (or ``x`` wit
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import jax
 import jax.numpy as jnp
 
@@ -51,29 +49,9 @@ def augment(x: jax.Array, has_bias: bool) -> jax.Array:
     return jnp.concatenate([x, jnp.ones(x.shape[:-1] + (1,), x.dtype)], axis=-1)
 
 
-def _unpack_dense(params: Params, name: str) -> tuple[jax.Array, jax.Array | None]:
-    if not isinstance(params, Mapping) or "kernel" not in params:
-        got = sorted(params) if isinstance(params, Mapping) else type(params).__name__
-        raise ValueError(f"{name}: params must be a dict with a 'kernel' entry, got {got}.")
-    kernel = jnp.asarray(params["kernel"])
-    if kernel.ndim != 2:
-        raise ValueError(
-            f"{name}: kernel must be 2-D (d_in, m), got shape {tuple(kernel.shape)}."
-        )
-    bias = params.get("bias")
-    if bias is not None:
-        bias = jnp.asarray(bias)
-        if bias.shape != (kernel.shape[1],):
-            raise ValueError(
-                f"{name}: bias must have shape ({kernel.shape[1]},) to match kernel "
-                f"{tuple(kernel.shape)}, got {tuple(bias.shape)}."
-            )
-    return kernel, bias
-
-
 def _inputs(params: Params, x: jax.Array, name: str):
     """Returns (x~ (n, d) in stats dtype, z (n, m), has_bias), checking shapes."""
-    kernel, bias = _unpack_dense(params, name)
+    kernel, bias = metrics.unpack_dense(params, name)
     x = flatten_batch(x, name=f"{name}: x")
     if x.shape[-1] != kernel.shape[0]:
         raise ValueError(
@@ -232,7 +210,7 @@ def two_layer_rfim(
     """
     x_aug, z, has_bias = _inputs(params, x, "two_layer_rfim")
     activation = act_lib.get_activation(activation)
-    kernel_out, bias_out = _unpack_dense(params_out, "two_layer_rfim (params_out)")
+    kernel_out, bias_out = metrics.unpack_dense(params_out, "two_layer_rfim (params_out)")
     if kernel_out.shape[0] != z.shape[-1]:
         raise ValueError(
             f"two_layer_rfim: params_out kernel expects {kernel_out.shape[0]} hidden units, "

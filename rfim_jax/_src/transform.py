@@ -134,18 +134,10 @@ def _resolve_layers(layers: Mapping[str, LayerKind] | None, default_kind, params
                 f"optax.masked gives its params to another one); remove it from `layers`. "
                 f"Layers this transform sees: {available}."
             )
-        if kernel.ndim != 2:
-            raise ValueError(
-                f"layer {path!r}: kernel must be 2-D (d_in, m), got shape {tuple(kernel.shape)}."
-            )
-        bias = node.get("bias")
-        has_bias = bias is not None
-        if has_bias and tuple(bias.shape) != (kernel.shape[1],):
-            raise ValueError(
-                f"layer {path!r}: bias must have shape ({kernel.shape[1]},), got "
-                f"{tuple(bias.shape)}."
-            )
-        out.append(_Layer(path, kind, int(kernel.shape[0]), int(kernel.shape[1]), has_bias))
+        kernel, bias = metrics_lib.unpack_dense(node, f"layer {path!r}")
+        out.append(
+            _Layer(path, kind, int(kernel.shape[0]), int(kernel.shape[1]), bias is not None)
+        )
     return out
 
 
