@@ -245,3 +245,24 @@ def test_invalid_configuration_errors():
         rfim_jax.scale_by_rngd({}, inverse_every=0)
     with pytest.raises(ValueError, match="update_every must be a positive integer, got 2.5"):
         rfim_jax.scale_by_rngd({}, update_every=2.5)
+
+
+def test_layers_must_be_a_mapping():
+    params, _ = _make_problem(np.random.default_rng(0), ["relu"], widths=[3, 2])
+    with pytest.raises(TypeError, match=r"layers must map layer paths to kinds, .* got list"):
+        rfim_jax.scale_by_rngd(["Dense_0"]).init(params)
+
+
+def test_scale_by_whitening_accepts_a_list_of_paths():
+    rng = np.random.default_rng(1)
+    params, specs = _make_problem(rng, ["linear", "linear"])
+    acts = _random_acts(rng, specs, n=4)
+    grads = _random_grads(rng, params)
+    tx = rfim_jax.scale_by_whitening(["Dense_1"], inverse_every=1)
+    out, state = tx.update(grads, tx.init(params), activations={"Dense_1": acts["Dense_1"]})
+    assert set(state.metrics) == {"Dense_1"}
+    jax.tree.map(np.testing.assert_array_equal, out["Dense_0"], grads["Dense_0"])
+    ref = ReferenceRNGD({"Dense_1": specs["Dense_1"]}, 0.995, 1, 1e-2)
+    kernel, bias = ref.update(grads, _flat_acts(acts))["Dense_1"]
+    np.testing.assert_allclose(out["Dense_1"]["kernel"], kernel, rtol=1e-7)
+    np.testing.assert_allclose(out["Dense_1"]["bias"], bias, rtol=1e-7)

@@ -391,9 +391,8 @@ def scale_by_whitening(
       layers: the layers to whiten: a list of paths, or None for every dense layer.  A mapping
         is accepted too; its values are ignored.
     """
-    if layers is not None and not isinstance(layers, Mapping):
-        layers = {p: "linear" for p in layers}
-    elif isinstance(layers, Mapping):
+    if layers is not None:
+        # A list of paths or a mapping (its kinds are ignored): every listed layer is linear.
         layers = {p: "linear" for p in layers}
     return scale_by_rngd(
         layers,
