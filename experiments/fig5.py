@@ -21,13 +21,18 @@ quoted in the table come from a separate round-robin pass (:func:`interleaved_ti
 epoch of each method in turn, ``timing_rounds`` times, median wall and process-CPU seconds.
 
 Outputs (``--out``, default ``results/``): ``fig5.json`` (configuration, seeds, every run's
-per-epoch costs and seconds, the best runs' smoothed curves, tau-sharp tables, test accuracies)
-and ``fig5.png`` (cost against iterations and against seconds, log scale, plus the table).
+per-epoch costs and seconds, the best runs' smoothed curves, tau-sharp tables, test accuracies,
+time to reach each cost target), ``fig5_summary.json`` (the same without the curves),
+``fig5_costs.npz`` (every run's per-iteration costs) and ``fig5.png`` (cost against iterations
+and against seconds, log scale, plus the table).  ``--lr-from`` repeats an earlier run's best
+rates on another seed; ``--aggregate`` combines such runs into ``fig5_seeds.json`` (mean and std
+across seeds).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -67,6 +72,7 @@ class Fig5Config:
     train_size: int | None = None  # subsample the training set (None: all of it)
     seed: int = 0
     methods: tuple[str, ...] = ALL_METHODS
+    # Keyed by family ("SGD", "ADAM", "RNGD") or by method ("SGD-BNA"), which takes precedence.
     lrs: dict[str, tuple[float, ...]] = dataclasses.field(
         default_factory=lambda: dict(DEFAULT_LRS)
     )
@@ -77,6 +83,8 @@ class Fig5Config:
     bn_epsilon: float = mlp.BN_EPSILON
     taus: tuple[float, ...] = (0.01, 0.05, 0.1, 0.5)
     select_tau: float = 0.1
+    # Wall-clock to the first epoch whose mean training cost is at most each target.
+    cost_targets: tuple[float, ...] = (0.2, 0.1, 0.05)
     smooth: int = 10
     timing_rounds: int = 5  # round-robin epochs per method for the per-iteration timing
     dtype: str = "float32"
@@ -91,18 +99,16 @@ def quick_config(**overrides) -> Fig5Config:
 
 
 def full_config(**overrides) -> Fig5Config:
-    """Paper scale on Fashion-MNIST: 784-64-64-64-10, batch 100.
+    """Paper scale on Fashion-MNIST: 784-64-64-64-10, batch 100, 100 epochs (60,000 iterations).
 
-    The paper runs 100 epochs of MNIST; on 2 shared CPU cores the seven methods times four
-    learning rates do not fit in ~40 minutes at that length, so the default is 20 epochs
-    (12000 iterations), with the same grids.
+    21 minutes on 2 quiet CPU cores, 14 of them RNGD's three rates.
     """
     lrs = dict(DEFAULT_LRS)
     # Fashion-MNIST's 785-wide input block has small eigenvalues, so RNGD needs a smaller rate
-    # than on the digits (in trials 0.1 diverged within two epochs; 0.03 was best of
-    # 0.001-0.03 over 20 epochs).
-    lrs["RNGD"] = (0.003, 0.01, 0.03, 0.1)
-    base = Fig5Config(dataset="idx", sizes=(784, 64, 64, 64, 10), epochs=20, lrs=lrs)
+    # than on the digits.  In a 20-epoch trial over 0.003-0.1 (same seed, so the same first
+    # epochs), 0.1 diverged within two epochs, so the paper-scale grid stops at 0.03.
+    lrs["RNGD"] = (0.003, 0.01, 0.03)
+    base = Fig5Config(dataset="idx", sizes=(784, 64, 64, 64, 10), epochs=100, lrs=lrs)
     return dataclasses.replace(base, **overrides)
 
 
@@ -117,6 +123,23 @@ def method_parts(method: str) -> tuple[str, str]:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(ALL_METHODS)}.")
     family, arch = method.split("-")
     return family, _BN_OF[arch]
+
+
+def lr_grid(cfg: Fig5Config, method: str) -> tuple[float, ...]:
+    """The learning rates tried for ``method``: ``cfg.lrs[method]`` if given, else its family's."""
+    family, _ = method_parts(method)
+    return tuple(cfg.lrs[method] if method in cfg.lrs else cfg.lrs[family])
+
+
+def best_lrs(path: str | Path) -> dict[str, tuple[float]]:
+    """``{method: (best_lr,)}`` from an earlier run's ``fig5.json``: repeat it on more seeds
+    without re-running the grid (``--lr-from``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--lr-from: no results file at {path}; run experiments.fig5 "
+                                "first and pass its fig5.json.")
+    methods = json.loads(path.read_text())["summary"]["methods"]
+    return {m: (float(e["best_lr"]),) for m, e in methods.items()}
 
 
 def make_optimizer(method: str, cfg: Fig5Config, learning_rate: float
@@ -290,12 +313,12 @@ def run(cfg: Fig5Config) -> dict:
     runs: dict[str, list[dict]] = {}
     compile_seconds: dict[str, float] = {}
     executables: dict[str, tuple] = {}
-    num_runs = sum(len(cfg.lrs[method_parts(m)[0]]) for m in cfg.methods)
+    num_runs = sum(len(lr_grid(cfg, m)) for m in cfg.methods)
     with common.progress(total=num_runs * cfg.epochs, enabled=cfg.progress,
                          desc="fig5 epochs") as bar:
         for method in cfg.methods:
             family, batch_norm = method_parts(method)
-            grid = tuple(cfg.lrs[family])
+            grid = lr_grid(cfg, method)
             opt = make_optimizer(method, cfg, grid[0])
             epoch_fn = make_epoch(opt, batch_norm, cfg.bn_epsilon)
             params0 = mlp.init_mlp(jax.random.PRNGKey(cfg.seed), cfg.sizes,
@@ -339,8 +362,31 @@ def run(cfg: Fig5Config) -> dict:
                                 for r in rs},
                         **{f"{m}|{r['lr']}|epoch_seconds": np.asarray(r["epoch_seconds"])
                            for m, rs in runs.items() for r in rs})
-    results["files"] = {"json": str(path), "png": str(png), "npz": str(npz)}
+    small = write_compact_summary(path, out_dir / f"{cfg.name}_summary.json")
+    results["files"] = {"json": str(path), "png": str(png), "npz": str(npz),
+                        "summary": str(small)}
     return results
+
+
+def write_compact_summary(json_path: str | Path, out_path: str | Path) -> Path:
+    """A small copy of ``fig5.json`` without the curves: the one to commit next to a figure.
+
+    Keeps the configuration, environment, data, seeds, the per-method summary (tau-sharp,
+    accuracies, timings, time to cost), the interleaved timing, and each run's scalars.
+    """
+    blob = json.loads(Path(json_path).read_text())
+    small = {k: blob[k] for k in ("config", "environment", "written_at", "paper", "data", "seeds",
+                                  "interleaved_timing") if k in blob}
+    summary = dict(blob["summary"])
+    summary["methods"] = {m: {k: v for k, v in e.items() if k != "smoothed"}
+                          for m, e in summary["methods"].items()}
+    small["summary"] = summary
+    small["runs"] = {m: [{k: v for k, v in r.items()
+                          if k not in ("epoch_seconds", "epoch_cpu_seconds", "epoch_mean_cost")}
+                         for r in rs] for m, rs in blob["runs"].items()}
+    out_path = Path(out_path)
+    out_path.write_text(json.dumps(small, indent=1) + "\n")
+    return out_path
 
 
 def summarise(runs: dict, cfg: Fig5Config, total_iters: int, compile_seconds: dict,
@@ -374,6 +420,7 @@ def summarise(runs: dict, cfg: Fig5Config, total_iters: int, compile_seconds: di
             "interleaved_seconds_per_iteration": timing[method]["seconds_per_iteration"],
             "interleaved_cpu_seconds_per_iteration": timing[method]["cpu_seconds_per_iteration"],
             "total_train_seconds": float(secs.sum()),
+            "time_to_cost": time_to_cost(r["epoch_mean_cost"], secs, cfg.cost_targets),
             "compile_seconds": compile_seconds[method],
             "smoothed": {"iteration": it, "cost": smoothed,
                          "seconds": t_iter[it - 1]},
@@ -389,6 +436,69 @@ def summarise(runs: dict, cfg: Fig5Config, total_iters: int, compile_seconds: di
     return {"methods": methods, "rngd_time_per_iteration_ratio_interleaved": ratios,
             "timing_rounds": cfg.timing_rounds, "taus": list(cfg.taus),
             "select_tau": cfg.select_tau}
+
+
+def time_to_cost(epoch_mean_cost: Sequence[float], epoch_seconds: Sequence[float],
+                 targets: Sequence[float]) -> dict[str, dict | None]:
+    """For each target: the first epoch whose mean training cost is ``<= target``, and the
+    training seconds up to the end of it (``None`` if never reached).
+
+    This is the wall-clock comparison the paper leaves out: RNGD needs fewer epochs, each
+    costing more.
+    """
+    cost = np.asarray(epoch_mean_cost, dtype=np.float64)
+    elapsed = np.cumsum(np.asarray(epoch_seconds, dtype=np.float64))
+    out = {}
+    for target in targets:
+        hit = np.flatnonzero(cost <= target)
+        out[str(target)] = (None if hit.size == 0 else
+                            {"epoch": int(hit[0]) + 1, "seconds": float(elapsed[hit[0]])})
+    return out
+
+
+def aggregate_seeds(dirs: Sequence[str | Path], out: str | Path | None = None) -> dict:
+    """Combines runs of the same methods on different seeds (``--aggregate``).
+
+    Each directory holds a ``fig5.json`` and ``fig5_costs.npz`` written by :func:`run`.  Per
+    method, the best-rate cost curves of the R seeds are stacked to (R, M) and passed to
+    :func:`common.tau_sharp_ratio`, so each tau's ``mean`` and ``std`` are across the seeds'
+    window means; test accuracies get the same mean and std.  Writes ``fig5_seeds.json`` to
+    ``out`` (default: the first directory) and returns its contents.
+    """
+    if not dirs:
+        raise ValueError("--aggregate: give at least one directory holding a fig5.json.")
+    payloads, costs = [], []
+    for d in map(Path, dirs):
+        if not (d / "fig5.json").is_file() or not (d / "fig5_costs.npz").is_file():
+            raise FileNotFoundError(f"--aggregate: {d} has no fig5.json and fig5_costs.npz; "
+                                    "run experiments.fig5 with --out there first.")
+        payloads.append(json.loads((d / "fig5.json").read_text()))
+        with np.load(d / "fig5_costs.npz") as raw:
+            costs.append(dict(raw))
+    methods = list(payloads[0]["summary"]["methods"])
+    for d, p in zip(dirs, payloads, strict=True):
+        if list(p["summary"]["methods"]) != methods:
+            raise ValueError(f"--aggregate: {d} ran methods {list(p['summary']['methods'])}, "
+                             f"expected {methods}.")
+    taus = payloads[0]["summary"]["taus"]
+    table = {}
+    for m in methods:
+        entries = [p["summary"]["methods"][m] for p in payloads]
+        curves = np.stack([c[f"{m}|{e['best_lr']}|costs"]
+                           for c, e in zip(costs, entries, strict=True)])
+        acc = np.asarray([e["test_accuracy"] for e in entries], dtype=np.float64)
+        table[m] = {
+            "lrs": [e["best_lr"] for e in entries],
+            "tau_sharp": {str(t): v for t, v in common.tau_sharp_ratio(curves, taus).items()},
+            "test_accuracy": {"mean": float(acc.mean()), "std": float(acc.std()),
+                              "per_seed": acc.tolist()},
+        }
+    result = {"dirs": [str(d) for d in dirs],
+              "seeds": [p["seeds"]["init"] for p in payloads],
+              "taus": taus, "methods": table}
+    path = Path(out) if out is not None else Path(dirs[0])
+    result["file"] = str(common.write_json(path / "fig5_seeds.json", result, digits=6))
+    return result
 
 
 def interleaved_timing(executables: dict, cfg: Fig5Config, arrays) -> dict:
@@ -430,6 +540,22 @@ def tau_table_markdown(summary: dict) -> str:
         acc = e.get("test_accuracy")
         acc_s = "-" if acc is None else f"{acc:.4f}"
         lines.append(f"| {m} | {e['best_lr']:g} | " + " | ".join(cells) + f" | {acc_s} |")
+    return "\n".join(lines)
+
+
+def seeds_table_markdown(agg: dict) -> str:
+    """The :func:`aggregate_seeds` table as markdown: mean ± std across seeds."""
+    taus = agg["taus"]
+    lines = [f"| method ({len(agg['seeds'])} seeds) | lr | "
+             + " | ".join(f"tau={t}" for t in taus) + " | test acc |",
+             "|" + "---|" * (len(taus) + 3)]
+    for m, e in agg["methods"].items():
+        lrs = sorted(set(e["lrs"]))
+        cells = [f"{e['tau_sharp'][str(t)]['mean']:.3g} ± {e['tau_sharp'][str(t)]['std']:.2g}"
+                 for t in taus]
+        acc = e["test_accuracy"]
+        lines.append(f"| {m} | {', '.join(f'{x:g}' for x in lrs)} | " + " | ".join(cells)
+                     + f" | {acc['mean']:.4f} ± {acc['std']:.4f} |")
     return "\n".join(lines)
 
 
@@ -500,12 +626,27 @@ def plot(summary: dict, runs: dict, cfg: Fig5Config, path: Path, *, dpi: int = 1
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = common.make_parser(__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=None, help="override the epoch count")
+    parser.add_argument("--aggregate", nargs="+", default=None, metavar="DIR",
+                        help="combine earlier runs on different seeds (directories holding "
+                             "fig5.json) into <--out>/fig5_seeds.json, and print the table")
+    parser.add_argument("--lr-from", default=None, metavar="FIG5_JSON",
+                        help="run only each method's best rate from an earlier fig5.json "
+                             "(e.g. to repeat the best runs on other seeds)")
     args = parser.parse_args(argv)
+    if args.aggregate is not None:
+        agg = aggregate_seeds(args.aggregate, args.out)
+        print(seeds_table_markdown(agg))
+        print(f"wrote {agg['file']}")
+        return agg
     overrides = {"seed": args.seed, "out": args.out, "progress": not args.no_progress}
     if args.data_dir is not None:
         overrides["data_dir"] = args.data_dir
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
+    if args.lr_from is not None:
+        chosen = best_lrs(args.lr_from)
+        overrides["methods"] = tuple(chosen)
+        overrides["lrs"] = chosen
     cfg = full_config(**overrides) if args.full else quick_config(**overrides)
     t0 = time.perf_counter()
     results = run(cfg)

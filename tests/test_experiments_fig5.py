@@ -1,7 +1,9 @@
 """Tests of experiments/models.py (the MLP with batch norm) and experiments/fig5.py (smoke run)."""
 
+import dataclasses
 import json
 import math
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -140,17 +142,28 @@ def test_smooth_blocks_against_loop(m, k):
     np.testing.assert_allclose(means, ref_means)
 
 
-def test_fig5_smoke_run_writes_json_and_png(tmp_path):
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """One tiny Fig. 5 run, shared by the tests that read its files."""
+    tmp_path = tmp_path_factory.mktemp("fig5")
     cfg = fig5.quick_config(
         sizes=(64, 8, 8, 10), epochs=3, batch_size=50, train_size=300,
         methods=("SGD-BNA", "RNGD"),
         lrs={"SGD": (0.01, 0.05), "ADAM": (), "RNGD": (0.05,)},
         rngd_inverse_every=4, timing_rounds=2, out=str(tmp_path), progress=False,
     )
-    res = fig5.run(cfg)
+    return cfg, fig5.run(cfg), tmp_path
+
+
+def test_fig5_smoke_run_writes_json_and_png(smoke_run):
+    cfg, res, tmp_path = smoke_run
     png, js, npz = (tmp_path / "fig5.png"), (tmp_path / "fig5.json"), (tmp_path / "fig5_costs.npz")
     assert png.stat().st_size > 10_000 and js.exists() and npz.exists()
     payload = json.loads(js.read_text())
+    small = json.loads((tmp_path / "fig5_summary.json").read_text())
+    assert small["summary"]["taus"] == payload["summary"]["taus"]
+    assert all("smoothed" not in e and "tau_sharp" in e
+               for e in small["summary"]["methods"].values())
     assert payload["config"]["methods"] == ["SGD-BNA", "RNGD"]
     assert payload["seeds"]["init"] == 0
     raw = np.load(npz)
@@ -167,6 +180,7 @@ def test_fig5_smoke_run_writes_json_and_png(tmp_path):
             got = entry["tau_sharp"][str(tau)]
             np.testing.assert_allclose(got["mean"], window.mean(), rtol=1e-5)
             np.testing.assert_allclose(got["std"], window.std(), rtol=1e-4, atol=1e-9)
+        assert sorted(entry["time_to_cost"]) == sorted(map(str, cfg.cost_targets))
         # The best lr has the lowest selection score (mean cost of the last 10% iterations).
         scores = {float(k): v for k, v in entry["lr_scores"].items()}
         assert entry["best_lr"] == min(scores, key=scores.get)
@@ -177,3 +191,75 @@ def test_fig5_smoke_run_writes_json_and_png(tmp_path):
     assert sorted(timing) == sorted(cfg.methods)
     assert all(len(t["epoch_seconds"]) == 2 and t["seconds_per_iteration"] > 0
                for t in timing.values())
+    # --lr-from: each method's best rate, read back from the JSON, becomes its only rate.
+    chosen = fig5.best_lrs(js)
+    assert chosen == {m: (e["best_lr"],) for m, e in payload["summary"]["methods"].items()}
+    again = dataclasses.replace(cfg, methods=tuple(chosen), lrs=chosen)
+    assert all(fig5.lr_grid(again, m) == chosen[m] for m in chosen)
+
+
+def test_time_to_cost_reads_the_first_epoch_at_or_below_each_target():
+    cost = [0.9, 0.5, 0.3, 0.35, 0.1]
+    secs = [1.0, 2.0, 3.0, 4.0, 5.0]
+    got = fig5.time_to_cost(cost, secs, (0.5, 0.32, 0.1, 0.01))
+    assert got["0.5"] == {"epoch": 2, "seconds": 3.0}
+    assert got["0.32"] == {"epoch": 3, "seconds": 6.0}
+    assert got["0.1"] == {"epoch": 5, "seconds": 15.0}
+    assert got["0.01"] is None
+
+
+def test_aggregate_seeds_matches_a_direct_computation(smoke_run, tmp_path):
+    cfg, _, first = smoke_run
+    # A second "seed": the same files with the costs scaled and other test accuracies.
+    second = tmp_path / "seed1"
+    shutil.copytree(first, second)
+    payload = json.loads((second / "fig5.json").read_text())
+    payload["seeds"]["init"] = 1
+    for i, entry in enumerate(payload["summary"]["methods"].values()):
+        entry["test_accuracy"] = 0.5 + 0.1 * i
+    (second / "fig5.json").write_text(json.dumps(payload))
+    with np.load(first / "fig5_costs.npz") as raw:
+        arrays = {k: (2.0 + np.arange(v.size)) * v if k.endswith("costs") else v
+                  for k, v in raw.items()}
+    np.savez(second / "fig5_costs.npz", **arrays)
+
+    agg = fig5.aggregate_seeds([first, second], tmp_path / "agg")
+    assert agg["seeds"] == [0, 1]
+    assert (tmp_path / "agg" / "fig5_seeds.json").exists()
+    original = json.loads((first / "fig5.json").read_text())["summary"]["methods"]
+    with np.load(first / "fig5_costs.npz") as raw:
+        for method, entry in agg["methods"].items():
+            lr = original[method]["best_lr"]
+            a = raw[f"{method}|{lr}|costs"]
+            b = arrays[f"{method}|{lr}|costs"]
+            for tau in cfg.taus:
+                k = max(1, math.ceil(tau * a.size - 1e-9))
+                means = np.array([a[-k:].mean(), b[-k:].mean()])
+                got = entry["tau_sharp"][str(tau)]
+                np.testing.assert_allclose([got["mean"], got["std"]],
+                                           [means.mean(), means.std()], rtol=1e-9)
+            accs = [original[method]["test_accuracy"],
+                    payload["summary"]["methods"][method]["test_accuracy"]]
+            np.testing.assert_allclose(entry["test_accuracy"]["mean"], np.mean(accs))
+    assert "2 seeds" in fig5.seeds_table_markdown(agg)
+
+
+def test_aggregate_seeds_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no fig5.json"):
+        fig5.aggregate_seeds([tmp_path])
+    with pytest.raises(ValueError, match="at least one directory"):
+        fig5.aggregate_seeds([])
+
+
+def test_lr_grid_prefers_the_method_over_its_family():
+    cfg = fig5.quick_config(lrs={"SGD": (0.1, 0.3), "SGD-BNA": (0.01,), "RNGD": (1.0,)})
+    assert fig5.lr_grid(cfg, "SGD-PLAIN") == (0.1, 0.3)
+    assert fig5.lr_grid(cfg, "SGD-BNA") == (0.01,)
+    assert fig5.lr_grid(cfg, "RNGD") == (1.0,)
+    with pytest.raises(ValueError, match="unknown method"):
+        fig5.lr_grid(cfg, "LBFGS")
+
+
+def test_best_lrs_missing_file_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no results file"):
+        fig5.best_lrs(tmp_path / "nope.json")
