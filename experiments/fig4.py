@@ -565,7 +565,11 @@ def parse_sizes(text: str) -> dict:
     return sizes
 
 
-def main(argv=None) -> dict:
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(","))
+
+
+def make_parser():
     parser = common.make_parser(__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=None, help="override the epochs")
     parser.add_argument("--runs", type=int, default=None, help="override the number of runs")
@@ -576,8 +580,19 @@ def main(argv=None) -> dict:
                         help=f"comma-separated subset of {', '.join(data.PAIR_TASKS)}")
     parser.add_argument("--sizes", default=None,
                         help="training sizes per data set, e.g. 'fashion=1000,all;digits=100'")
-    args = parser.parse_args(argv)
-    jax.config.update("jax_enable_x64", True)
+    parser.add_argument("--methods", default=None,
+                        help=f"comma-separated subset of {', '.join(METHODS)}")
+    parser.add_argument("--learning-rates", type=_floats, default=None,
+                        help="comma-separated learning-rate grid, e.g. '0.1,1'")
+    parser.add_argument("--momentums", type=_floats, default=None,
+                        help="comma-separated momentum grid, e.g. '0,0.8'")
+    parser.add_argument("--damping", type=float, default=None,
+                        help="eps0 of eq. (30), eps = eps0 tr(g)/D (default 1e-2)")
+    return parser
+
+
+def config_from_args(args) -> Fig4Config:
+    """The :class:`Fig4Config` that the command line asks for."""
     overrides = dict(seed=args.seed, out=args.out, data_dir=args.data_dir,
                      progress=not args.no_progress, solver=args.solver)
     if args.epochs is not None:
@@ -590,7 +605,21 @@ def main(argv=None) -> dict:
         overrides["tasks"] = tuple(args.tasks.split(","))
     if args.sizes is not None:
         overrides["train_sizes"] = parse_sizes(args.sizes)
-    config = full_config(**overrides) if args.full else quick_config(**overrides)
+    if args.methods is not None:
+        overrides["methods"] = tuple(args.methods.split(","))
+    if args.learning_rates is not None:
+        overrides["learning_rates"] = args.learning_rates
+    if args.momentums is not None:
+        overrides["momentums"] = args.momentums
+    if args.damping is not None:
+        overrides["damping"] = args.damping
+    return full_config(**overrides) if args.full else quick_config(**overrides)
+
+
+def main(argv=None) -> dict:
+    args = make_parser().parse_args(argv)
+    jax.config.update("jax_enable_x64", True)
+    config = config_from_args(args)
     t0 = time.perf_counter()
     results = run(config)
     print(f"fig4: wrote {Path(config.out) / 'fig4.json'} and {Path(config.out) / 'fig4.png'} "

@@ -176,3 +176,21 @@ def test_parse_sizes():
         "fashion": (1000, None), "digits": (100,)}
     with pytest.raises(ValueError, match="expected 'dataset=size,size;...', got 'digits'"):
         fig4.parse_sizes("digits")
+
+
+def test_command_line_builds_the_config():
+    args = fig4.make_parser().parse_args(
+        ["--full", "--batch-size", "full", "--runs", "1", "--sizes", "fashion=all",
+         "--tasks", "fashion_shirt_v_tshirt", "--methods", "NGD,WhiteNGD",
+         "--learning-rates", "0.1,1", "--momentums", "0.8", "--damping", "1e-4"])
+    cfg = fig4.config_from_args(args)
+    assert cfg.batch_size is None and cfg.num_runs == 1
+    assert cfg.train_sizes == {"fashion": (None,)}
+    assert cfg.tasks == ("fashion_shirt_v_tshirt",)
+    assert cfg.methods == ("NGD", "WhiteNGD")
+    assert cfg.learning_rates == (0.1, 1.0) and cfg.momentums == (0.8,)
+    assert cfg.damping == 1e-4
+    # Unset options keep the defaults of the scale asked for.
+    quick = fig4.config_from_args(fig4.make_parser().parse_args([]))
+    assert quick == fig4.quick_config(out=quick.out, seed=0, data_dir=None, progress=True,
+                                      solver="auto")
