@@ -242,6 +242,11 @@ def test_aggregate_seeds_matches_a_direct_computation(smoke_run, tmp_path):
                     payload["summary"]["methods"][method]["test_accuracy"]]
             np.testing.assert_allclose(entry["test_accuracy"]["mean"], np.mean(accs))
     assert "2 seeds" in fig5.seeds_table_markdown(agg)
+    # Seeds that ran different methods cannot be combined.
+    del payload["summary"]["methods"]["RNGD"]
+    (second / "fig5.json").write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match=r"ran methods \['SGD-BNA'\], expected"):
+        fig5.aggregate_seeds([first, second], tmp_path / "agg")
 
 
 def test_aggregate_seeds_errors(tmp_path):
