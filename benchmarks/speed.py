@@ -74,6 +74,7 @@ from experiments import models as mlp
 from rfim_jax._src import metrics as metrics_lib
 from rfim_jax._src import rfim as rfim_lib
 from rfim_jax._src import solvers
+from rfim_jax._src import statistics as stats_lib
 from rfim_jax._src import whitening as whitening_lib
 
 PAPER_SIZES = (784, 64, 64, 64, 10)
@@ -679,7 +680,7 @@ def statistics_kernels(n: int = BATCH, m: int = 64, d: int = 65, d_input: int = 
                        reps: int = 20, seed: int = 0) -> dict:
     """Times the per-neuron statistics ``G_l = mean_i nu_il x~_i x~_i^T`` three ways.
 
-    ``library``: :func:`rfim_jax._src.rfim.second_moment` as shipped (an einsum
+    ``library``: :func:`rfim_jax._src.statistics.second_moment` as shipped (an einsum
     "nl,ni,nj->lij", which XLA lowers to a batched outer product, a GEMM and a transpose);
     ``batched_matmul``: ``(x * nu_l)^T x`` as one ``jnp.matmul`` over an (m, d, n) tensor;
     ``single_gemm``: the (n, m d) weighted inputs times x; ``batched_matmul_bf16``: the batched
@@ -692,7 +693,7 @@ def statistics_kernels(n: int = BATCH, m: int = 64, d: int = 65, d_input: int = 
     nu = jax.random.uniform(k2, (n, m))
     xin = jax.random.uniform(k3, (n, d_input))
     fns = {
-        "library": lambda nu, x: rfim_lib.second_moment(x, nu),
+        "library": lambda nu, x: stats_lib.second_moment(x, nu),
         "batched_matmul": lambda nu, x: jnp.matmul(nu.T[:, None, :] * x.T[None], x) / n,
         "single_gemm": lambda nu, x: (
             ((nu[:, :, None] * x[:, None, :]).reshape(n, m * d).T @ x).reshape(m, d, d) / n
@@ -704,7 +705,7 @@ def statistics_kernels(n: int = BATCH, m: int = 64, d: int = 65, d_input: int = 
     jitted = {k: jax.jit(f) for k, f in fns.items()}
     ref = jitted["library"](nu, x)
     diffs = {k: float(jnp.max(jnp.abs(f(nu, x) - ref))) for k, f in jitted.items()}
-    shared = jax.jit(lambda x: rfim_lib.second_moment(x))
+    shared = jax.jit(lambda x: stats_lib.second_moment(x))
     entries = {k: (lambda f=f: f(nu, x)) for k, f in jitted.items()}
     entries["input_shared_block"] = lambda: shared(xin)
     times = time_chunks(entries, reps)

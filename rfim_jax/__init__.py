@@ -7,13 +7,18 @@ Learning Large Modular Models" (ICML 2017; arXiv 1606.06069).
 from rfim_jax._src.activations import (
     ACTIVATION_NAMES,
     ELU,
+    GELU,
     Activation,
+    GELUTanh,
     Linear,
     ReLU,
     Sigmoid,
+    SiLU,
+    Softplus,
     Tanh,
     get_activation,
 )
+from rfim_jax._src.alias import rngd, scale_by_whitening
 from rfim_jax._src.capture import (
     activation_paths,
     apply_gradients,
@@ -28,12 +33,19 @@ from rfim_jax._src.fisher import (
     full_fisher,
     ravel_neuron_major,
 )
+from rfim_jax._src.fisher_rao import fisher_rao_norm
+from rfim_jax._src.layers.conv import conv_patches, conv_rfim
 from rfim_jax._src.metrics import (
+    AbstractMetric,
     BlockDiagonalMetric,
     DenseMetric,
+    DiagonalMetric,
+    EigenDiagonalMetric,
+    ParamLayout,
     SharedBlockMetric,
 )
 from rfim_jax._src.paths import layer_paths
+from rfim_jax._src.plan import LayerPlan, rngd_plan
 from rfim_jax._src.rfim import (
     layer_rfim_from_activations,
     linear_rfim,
@@ -52,27 +64,32 @@ from rfim_jax._src.solvers import (
     spd_max_eigenvalue,
     spd_solve,
 )
-from rfim_jax._src.transform import (
-    ScaleByRNGDState,
-    rngd,
-    scale_by_rngd,
-    scale_by_whitening,
-)
+from rfim_jax._src.transform import ScaleByRNGDState, scale_by_rngd
 from rfim_jax._src.whitening import apply_whitening, whitening_map
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ACTIVATION_NAMES",
+    "AbstractMetric",
+    "DiagonalMetric",
+    "EigenDiagonalMetric",
+    "LayerPlan",
+    "ParamLayout",
+    "rngd_plan",
     "Activation",
     "BlockDiagonalMetric",
     "DenseMetric",
     "ELU",
     "FullFisher",
+    "GELU",
+    "GELUTanh",
     "Linear",
     "ReLU",
     "SharedBlockMetric",
+    "SiLU",
     "Sigmoid",
+    "Softplus",
     "Tanh",
     "activation_paths",
     "add_damping",
@@ -82,12 +99,15 @@ __all__ = [
     "capture_nnx",
     "condition_number",
     "fim_rank",
+    "fisher_rao_norm",
     "full_fisher",
     "get_activation",
     "NewtonSchulzInfo",
     "SOLVER_METHODS",
     "ScaleByRNGDState",
     "layer_paths",
+    "conv_patches",
+    "conv_rfim",
     "layer_rfim_from_activations",
     "linear_rfim",
     "neuron_rfim",

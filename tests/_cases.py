@@ -1,6 +1,7 @@
-"""Parameter cases shared by the test modules: every activation and setting in SPEC §3."""
+"""Parameter cases shared by the test modules: every activation and setting in SPEC §3, and the
+Gaussian-response activations of SPEC §8 (gelu, gelu_tanh, silu, softplus)."""
 
-from rfim_jax import ELU, Linear, ReLU, Sigmoid, Tanh
+from rfim_jax import ELU, GELU, GELUTanh, Linear, ReLU, Sigmoid, SiLU, Softplus, Tanh
 
 ACTIVATIONS = [
     Sigmoid(),
@@ -14,4 +15,12 @@ ACTIVATIONS = [
     ELU(alpha=0.5, sigma=2.0),
     Linear(),
     Linear(sigma=0.3),
+    GELU(),
+    GELU(sigma=0.6),
+    GELUTanh(),
+    GELUTanh(sigma=1.7),
+    SiLU(),
+    SiLU(sigma=0.4),
+    Softplus(),
+    Softplus(sigma=2.5),
 ]

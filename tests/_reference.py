@@ -94,3 +94,68 @@ class ReferenceRNGD:
                 kind, self.inv[path], grads[path]["kernel"], grads[path].get("bias"))
         self.count += 1
         return out
+
+
+def _unit_nu(kind, z):
+    """Per-sample coefficients of the eigen/diagonal forms; softmax is unit-wise (SPEC §7)."""
+    if kind == "softmax":
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        eta = e / e.sum(axis=1, keepdims=True)
+        return eta * (1.0 - eta)
+    if kind == "linear":
+        return np.ones((len(z), 1))
+    return _nu(kind, z)
+
+
+class ReferenceEigenRNGD:
+    """SPEC §7 step by step, with loops: A, U, S from the identity; fresh, average, refresh
+    (carry S into the new basis), precondition.  ``diagonal=True`` gives the diagonal form."""
+
+    def __init__(self, specs, decay, inverse_every, eps0, diagonal=False):
+        self.specs, self.decay, self.every, self.eps0 = specs, decay, inverse_every, eps0
+        self.diagonal = diagonal
+        self.count = 0
+        self.A, self.U, self.S = {}, {}, {}
+        for path, (kind, d_in, m, has_bias) in specs.items():
+            d = d_in + has_bias
+            rows = 1 if kind == "linear" else m
+            self.A[path], self.U[path] = np.eye(d), np.eye(d)
+            self.S[path] = np.ones((rows, d))
+
+    def update(self, grads, acts):
+        out = {}
+        for path, (kind, _, _, has_bias) in self.specs.items():
+            xa = _aug(acts[path]["inputs"], has_bias)
+            n, d = xa.shape
+            nu = _unit_nu(kind, np.asarray(acts[path]["preacts"], np.float64))
+            u = self.U[path]
+            a_hat = sum(np.outer(r, r) for r in xa) / n
+            a_hat = a_hat + self.eps0 * np.trace(a_hat) / d * np.eye(d)
+            s_hat = np.zeros((nu.shape[1], d))
+            for l in range(nu.shape[1]):
+                tr = sum(nu[i, l] * xa[i] @ xa[i] for i in range(n)) / n
+                for j in range(d):
+                    basis_j = np.eye(d)[:, j] if self.diagonal else u[:, j]
+                    s_hat[l, j] = sum(nu[i, l] * (basis_j @ xa[i]) ** 2 for i in range(n)) / n
+                s_hat[l] += self.eps0 * tr / d
+            self.A[path] = self.decay * self.A[path] + (1 - self.decay) * a_hat
+            self.S[path] = self.decay * self.S[path] + (1 - self.decay) * s_hat
+            if not self.diagonal and self.count % self.every == 0:
+                evals, u_new = np.linalg.eigh(self.A[path])
+                if kind == "linear":
+                    self.S[path] = evals[None, :].copy()
+                else:
+                    p = u_new.T @ u
+                    self.S[path] = np.stack([(p * p) @ s for s in self.S[path]])
+                self.U[path] = u_new
+            cols = np.asarray(grads[path]["kernel"], np.float64)
+            if has_bias:
+                cols = np.concatenate([cols, np.asarray(grads[path]["bias"])[None]], 0)
+            u = np.eye(d) if self.diagonal else self.U[path]
+            res = np.zeros_like(cols)
+            for l in range(cols.shape[1]):
+                s = self.S[path][0 if kind == "linear" else l]
+                res[:, l] = u @ ((u.T @ cols[:, l]) / s)
+            out[path] = (res[:-1], res[-1]) if has_bias else (res, None)
+        self.count += 1
+        return out

@@ -13,11 +13,33 @@ import pytest
 from _cases import ACTIVATIONS
 
 import rfim_jax
-from rfim_jax import ELU, Linear, ReLU, Sigmoid, Tanh, get_activation
+from rfim_jax import (
+    ELU,
+    GELU,
+    GELUTanh,
+    Linear,
+    ReLU,
+    Sigmoid,
+    SiLU,
+    Softplus,
+    Tanh,
+    get_activation,
+)
 
 
 def _sigmoid(t):
     return 1.0 / (1.0 + jnp.exp(-t))
+
+
+def _Phi(t):  # standard normal CDF
+    return 0.5 * jax.scipy.special.erfc(-t / np.sqrt(2.0))
+
+
+def _phi(t):  # standard normal density
+    return jnp.exp(-0.5 * t**2) / np.sqrt(2.0 * np.pi)
+
+
+_C, _A = np.sqrt(2.0 / np.pi), 0.044715  # constants of the tanh approximation of GELU
 
 
 # (f, f', nu) written from the paper's formulas (jnp so that they can be differentiated).
@@ -54,7 +76,24 @@ def _reference(act):
     if isinstance(act, Linear):
         sg = act.sigma
         return lambda z: z, lambda z: jnp.ones_like(z), lambda z: jnp.full_like(z, 1 / sg**2)
-    raise AssertionError(act)
+    # SPEC Sec. 8: Gaussian responses, nu = f'(z)^2 / sigma^2.
+    if isinstance(act, GELU):
+        f, df = (lambda z: z * _Phi(z)), (lambda z: _Phi(z) + z * _phi(z))
+    elif isinstance(act, GELUTanh):
+        def f(z):
+            return 0.5 * z * (1 + jnp.tanh(_C * (z + _A * z**3)))
+
+        def df(z):
+            t = jnp.tanh(_C * (z + _A * z**3))
+            return 0.5 * (1 + t) + 0.5 * z * (1 - t**2) * _C * (1 + 3 * _A * z**2)
+    elif isinstance(act, SiLU):
+        f, df = (lambda z: z * _sigmoid(z)), (lambda z: _sigmoid(z) * (1 + z * (1 - _sigmoid(z))))
+    elif isinstance(act, Softplus):
+        f, df = (lambda z: jnp.log1p(jnp.exp(z))), _sigmoid
+    else:
+        raise AssertionError(act)
+    sg = act.sigma
+    return f, df, lambda z: df(z) ** 2 / sg**2
 
 
 
@@ -151,7 +190,9 @@ def test_large_inputs_stay_finite():
 
 @pytest.mark.parametrize(
     "name, cls", [("tanh", Tanh), ("sigmoid", Sigmoid), ("relu", ReLU), ("elu", ELU),
-                  ("linear", Linear), ("ReLU", ReLU), ("TANH", Tanh)]
+                  ("linear", Linear), ("ReLU", ReLU), ("TANH", Tanh), ("gelu", GELU),
+                  ("gelu_tanh", GELUTanh), ("silu", SiLU), ("softplus", Softplus),
+                  ("GELU", GELU), ("SiLU", SiLU)]
 )
 def test_names_resolve_to_defaults(name, cls):
     act = get_activation(name)
@@ -164,13 +205,17 @@ def test_defaults():
     assert (ReLU().omega, ReLU().iota, ReLU().sigma) == (1.0, 0.0, 1.0)
     assert (ELU().alpha, ELU().sigma) == (1.0, 1.0)
     assert Linear().sigma == 1.0
-    assert rfim_jax.ACTIVATION_NAMES == ("tanh", "sigmoid", "relu", "elu", "linear")
+    for cls in (GELU, GELUTanh, SiLU, Softplus):
+        assert cls().sigma == 1.0
+    assert rfim_jax.ACTIVATION_NAMES == (
+        "tanh", "sigmoid", "relu", "elu", "linear", "gelu", "gelu_tanh", "silu", "softplus"
+    )
 
 
 def test_responses():
     assert Tanh().response == "bernoulli_pm1"
     assert Sigmoid().response == "bernoulli"
-    for act in (ReLU(), ELU(), Linear()):
+    for act in (ReLU(), ELU(), Linear(), GELU(), GELUTanh(), SiLU(), Softplus()):
         assert act.response == "gaussian"
 
 
@@ -183,7 +228,7 @@ def test_unknown_name_lists_valid_names():
     with pytest.raises(
         ValueError,
         match=r"Unknown activation 'swish'; valid names are 'tanh', 'sigmoid', 'relu', 'elu', "
-        r"'linear'\.",
+        r"'linear', 'gelu', 'gelu_tanh', 'silu', 'softplus'\.",
     ):
         get_activation("swish")
 
@@ -205,6 +250,10 @@ def test_wrong_type():
         (lambda: ELU(sigma=-1.0), r"ELU: sigma must be > 0, got sigma=-1.0"),
         (lambda: Linear(sigma=0.0), r"Linear: sigma must be > 0, got sigma=0.0"),
         (lambda: ReLU(omega=float("nan")), r"ReLU: omega must be >= 0, got omega=nan"),
+        (lambda: GELU(sigma=0.0), r"GELU: sigma must be > 0, got sigma=0.0"),
+        (lambda: GELUTanh(sigma=-2.0), r"GELUTanh: sigma must be > 0, got sigma=-2.0"),
+        (lambda: SiLU(sigma=float("nan")), r"SiLU: sigma must be > 0, got sigma=nan"),
+        (lambda: Softplus(sigma=0.0), r"Softplus: sigma must be > 0, got sigma=0.0"),
     ],
 )
 def test_invalid_parameters(make, msg):
@@ -236,3 +285,99 @@ def test_hashable_and_static_under_jit():
 def test_frozen():
     with pytest.raises(Exception, match="cannot assign"):
         ReLU().omega = 2.0
+
+
+# ------------------------------------------- SPEC Sec. 8: gelu, gelu_tanh, silu, softplus
+
+NEW_GAUSSIAN = [a for a in ACTIVATIONS if isinstance(a, (GELU, GELUTanh, SiLU, Softplus))]
+
+
+def _independent_f(act):
+    """The mean function from JAX's own implementations (or scipy.stats), not the library's."""
+    if isinstance(act, GELU):
+        return lambda z: z * jax.scipy.stats.norm.cdf(z)
+    if isinstance(act, GELUTanh):
+        return lambda z: jax.nn.gelu(z, approximate=True)
+    if isinstance(act, SiLU):
+        return jax.nn.silu
+    if isinstance(act, Softplus):
+        return jax.nn.softplus
+    raise AssertionError(act)
+
+
+def test_new_activations_are_covered():
+    assert {type(a) for a in NEW_GAUSSIAN} == {GELU, GELUTanh, SiLU, Softplus}
+    assert any(a.sigma != 1.0 for a in NEW_GAUSSIAN)
+
+
+@pytest.mark.parametrize("act", NEW_GAUSSIAN, ids=repr)
+def test_new_df_is_grad_of_independent_f(act, seed):
+    f = _independent_f(act)
+    z = jnp.asarray(np.concatenate([_z(seed), [0.0, -12.0, 12.0]]))
+    # jax.nn.gelu(approximate=True) forms 1 + tanh(u) and 1 - tanh(u)^2, which cancel for z << 0
+    # (absolute error ~1e-14 near z = -7); the library's s(2u) s(-2u) form does not.
+    atol = 1e-13 if isinstance(act, GELUTanh) else 1e-14
+    np.testing.assert_allclose(act.f(z), f(z), rtol=1e-12, atol=atol)
+    np.testing.assert_allclose(act.df(z), jax.vmap(jax.grad(f))(z), rtol=1e-12, atol=atol)
+    if isinstance(act, GELU):  # the erf form of jax.nn.gelu, too
+        np.testing.assert_allclose(act.f(z), jax.nn.gelu(z, approximate=False),
+                                   rtol=1e-12, atol=1e-14)
+
+
+def _gaussian_score_fisher(f, sigma, z, order=8):
+    """E_{y ~ N(f(z), sigma^2)}[(d/dz ln p(y|z))^2] (eq. 9), by autodiff of the full Gaussian
+    log-density and Gauss-Hermite quadrature over y (exact: the score is affine in y)."""
+    t, w = np.polynomial.hermite_e.hermegauss(order)
+    ys = jnp.asarray(float(f(z)) + sigma * t)
+
+    def logp(zz, y):
+        return jax.scipy.stats.norm.logpdf(y, loc=f(zz), scale=sigma)
+
+    scores = jax.vmap(jax.grad(logp), in_axes=(None, 0))(jnp.asarray(z), ys)
+    return jnp.sum(jnp.asarray(w / np.sqrt(2 * np.pi)) * scores**2)
+
+
+@pytest.mark.parametrize("act", NEW_GAUSSIAN, ids=repr)
+def test_new_nu_is_expected_squared_score(act, seed):
+    f = _independent_f(act)
+    for z in np.concatenate([_z(seed, n=6), [0.0, -4.0, 4.0]]):
+        expected = _gaussian_score_fisher(f, act.sigma, z)
+        np.testing.assert_allclose(act.nu(jnp.asarray(z)), expected, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("act", NEW_GAUSSIAN, ids=repr)
+def test_new_activations_stable_for_large_inputs(act, dtype):
+    z = jnp.array([-1e4, -50.0, 0.0, 50.0, 1e4], dtype=dtype)
+    f, df, nu = act.f(z), act.df(z), act.nu(z)
+    grad = jax.vmap(jax.grad(act.f))(z)
+    for v in (f, df, nu, grad):
+        assert v.dtype == dtype
+        assert bool(jnp.all(jnp.isfinite(v))), (act, v)
+    f, df, nu, grad = (np.asarray(v, dtype=np.float64) for v in (f, df, nu, grad))
+    # Saturated tails: f -> z and f' -> 1 on the right; f -> 0 and f' -> 0 on the left.
+    np.testing.assert_allclose(f[[0, 4]], [0.0, 1e4], rtol=1e-6, atol=1e-30)
+    np.testing.assert_allclose(df[[0, 3, 4]], [0.0, 1.0, 1.0], rtol=1e-6, atol=1e-30)
+    np.testing.assert_allclose(grad, df, rtol=1e-6, atol=1e-30)
+    np.testing.assert_allclose(nu, df**2 / act.sigma**2, rtol=1e-6, atol=1e-30)
+    # Every one of them has f'(0) = 1/2.
+    np.testing.assert_allclose(df[2], 0.5, rtol=1e-7)
+    if not isinstance(act, Softplus):  # the others dip below zero on the left
+        assert bool(jnp.all(df[:2] <= 0.0))
+
+
+@pytest.mark.parametrize("act", NEW_GAUSSIAN, ids=repr)
+def test_new_activations_float32_match_float64(act):
+    z = np.linspace(-8.0, 8.0, 65)
+    for fn in (act.f, act.df, act.nu):
+        lo, hi = fn(jnp.asarray(z, jnp.float32)), fn(jnp.asarray(z, jnp.float64))
+        assert lo.dtype == jnp.float32
+        np.testing.assert_allclose(lo, hi, rtol=1e-4, atol=1e-30)
+
+
+def test_softplus_is_smoothed_relu_with_omega_one():
+    z = jnp.linspace(-30.0, 30.0, 61)
+    for sigma in (1.0, 0.3):
+        soft, relu = Softplus(sigma=sigma), ReLU(omega=1.0, iota=0.0, sigma=sigma)
+        for a, b in ((soft.f, relu.f), (soft.df, relu.df), (soft.nu, relu.nu)):
+            np.testing.assert_allclose(a(z), b(z), rtol=1e-14, atol=1e-300)

@@ -25,12 +25,18 @@ from _cases import ACTIVATIONS
 
 from rfim_jax import (
     ELU,
+    GELU,
     BlockDiagonalMetric,
     DenseMetric,
+    DiagonalMetric,
+    EigenDiagonalMetric,
+    GELUTanh,
     Linear,
     ReLU,
     SharedBlockMetric,
     Sigmoid,
+    SiLU,
+    Softplus,
     Tanh,
     layer_rfim_from_activations,
     linear_rfim,
@@ -62,6 +68,8 @@ def _spec(act):
         return "elu", jnp.array([act.alpha, act.sigma])
     if isinstance(act, Linear):
         return "linear", jnp.array([act.sigma])
+    if isinstance(act, (GELU, GELUTanh, SiLU, Softplus)):
+        return act.name, jnp.array([act.sigma])
     raise AssertionError(act)
 
 
@@ -80,6 +88,15 @@ def _mean_fn(family, p):
         return lambda t: jnp.where(t >= 0, t, p[0] * (jnp.exp(jnp.minimum(t, 0.0)) - 1.0))
     if family == "linear":
         return lambda t: t
+    # SPEC Sec. 8.
+    if family == "gelu":  # t Phi(t)
+        return lambda t: 0.5 * t * jax.scipy.special.erfc(-t / np.sqrt(2.0))
+    if family == "gelu_tanh":
+        return lambda t: 0.5 * t * (1.0 + jnp.tanh(np.sqrt(2.0 / np.pi) * (t + 0.044715 * t**3)))
+    if family == "silu":
+        return lambda t: t * _sigmoid(t)
+    if family == "softplus":
+        return lambda t: jnp.log1p(jnp.exp(t))
     raise AssertionError(family)
 
 
@@ -343,6 +360,10 @@ HIDDEN = [
     ReLU(omega=0.0),
     ReLU(omega=0.0, iota=0.1),
     ELU(alpha=0.7),
+    GELU(),
+    GELUTanh(),
+    SiLU(),
+    Softplus(sigma=2.0),
 ]
 OUTPUTS = [
     Sigmoid(),
@@ -452,7 +473,9 @@ def test_two_layer_differs_from_paper_nu_product_for_relu():
 
 
 @pytest.mark.parametrize("name, obj", [("tanh", Tanh()), ("sigmoid", Sigmoid()), ("relu", ReLU()),
-                                       ("elu", ELU()), ("linear", Linear())])
+                                       ("elu", ELU()), ("linear", Linear()), ("gelu", GELU()),
+                                       ("gelu_tanh", GELUTanh()), ("silu", SiLU()),
+                                       ("softplus", Softplus())])
 def test_strings_accepted(name, obj):
     params, x, rng = _data(5, 3, 2, 0, True)
     params_out = _layer(rng, 2, 2, True)
@@ -617,9 +640,114 @@ def test_errors():
     with pytest.raises(ValueError, match=r"neuron_rfim: expected one neuron, kernel shape "
                        r"\(d_in,\) or \(d_in, 1\), got \(3, 2\)"):
         neuron_rfim({"kernel": params["kernel"]}, x, "tanh")
-    with pytest.raises(ValueError, match=r"Unknown activation 'softplus'; valid names are"):
-        nonlinear_rfim(params, x, "softplus")
-    with pytest.raises(ValueError, match=r"Unknown activation 'gelu'; valid names are"):
-        two_layer_rfim(params, params_out, x, "tanh", "gelu")
+    with pytest.raises(ValueError, match=r"Unknown activation 'mish'; valid names are"):
+        nonlinear_rfim(params, x, "mish")
+    with pytest.raises(ValueError, match=r"Unknown activation 'swiglu'; valid names are"):
+        two_layer_rfim(params, params_out, x, "tanh", "swiglu")
     with pytest.raises(ValueError, match=r"Linear: sigma must be > 0, got sigma=0.0"):
         linear_rfim(params, x, sigma=0.0)
+
+
+# ------------------------------------------------------------- representations (SPEC §7)
+
+
+def _blocks_of(dense, m, d):
+    return [dense[l * d : (l + 1) * d, l * d : (l + 1) * d] for l in range(m)]
+
+
+def _input_moment(x, has_bias):
+    xa = np.concatenate([np.asarray(x), np.ones((len(x), 1))], 1) if has_bias else np.asarray(x)
+    return xa.T @ xa / len(xa)
+
+
+REP_ACTS = [a for a in ACTIVATIONS if not isinstance(a, Linear)][:8] + [Linear(sigma=0.3)]
+
+
+@pytest.mark.parametrize("act", REP_ACTS, ids=repr)
+@cases
+def test_eigen_and_diagonal_rfim_are_the_definition_in_their_basis(act, n, d_in, m, seed,
+                                                                   has_bias):
+    params, x, _ = _data(n, d_in, m, seed, has_bias)
+    d = d_in + has_bias
+    definition = _blocks_of(_layer_definitions(n, d_in, m, seed, has_bias)[repr(act)], m, d)
+    eigen = nonlinear_rfim(params, x, act, representation="eigen")
+    assert isinstance(eigen, EigenDiagonalMetric)
+    u = np.asarray(eigen.basis)
+    # U is an orthonormal eigenbasis of A = mean x~ x~^T (computed here in numpy).
+    np.testing.assert_allclose(u.T @ u, np.eye(d), atol=1e-12)
+    rotated = u.T @ _input_moment(x, has_bias) @ u
+    np.testing.assert_allclose(rotated - np.diag(np.diag(rotated)), 0.0, atol=1e-10)
+    for l in range(m):
+        # s_l = diag(U^T G_l U), hence sum_j s_lj = tr(G_l).
+        np.testing.assert_allclose(eigen.scales[l], np.diag(u.T @ definition[l] @ u), **TOL)
+        np.testing.assert_allclose(np.sum(eigen.scales[l]), np.trace(definition[l]), **TOL)
+    diagonal = nonlinear_rfim(params, x, act, representation="diagonal")
+    assert isinstance(diagonal, DiagonalMetric)
+    want = np.concatenate([np.diag(b) for b in definition])
+    np.testing.assert_allclose(diagonal.to_dense(), np.diag(want), **TOL)
+    # A caller's basis is used as given.
+    q, _ = np.linalg.qr(np.random.default_rng(seed + 3).normal(size=(d, d)))
+    given = nonlinear_rfim(params, x, act, representation="eigen", basis=jnp.asarray(q))
+    np.testing.assert_allclose(given.basis, q, **TOL)
+    for l in range(m):
+        np.testing.assert_allclose(given.scales[l], np.diag(q.T @ definition[l] @ q), **TOL)
+
+
+@pytest.mark.parametrize("sigma", LINEAR_SIGMAS)
+@cases
+def test_linear_eigen_rfim_equals_exact(sigma, n, d_in, m, seed, has_bias):
+    params, x, _ = _data(n, d_in, m, seed, has_bias)
+    expected = _layer_definitions(n, d_in, m, seed, has_bias)[repr(Linear(sigma=sigma))]
+    eigen = linear_rfim(params, x, sigma=sigma, representation="eigen")
+    assert isinstance(eigen, EigenDiagonalMetric) and eigen.scales.shape == (m, d_in + has_bias)
+    np.testing.assert_allclose(eigen.to_dense(), expected, **TOL)
+    diagonal = linear_rfim(params, x, sigma=sigma, representation="diagonal")
+    np.testing.assert_allclose(diagonal.to_dense(), np.diag(np.diag(expected)), **TOL)
+
+
+@cases
+def test_softmax_eigen_and_diagonal_are_unit_wise(n, d_in, m, seed, has_bias):
+    # Unit-wise: the (k, k) diagonal blocks of eq. (25), the cross-class blocks dropped.
+    params, x, _ = _data(n, d_in, m + 1, seed, has_bias)
+    d = d_in + has_bias
+    full = _layer_definitions(n, d_in, m, seed, has_bias)["softmax"]
+    blocks = _blocks_of(full, m + 1, d)
+    eigen = softmax_rfim(params, x, representation="eigen")
+    u = np.asarray(eigen.basis)
+    for k in range(m + 1):
+        np.testing.assert_allclose(eigen.scales[k], np.diag(u.T @ blocks[k] @ u), **TOL)
+    diagonal = softmax_rfim(params, x, representation="diagonal")
+    np.testing.assert_allclose(
+        diagonal.to_dense(), np.diag(np.concatenate([np.diag(b) for b in blocks])), **TOL
+    )
+
+
+@pytest.mark.parametrize("representation", ["eigen", "diagonal"])
+def test_representations_in_float32(representation):
+    params, x, _ = _data(40, 5, 4, 0, True)
+    params32 = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+    got = nonlinear_rfim(params32, x.astype(jnp.float32), "tanh", representation=representation)
+    assert got.scales.dtype == jnp.float32
+    exact = nonlinear_rfim(params, x, "tanh").to_dense()
+    if representation == "eigen":
+        u = np.asarray(got.basis, np.float64)
+        d = u.shape[0]
+        for l in range(4):
+            block = exact[l * d : (l + 1) * d, l * d : (l + 1) * d]
+            np.testing.assert_allclose(got.scales[l], np.diag(u.T @ block @ u), rtol=2e-4,
+                                       atol=1e-5)
+    else:
+        np.testing.assert_allclose(got.to_dense(), np.diag(np.diag(exact)), rtol=1e-5,
+                                   atol=1e-6)
+
+
+def test_representation_errors():
+    params, x, _ = _data(6, 3, 2, 0, True)
+    with pytest.raises(ValueError, match=r"unknown representation 'kfac'; valid ones are "
+                                         r"'exact', 'eigen', 'diagonal'"):
+        nonlinear_rfim(params, x, "tanh", representation="kfac")
+    with pytest.raises(ValueError, match=r"basis must be \(4, 4\) for inputs of width d=4, "
+                                         r"got \(3, 3\)"):
+        nonlinear_rfim(params, x, "tanh", representation="eigen", basis=jnp.eye(3))
+    with pytest.raises(ValueError, match=r"basis is only used by representation='eigen'"):
+        nonlinear_rfim(params, x, "tanh", representation="diagonal", basis=jnp.eye(4))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _reference import ReferenceRNGD, reference_blocks
+from _reference import ReferenceEigenRNGD, ReferenceRNGD, reference_blocks
 
 import rfim_jax
 
@@ -266,3 +266,88 @@ def test_scale_by_whitening_accepts_a_list_of_paths():
     kernel, bias = ref.update(grads, _flat_acts(acts))["Dense_1"]
     np.testing.assert_allclose(out["Dense_1"]["kernel"], kernel, rtol=1e-7)
     np.testing.assert_allclose(out["Dense_1"]["bias"], bias, rtol=1e-7)
+
+
+# ------------------------------------------------------------------ representations (SPEC §7)
+
+
+@pytest.mark.parametrize("representation", ["eigen", "diagonal"])
+@pytest.mark.parametrize(
+    "seed,has_bias,inverse_every", [(0, True, 1), (1, False, 3), (2, True, 2)]
+)
+def test_eigen_and_diagonal_match_numpy_reference(representation, seed, has_bias, inverse_every):
+    rng = np.random.default_rng(seed)
+    params, specs = _make_problem(rng, KINDS, has_bias=has_bias)
+    decay, eps0 = 0.8, 0.05
+    tx = rfim_jax.scale_by_rngd({p: s[0] for p, s in specs.items()}, decay=decay,
+                                inverse_every=inverse_every, damping=eps0,
+                                representation=representation)
+    ref = ReferenceEigenRNGD(specs, decay, inverse_every, eps0,
+                             diagonal=representation == "diagonal")
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    # n > d: with fewer samples than inputs, A has a repeated eigenvalue (its null space), where
+    # any basis is an eigenbasis and the carried S depends on which one eigh returns.
+    for n in [int(n) for n in rng.integers(7, 10, size=5)]:
+        acts = _random_acts(rng, specs, n=n)
+        grads = _random_grads(rng, params)
+        out, state = update(grads, state, params, activations=acts)
+        expected = ref.update(grads, _flat_acts(acts))
+        for path, (k, b) in expected.items():
+            np.testing.assert_allclose(out[path]["kernel"], k, rtol=1e-7, atol=1e-9)
+            if has_bias:
+                np.testing.assert_allclose(out[path]["bias"], b, rtol=1e-7, atol=1e-9)
+    # The state holds what SPEC §7 says, in its shapes.
+    for path, (kind, d_in, m, _) in specs.items():
+        d, rows = d_in + has_bias, 1 if kind == "linear" else m
+        np.testing.assert_allclose(state.metrics[path]["S"], ref.S[path], rtol=1e-7, atol=1e-9)
+        if representation == "eigen":
+            assert state.metrics[path]["A"].shape == (d, d)
+            assert state.inverses[path]["U"].shape == (d, d)
+            np.testing.assert_allclose(state.metrics[path]["A"], ref.A[path], rtol=1e-9)
+        assert state.metrics[path]["S"].shape == (rows, d)
+
+
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_linear_kind_eigen_equals_exact_with_refresh_every_step(has_bias):
+    rng = np.random.default_rng(5)
+    params, specs = _make_problem(rng, ["linear", "linear"], has_bias=has_bias)
+    layers = {p: "linear" for p in specs}
+    runs = {}
+    for rep in ("exact", "eigen"):
+        tx = rfim_jax.scale_by_rngd(layers, decay=0.7, inverse_every=1, damping=0.03,
+                                    representation=rep)
+        state, outs = tx.init(params), []
+        rng_data = np.random.default_rng(9)
+        for _ in range(4):
+            acts = _random_acts(rng_data, specs, n=5)
+            grads = _random_grads(rng_data, params)
+            out, state = jax.jit(tx.update)(grads, state, params, activations=acts)
+            outs.append(out)
+        runs[rep] = outs
+    for a, b in zip(runs["exact"], runs["eigen"], strict=True):
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-9, atol=1e-11)
+
+
+def test_eigen_as_metric_diagonal_in_basis_is_exact_average():
+    # After one step from the identity with a refresh, the eigen state's block l in basis U has
+    # the exact moving average's diagonal: diag(U^T G_l U) with G_l from the exact estimator.
+    rng = np.random.default_rng(11)
+    params, specs = _make_problem(rng, ["tanh"], widths=[4, 3])
+    acts = _random_acts(rng, specs, n=9)
+    grads = _random_grads(rng, params)
+    exact = rfim_jax.scale_by_rngd({"Dense_0": "tanh"}, decay=0.6, inverse_every=1,
+                                   representation="exact")
+    eigen = rfim_jax.scale_by_rngd({"Dense_0": "tanh"}, decay=0.6, inverse_every=1,
+                                   representation="eigen")
+    _, s_exact = exact.update(grads, exact.init(params), activations=acts)
+    _, s_eigen = eigen.update(grads, eigen.init(params), activations=acts)
+    u = np.asarray(s_eigen.inverses["Dense_0"]["U"])
+    g = np.asarray(s_exact.metrics["Dense_0"])
+    # The fresh S was computed in the basis before the refresh (the identity), then carried.
+    # So compare in that first basis: diag(G_l) carried by P = U^T I.
+    p = u.T
+    for l in range(g.shape[0]):
+        want = (p * p) @ np.diag(g[l])
+        np.testing.assert_allclose(s_eigen.metrics["Dense_0"]["S"][l], want, rtol=1e-10)

@@ -15,12 +15,16 @@ sigmoid    y in {0, 1},  p(y = 1) = s(z)                       s(z) (1 - s(z))  
 relu       y ~ N(relu_omega(z), sigma^2)                       f'(z)^2 / sigma^2     (eqs. 16-18,41)
 elu        y ~ N(elu(z), sigma^2)                              f'(z)^2 / sigma^2            (eq. 20)
 linear     y ~ N(z, sigma^2)                                   1 / sigma^2                  (eq. 22)
+gelu       y ~ N(z Phi(z), sigma^2)                            (Phi(z) + z phi(z))^2 / sigma^2
+gelu_tanh  y ~ N(z s(2u), sigma^2), u = c(z + 0.044715 z^3)    f'(z)^2 / sigma^2 (see GELUTanh)
+silu       y ~ N(z s(z), sigma^2)                              s(z)^2 (1 + z s(-z))^2 / sigma^2
+softplus   y ~ N(ln(1 + e^z), sigma^2)                         s(z)^2 / sigma^2
 =========  =================================================  =====================================
 
-For the Gaussian models the Fisher information of z is f'(z)^2 / sigma^2, which gives the
-closed forms of the paper once f is written out.  Each activation object carries the mean
-function ``f``, its derivative ``df`` (used by the two-layer metric of eq. 26, see
-:func:`rfim_jax.two_layer_rfim`) and ``nu``.
+Phi and phi are the standard normal CDF and density, c = sqrt(2/pi).  For the Gaussian models
+the Fisher information of z is f'(z)^2 / sigma^2, which gives the closed forms of the paper
+once f is written out.  Each activation object carries the mean function ``f``, its derivative
+``df`` (used by the two-layer metric of eq. 26, see :func:`rfim_jax.two_layer_rfim`) and ``nu``.
 
 Activation objects are frozen dataclasses: hashable, so they can be static arguments of
 ``jax.jit`` and keys of layer maps, and validated on construction.
@@ -29,10 +33,12 @@ Activation objects are frozen dataclasses: hashable, so they can be static argum
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.special
 
 Response = Literal["bernoulli_pm1", "bernoulli", "gaussian"]
 
@@ -188,6 +194,137 @@ class ELU(Activation):
         return self.df(z) ** 2 / self.sigma**2
 
 
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_GELU_TANH_A = 0.044715
+# Beyond |z| = 1e3 the tanh-GELU's gate s(2u) is exactly 0 or 1 in float64 (already from
+# |z| ~ 30), so clipping z inside the gate changes no value but keeps z^3 and z^2 finite.
+_GELU_TANH_CLIP = 1e3
+
+
+@dataclasses.dataclass(frozen=True)
+class GELU(Activation):
+    """GELU neuron (erf form) with Gaussian response y ~ N(gelu(z), sigma^2).
+
+    ``f(z) = z Phi(z)`` with Phi the standard normal CDF and phi its density, so
+
+        f'(z) = Phi(z) + z phi(z),     nu(z) = (Phi(z) + z phi(z))^2 / sigma^2.
+
+    Phi is evaluated with ``jax.scipy.special.ndtr``, accurate in both tails; f and f' are
+    finite for every finite z in float32 and float64 (f -> 0, f' -> 0 as z -> -inf).
+    """
+
+    sigma: float = 1.0
+    name = "gelu"
+    response = "gaussian"
+
+    def __post_init__(self):
+        object.__setattr__(self, "sigma", _check_sigma("GELU", self.sigma))
+
+    def f(self, z):
+        return z * jax.scipy.special.ndtr(z)
+
+    def df(self, z):
+        return jax.scipy.special.ndtr(z) + z * (_INV_SQRT_2PI * jnp.exp(-0.5 * z * z))
+
+    def nu(self, z):
+        return self.df(z) ** 2 / self.sigma**2
+
+
+@dataclasses.dataclass(frozen=True)
+class GELUTanh(Activation):
+    """GELU neuron, tanh approximation, with Gaussian response y ~ N(f(z), sigma^2).
+
+    ``f(z) = z (1 + tanh u)/2 = z s(2u)`` with ``u = sqrt(2/pi) (z + 0.044715 z^3)``
+    (``jax.nn.gelu(z, approximate=True)``).  Its exact derivative is
+
+        f'(z) = s(2u) + z (1 - tanh^2 u) sqrt(2/pi) (1 + 3 * 0.044715 z^2) / 2,
+
+    with ``(1 - tanh^2 u)/2 = 2 s(2u) s(-2u)``, and ``nu(z) = f'(z)^2 / sigma^2``.  The product
+    form has no cancellation in ``1 + tanh u`` for negative z.
+    """
+
+    sigma: float = 1.0
+    name = "gelu_tanh"
+    response = "gaussian"
+
+    def __post_init__(self):
+        object.__setattr__(self, "sigma", _check_sigma("GELUTanh", self.sigma))
+
+    @staticmethod
+    def _gate(z):
+        t = jnp.clip(z, -_GELU_TANH_CLIP, _GELU_TANH_CLIP)
+        two_u = 2.0 * _SQRT_2_OVER_PI * (t + _GELU_TANH_A * t * t * t)
+        return t, two_u
+
+    def f(self, z):
+        _, two_u = self._gate(z)
+        return z * jax.nn.sigmoid(two_u)
+
+    def df(self, z):
+        t, two_u = self._gate(z)
+        du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_A * t * t)
+        # z is clipped too: the term is exactly 0 in float64 once |z| > ~30.
+        return jax.nn.sigmoid(two_u) + 2.0 * t * jax.nn.sigmoid(two_u) * jax.nn.sigmoid(
+            -two_u
+        ) * du
+
+    def nu(self, z):
+        return self.df(z) ** 2 / self.sigma**2
+
+
+@dataclasses.dataclass(frozen=True)
+class SiLU(Activation):
+    """SiLU (swish) neuron with Gaussian response y ~ N(z s(z), sigma^2).
+
+    ``f(z) = z s(z)``, ``f'(z) = s(z) (1 + z (1 - s(z)))`` and ``nu(z) = f'(z)^2 / sigma^2``.
+    ``1 - s(z)`` is computed as ``s(-z)`` (no cancellation for large z), and ``jax.nn.sigmoid``
+    saturates to exactly 0 or 1 without overflow, so f and f' are finite for every finite z.
+    """
+
+    sigma: float = 1.0
+    name = "silu"
+    response = "gaussian"
+
+    def __post_init__(self):
+        object.__setattr__(self, "sigma", _check_sigma("SiLU", self.sigma))
+
+    def f(self, z):
+        return z * jax.nn.sigmoid(z)
+
+    def df(self, z):
+        return jax.nn.sigmoid(z) * (1.0 + z * jax.nn.sigmoid(-z))
+
+    def nu(self, z):
+        return self.df(z) ** 2 / self.sigma**2
+
+
+@dataclasses.dataclass(frozen=True)
+class Softplus(Activation):
+    """Softplus neuron with Gaussian response y ~ N(ln(1 + e^z), sigma^2).
+
+    ``f(z) = ln(1 + e^z)``, ``f'(z) = s(z)`` and ``nu(z) = s(z)^2 / sigma^2``.  This is the
+    smoothed ReLU ``ReLU(omega=1, iota=0, sigma)`` under another name; f is computed as
+    ``logaddexp(z, 0)``, which neither overflows nor loses the tail for negative z.
+    """
+
+    sigma: float = 1.0
+    name = "softplus"
+    response = "gaussian"
+
+    def __post_init__(self):
+        object.__setattr__(self, "sigma", _check_sigma("Softplus", self.sigma))
+
+    def f(self, z):
+        return jnp.logaddexp(z, 0.0)
+
+    def df(self, z):
+        return jax.nn.sigmoid(z)
+
+    def nu(self, z):
+        return self.df(z) ** 2 / self.sigma**2
+
+
 @dataclasses.dataclass(frozen=True)
 class Linear(Activation):
     """Linear neuron with Gaussian response y ~ N(z, sigma^2); nu = 1/sigma^2 (eq. 22)."""
@@ -217,6 +354,10 @@ _BY_NAME = {
     "relu": ReLU,
     "elu": ELU,
     "linear": Linear,
+    "gelu": GELU,
+    "gelu_tanh": GELUTanh,
+    "silu": SiLU,
+    "softplus": Softplus,
 }
 
 ACTIVATION_NAMES: tuple[str, ...] = tuple(_BY_NAME)
@@ -225,9 +366,10 @@ ACTIVATION_NAMES: tuple[str, ...] = tuple(_BY_NAME)
 def get_activation(activation: ActivationLike) -> Activation:
     """Resolves an activation name or object to an :class:`Activation` object.
 
-    Names are ``"tanh"``, ``"sigmoid"``, ``"relu"``, ``"elu"`` and ``"linear"``; a name gives
-    the activation with its default parameters (``ReLU(omega=1, iota=0, sigma=1)``,
-    ``ELU(alpha=1, sigma=1)``, ``Linear(sigma=1)``).
+    Names are ``"tanh"``, ``"sigmoid"``, ``"relu"``, ``"elu"``, ``"linear"``, ``"gelu"``,
+    ``"gelu_tanh"``, ``"silu"`` and ``"softplus"``; a name gives the activation with its default
+    parameters (``ReLU(omega=1, iota=0, sigma=1)``, ``ELU(alpha=1, sigma=1)``, ``sigma=1`` for
+    the others).
 
     Raises:
       ValueError: for an unknown name, listing the valid ones.

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from rfim_jax._src import activations as act_lib
 from rfim_jax._src import metrics
+from rfim_jax._src import statistics as stats
 
 Params = dict[str, jax.Array]
 
@@ -71,55 +72,107 @@ def _inputs(params: Params, x: jax.Array, name: str):
 # --------------------------------------------------------------- statistics from activations
 
 
-def second_moment(x_aug: jax.Array, weights: jax.Array | None = None) -> jax.Array:
-    """``mean_i x~_i x~_i^T`` (d, d), or per column of ``weights`` (n, m): (m, d, d).
+def resolve_kind(kind, *, where: str = "layer_rfim_from_activations"):
+    """A layer kind as ``"softmax"`` or an :class:`Activation` (``"linear"`` -> ``Linear()``).
 
-    This is the single einsum behind eqs. (21)-(23); with weights it computes
-    ``G_l = mean_i w_il x~_i x~_i^T`` for every l in one pass, with no loop over neurons.
+    Names are case-insensitive.
+
+    Raises:
+      ValueError: for an unknown kind, naming ``where`` and listing the valid kinds.
     """
-    n = x_aug.shape[0]
-    if weights is None:
-        return (x_aug.T @ x_aug) / n
-    return jnp.einsum("nl,ni,nj->lij", weights, x_aug, x_aug) / n
+    if isinstance(kind, str) and kind.lower() == "softmax":
+        return "softmax"
+    try:
+        return act_lib.get_activation(kind)
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"{where}: unknown kind {kind!r}. A kind is an activation name "
+            f"({', '.join(act_lib.ACTIVATION_NAMES)}), an rfim_jax.Activation object, "
+            f"'softmax', or None."
+        ) from e
 
 
-def softmax_coefficients(z: jax.Array) -> jax.Array:
-    """Per-sample Fisher of the logits of a categorical response: ``diag(eta) - eta eta^T``."""
-    eta = jax.nn.softmax(z, axis=-1)
-    return jax.vmap(jnp.diag)(eta) - eta[:, :, None] * eta[:, None, :]
-
-
-def coupled_rfim(x_aug: jax.Array, coeffs: jax.Array) -> jax.Array:
-    """``[mean_i K_i[k, l] x~_i x~_i^T]_{k,l}`` as a dense (m d, m d) neuron-major matrix.
-
-    ``coeffs`` is (n, m, m). This is the shared form of eqs. (25) and (26).
-    """
-    n, d = x_aug.shape
-    m = coeffs.shape[-1]
-    dense = jnp.einsum("nkl,ni,nj->kilj", coeffs, x_aug, x_aug) / n
-    return dense.reshape(m * d, m * d)
+def check_representation(representation: str, *, where: str) -> str:
+    """Validates a representation name ("exact", "eigen" or "diagonal")."""
+    if representation not in metrics.REPRESENTATIONS:
+        raise ValueError(
+            f"{where}: unknown representation {representation!r}; valid ones are "
+            f"{', '.join(repr(r) for r in metrics.REPRESENTATIONS)}."
+        )
+    return representation
 
 
 def layer_rfim_from_activations(
-    x_aug: jax.Array, z: jax.Array, kind, *, has_bias: bool = True
+    x_aug: jax.Array,
+    z: jax.Array,
+    kind,
+    *,
+    has_bias: bool = True,
+    representation: str = "exact",
+    basis: jax.Array | None = None,
+    layout: metrics.ParamLayout | None = None,
 ) -> metrics.Metric:
-    """The RFIM of one dense layer from its augmented inputs and pre-activations.
+    """The RFIM of one layer from its augmented inputs (n, d) and pre-activations (n, m).
 
     ``kind`` is ``"linear"`` (eq. 22, ``A = mean x~ x~^T / sigma^2`` with sigma=1, or a
     :class:`Linear` object for another sigma), ``"softmax"`` (eq. 25), or any other activation
-    name or object (eq. 23).  This is what the optimiser calls on captured activations.
+    name or object (eq. 23).  This is what the optimiser and the layer adapters call.
+
+    ``representation`` (SPEC §7):
+
+    * ``"exact"``: :class:`SharedBlockMetric` (linear), :class:`BlockDiagonalMetric`
+      (activations) or :class:`DenseMetric` (softmax).
+    * ``"eigen"``: :class:`EigenDiagonalMetric` in the eigenbasis ``U`` of
+      ``A = mean x~ x~^T`` (or ``basis``): ``s_l = mean_i nu_il (U^T x~_i)^2``.  For a linear
+      kind the scales are the eigenvalues of ``A / sigma^2`` (so it equals the exact metric
+      when no ``basis`` is given).  For softmax it is *unit-wise*: class k is a neuron with
+      ``nu = eta_k (1 - eta_k)``, the cross-class blocks of eq. (25) are dropped.
+    * ``"diagonal"``: :class:`DiagonalMetric`, ``diag(G_l)`` (softmax unit-wise as above).
+
+    Raises:
+      ValueError: for an unknown kind or representation, or a ``basis`` that is not (d, d)
+        or given with a representation other than ``"eigen"``.
     """
-    m = z.shape[-1]
-    if isinstance(kind, str) and kind == "softmax":
-        return metrics.DenseMetric(
-            coupled_rfim(x_aug, softmax_coefficients(z)), num_neurons=m, has_bias=has_bias
-        )
-    activation = act_lib.get_activation(kind)
-    if isinstance(activation, act_lib.Linear):
-        block = second_moment(x_aug) / activation.sigma**2
-        return metrics.SharedBlockMetric(block, num_neurons=m, has_bias=has_bias)
-    return metrics.BlockDiagonalMetric(
-        second_moment(x_aug, activation.nu(z)), has_bias=has_bias
+    check_representation(representation, where="layer_rfim_from_activations")
+    kind = resolve_kind(kind)
+    d, m = x_aug.shape[-1], z.shape[-1]
+    if basis is not None:
+        if representation != "eigen":
+            raise ValueError(
+                f"layer_rfim_from_activations: basis is only used by representation='eigen', "
+                f"got representation={representation!r}."
+            )
+        if tuple(basis.shape) != (d, d):
+            raise ValueError(
+                f"layer_rfim_from_activations: basis must be ({d}, {d}) for inputs of width "
+                f"d={d}, got {tuple(basis.shape)}."
+            )
+        basis = jnp.asarray(basis, x_aug.dtype)
+    static = {"has_bias": has_bias, "layout": layout}
+    linear = isinstance(kind, act_lib.Linear)
+    if representation == "exact":
+        if kind == "softmax":
+            return metrics.DenseMetric(
+                stats.coupled_rfim(x_aug, stats.softmax_coefficients(z)), num_neurons=m, **static
+            )
+        if linear:
+            block = stats.second_moment(x_aug) / kind.sigma**2
+            return metrics.SharedBlockMetric(block, num_neurons=m, **static)
+        return metrics.BlockDiagonalMetric(stats.second_moment(x_aug, kind.nu(z)), **static)
+    if kind == "softmax":
+        weights = stats.softmax_unit_coefficients(z)
+    else:
+        weights = kind.nu(z)
+    if representation == "diagonal":
+        return metrics.DiagonalMetric(stats.diagonal_moments(x_aug, weights), **static)
+    if linear and basis is None:
+        evals, basis = stats.input_eigenbasis(stats.second_moment(x_aug))
+        scales = jnp.broadcast_to(evals / kind.sigma**2, (m, d))
+        return metrics.EigenDiagonalMetric(basis, scales, **static)
+    if basis is None:
+        _, basis = stats.input_eigenbasis(stats.second_moment(x_aug))
+    return metrics.EigenDiagonalMetric(
+        basis, stats.eigenbasis_moments(x_aug, weights, basis), **static
     )
 
 
@@ -146,43 +199,100 @@ def neuron_rfim(params: Params, x: jax.Array, activation: act_lib.ActivationLike
     return nonlinear_rfim(p, x, activation).blocks[0]
 
 
-def linear_rfim(params: Params, x: jax.Array, sigma: float = 1.0) -> metrics.SharedBlockMetric:
+def linear_rfim(
+    params: Params, x: jax.Array, sigma: float = 1.0, *, representation: str = "exact"
+) -> metrics.Metric:
     """RFIM of a linear layer ``y ~ N(W~^T x~, sigma^2 I)``, eq. (22).
 
         g^y(W | x) = diag(A, ..., A),   A = mean_i x~_i x~_i^T / sigma^2.
 
-    Returns a :class:`SharedBlockMetric` that stores A once.
+    Args:
+      params: ``{"kernel": (d_in, m), "bias": (m,)}``, bias optional.
+      x: inputs (..., d_in); leading axes are flattened into samples.
+      sigma: the response noise's standard deviation (> 0).
+      representation: ``"exact"`` (a :class:`SharedBlockMetric` that stores A once),
+        ``"eigen"`` (an :class:`EigenDiagonalMetric` with U the eigenvectors of A and every
+        row of S its eigenvalues over sigma^2: the same metric) or ``"diagonal"``
+        (a :class:`DiagonalMetric`, ``diag(A) / sigma^2`` per neuron).
+
+    Returns:
+      The metric over the layer's ``m d`` parameters.
+
+    Raises:
+      ValueError: for mismatched shapes, an empty batch or an unknown representation.
     """
     x_aug, z, has_bias = _inputs(params, x, "linear_rfim")
-    return layer_rfim_from_activations(x_aug, z, act_lib.Linear(sigma=sigma), has_bias=has_bias)
+    return layer_rfim_from_activations(
+        x_aug, z, act_lib.Linear(sigma=sigma), has_bias=has_bias, representation=representation
+    )
 
 
 def nonlinear_rfim(
-    params: Params, x: jax.Array, activation: act_lib.ActivationLike
-) -> metrics.BlockDiagonalMetric:
+    params: Params,
+    x: jax.Array,
+    activation: act_lib.ActivationLike,
+    *,
+    representation: str = "exact",
+    basis: jax.Array | None = None,
+) -> metrics.Metric:
     """RFIM of a nonlinear layer ``y = f(W~^T x~)`` with stochastic output, eq. (23).
 
         g^y(W | x) = diag(G_1, ..., G_m),   G_l = mean_i nu_f(z_il) x~_i x~_i^T.
 
-    Returns a :class:`BlockDiagonalMetric` holding the (m, d, d) stack.  A ``"linear"``
-    activation gives the same numbers as :func:`linear_rfim`, stored per neuron.
+    Args:
+      params: ``{"kernel": (d_in, m), "bias": (m,)}``, bias optional.
+      x: inputs (..., d_in); leading axes are flattened into samples.
+      activation: an activation name or object (``"linear"`` gives the numbers of
+        :func:`linear_rfim`, stored per neuron).
+      representation: ``"exact"`` (a :class:`BlockDiagonalMetric`, the (m, d, d) stack),
+        ``"eigen"`` (an :class:`EigenDiagonalMetric`: ``G_l ~= U diag(s_l) U^T`` with
+        ``s_l = mean_i nu_f(z_il) (U^T x~_i)^2``, U the eigenvectors of ``mean x~ x~^T``;
+        SPEC §7) or ``"diagonal"`` (a :class:`DiagonalMetric`, ``diag(G_l)``).
+      basis: for ``"eigen"`` only, a (d, d) orthogonal matrix used instead of U.
+
+    Returns:
+      The metric over the layer's ``m d`` parameters.
+
+    Raises:
+      ValueError: for mismatched shapes, an unknown activation or representation, or a
+        ``basis`` of the wrong shape or with another representation.
     """
     x_aug, z, has_bias = _inputs(params, x, "nonlinear_rfim")
     activation = act_lib.get_activation(activation)
-    return metrics.BlockDiagonalMetric(
-        second_moment(x_aug, activation.nu(z)), has_bias=has_bias
+    if representation == "exact" and basis is None:
+        # Per neuron even for a linear activation (eq. 23's stack, not eq. 22's shared block).
+        return metrics.BlockDiagonalMetric(
+            stats.second_moment(x_aug, activation.nu(z)), has_bias=has_bias
+        )
+    return layer_rfim_from_activations(
+        x_aug, z, activation, has_bias=has_bias, representation=representation, basis=basis
     )
 
 
-def softmax_rfim(params: Params, x: jax.Array) -> metrics.DenseMetric:
+def softmax_rfim(params: Params, x: jax.Array, *, representation: str = "exact") -> metrics.Metric:
     """RFIM of a softmax layer ``p(y = k) = eta_k = softmax(W~^T x~)_k``, eq. (25).
 
         G_{kl} = mean_i (delta_kl eta_ik - eta_ik eta_il) x~_i x~_i^T.
 
-    It equals the last-layer diagonal block of the network's FIM (Sec. 4).
+    The exact form equals the last-layer diagonal block of the network's FIM (Sec. 4).
+
+    Args:
+      params: ``{"kernel": (d_in, m), "bias": (m,)}``, bias optional.
+      x: inputs (..., d_in).
+      representation: ``"exact"`` (a :class:`DenseMetric`, (m d, m d)); ``"eigen"`` or
+        ``"diagonal"`` are *unit-wise*: class k is a neuron with ``nu = eta_k (1 - eta_k)``
+        and the cross-class blocks (k != l) are dropped (SPEC §7).
+
+    Returns:
+      The metric over the layer's ``m d`` parameters.
+
+    Raises:
+      ValueError: for mismatched shapes or an unknown representation.
     """
     x_aug, z, has_bias = _inputs(params, x, "softmax_rfim")
-    return layer_rfim_from_activations(x_aug, z, "softmax", has_bias=has_bias)
+    return layer_rfim_from_activations(
+        x_aug, z, "softmax", has_bias=has_bias, representation=representation
+    )
 
 
 def two_layer_rfim(
@@ -225,10 +335,10 @@ def two_layer_rfim(
     # fc[n, i, l] = f'(z_ni) c_il: derivative of output logit l wrt neuron i's pre-activation.
     fc = activation.df(z)[:, :, None] * kernel_out[None]
     if isinstance(output_activation, str) and output_activation == "softmax":
-        out_fisher = softmax_coefficients(u)
+        out_fisher = stats.softmax_coefficients(u)
         coeffs = jnp.einsum("nil,nlk,njk->nij", fc, out_fisher, fc)
     else:
         nu_g = act_lib.get_activation(output_activation).nu(u)
         coeffs = jnp.einsum("nil,nl,njl->nij", fc, nu_g, fc)
-    return metrics.DenseMetric(coupled_rfim(x_aug, coeffs), num_neurons=z.shape[-1],
+    return metrics.DenseMetric(stats.coupled_rfim(x_aug, coeffs), num_neurons=z.shape[-1],
                                has_bias=has_bias)

@@ -1,0 +1,134 @@
+"""Aliases built on :func:`scale_by_rngd`: :func:`rngd` and :func:`scale_by_whitening`.
+
+Like optax's ``_src/alias.py``, the aliases live apart from the transformation they chain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import optax
+
+from rfim_jax._src import activations as act_lib
+from rfim_jax._src import rfim as rfim_lib
+from rfim_jax._src.plan import DEFAULT_EXACT_BUDGET, Representation
+from rfim_jax._src.transform import LayerKind, scale_by_rngd
+
+
+def rngd(
+    learning_rate: optax.ScalarOrSchedule,
+    layers: Mapping[str, LayerKind] | None,
+    *,
+    momentum: float | None = 0.9,
+    nesterov: bool = False,
+    decay: float = 0.995,
+    inverse_every: int = 100,
+    damping: float = 1e-2,
+    update_every: int = 1,
+    normalize_max_eigenvalue: bool = False,
+    solver: str = "auto",
+    default_kind: LayerKind = "linear",
+    representation: Representation = "auto",
+    exact_budget_bytes: int = DEFAULT_EXACT_BUDGET,
+    max_state_bytes: int | None = None,
+    state_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Relative natural gradient descent: ``chain(scale_by_rngd, trace, -learning_rate)``.
+
+    The update is ``-learning_rate * trace_momentum(G^-1 grad)`` (eqs. 32-33 with heavy-ball
+    momentum).  Every numeric argument can be an ``optax.inject_hyperparams`` hyperparameter
+    (give it ``hyperparam_dtype=jnp.float32`` when the params are bfloat16).
+
+    Args:
+      learning_rate: a float or an optax schedule.
+      layers: path -> kind, as in :func:`scale_by_rngd`; None for every dense layer.
+      momentum: heavy-ball momentum in [0, 1) (``optax.trace``); None drops the trace.
+      nesterov: Nesterov momentum.
+      decay, inverse_every, damping, update_every, normalize_max_eigenvalue, solver,
+        default_kind, representation, exact_budget_bytes, max_state_bytes, state_dtype:
+        those of :func:`scale_by_rngd`.  ``damping`` is *relative* here (``eps0 tr(G)/d``),
+        whereas the metrics' ``solve`` and :func:`rfim_jax.add_damping` take absolute
+        damping unless told ``relative=True``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; its update needs ``activations=``.
+
+    Raises:
+      ValueError: as :func:`scale_by_rngd`, and for a momentum outside [0, 1).
+
+    References:
+      Sun & Nielsen, ICML 2017, Sec. 5 (eqs. 31-33).
+    """
+    if isinstance(momentum, (int, float)) and not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must lie in [0, 1), got {momentum}.")
+    stages = [
+        scale_by_rngd(
+            layers,
+            decay=decay,
+            inverse_every=inverse_every,
+            damping=damping,
+            update_every=update_every,
+            normalize_max_eigenvalue=normalize_max_eigenvalue,
+            solver=solver,
+            default_kind=default_kind,
+            representation=representation,
+            exact_budget_bytes=exact_budget_bytes,
+            max_state_bytes=max_state_bytes,
+            state_dtype=state_dtype,
+        )
+    ]
+    if momentum is not None:
+        stages.append(optax.trace(decay=momentum, nesterov=nesterov))
+    stages.append(optax.scale_by_learning_rate(learning_rate))
+    return optax.chain(*stages)
+
+
+def scale_by_whitening(
+    layers: Mapping[str, Any] | list[str] | None = None,
+    *,
+    decay: float = 0.995,
+    inverse_every: int = 100,
+    damping: float = 1e-2,
+    update_every: int = 1,
+    solver: str = "auto",
+) -> optax.GradientTransformationExtraArgs:
+    """Whitening stage: every dense layer preconditioned by its linear-layer RFIM (eq. 22).
+
+    The metric is ``A = mean x~ x~^T``, the layer input's (uncentred) second moment, shared by
+    all neurons, so the step is ``A^-1 [dkernel; dbias]`` - the natural gradient of a linear
+    Gaussian layer, which is the update whitening the inputs would give (Sec. 4, 5.1).  Same
+    moving average, damping and refresh as :func:`scale_by_rngd`.
+
+    Args:
+      layers: the layers to whiten: a list of paths, or None for every dense layer.  A mapping
+        is accepted too; its values must be ``"linear"`` (or a ``Linear`` object).
+      decay, inverse_every, damping, update_every, solver: as in :func:`scale_by_rngd`.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; its update needs ``activations=``.
+
+    Raises:
+      ValueError: for a mapping whose kind is not linear (whitening is the linear kind; use
+        :func:`scale_by_rngd` for other kinds), and as :func:`scale_by_rngd`.
+    """
+    if isinstance(layers, Mapping):
+        for path, kind in layers.items():
+            if not isinstance(rfim_lib.resolve_kind(kind, where=f"layer {path!r}"),
+                              act_lib.Linear):
+                raise ValueError(
+                    f"scale_by_whitening: layer {path!r} was given kind {kind!r}, but whitening "
+                    f"is the 'linear' kind; use rfim_jax.scale_by_rngd for other kinds."
+                )
+    if layers is not None:
+        # A list of paths or a mapping of linear kinds: every listed layer is linear.
+        layers = {p: "linear" for p in layers}
+    return scale_by_rngd(
+        layers,
+        decay=decay,
+        inverse_every=inverse_every,
+        damping=damping,
+        update_every=update_every,
+        solver=solver,
+        default_kind="linear",
+    )

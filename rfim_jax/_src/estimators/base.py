@@ -1,0 +1,110 @@
+"""The estimator protocol: how a layer's metric is represented inside RNGD (SPEC §4, §7).
+
+An estimator is a static object.  For one layer (a layer adapter, :mod:`rfim_jax._src.layers`)
+it owns two pytrees of the optimiser state:
+
+* ``stats``: what is averaged every step (``ScaleByRNGDState.metrics[path]``);
+* ``factors``: what is recomputed at a refresh (``ScaleByRNGDState.inverses[path]``).
+
+and the four steps of an RNGD update, in this order:
+
+1. :meth:`Estimator.update` - this batch's damped fresh estimate and the moving average
+   ``stats <- rate stats + (1 - rate) fresh``; a non-finite fresh estimate is skipped;
+2. :meth:`Estimator.refresh` - every ``inverse_every`` steps (inside ``lax.cond``);
+3. :meth:`Estimator.preconditioner` - a metric whose ``matvec`` is the preconditioned step.
+
+:meth:`Estimator.as_metric` returns the averaged metric itself, for diagnostics and tests.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from rfim_jax._src import metrics as metrics_lib
+
+Stats = Any
+Factors = Any
+
+
+class Estimator:
+    """Base class: one representation of a layer metric inside the optimiser."""
+
+    #: the ``representation`` name this estimator implements.
+    name: str = ""
+
+    def stats_shapes(self, layer) -> Any:
+        """Pytree of the stats' shapes."""
+        raise NotImplementedError
+
+    def factors_shapes(self, layer) -> Any:
+        """Pytree of the factors' shapes."""
+        raise NotImplementedError
+
+    def init(self, layer, dtype) -> tuple[Stats, Factors]:
+        """The state before any data: the identity metric."""
+        raise NotImplementedError
+
+    def update(self, layer, stats, factors, x_aug, z, damping, rate):
+        """Steps 1-2: returns ``(stats, bad)``, ``bad`` an int32 1 if the batch was skipped."""
+        raise NotImplementedError
+
+    def refresh(self, layer, stats, factors, *, solver: str, normalize: bool):
+        """Step 3: returns ``(stats, factors, fallbacks)``."""
+        raise NotImplementedError
+
+    def preconditioner(self, layer, stats, factors, *, normalize: bool):
+        """Step 4: a metric (:class:`AbstractMetric`) whose ``matvec`` gives the step."""
+        raise NotImplementedError
+
+    def as_metric(self, layer, stats, factors) -> metrics_lib.AbstractMetric:
+        """The moving-average metric in its representation."""
+        raise NotImplementedError
+
+    def neuron_axes(self, layer) -> tuple[Any, Any]:
+        """Per leaf of (stats, factors): the axis indexed by neuron, or None (replicated)."""
+        raise NotImplementedError
+
+    def state_bytes(self, layer, itemsize: int) -> int:
+        """Bytes of ``stats`` and ``factors`` together at ``itemsize`` bytes per number."""
+        def is_shape(s):
+            return isinstance(s, tuple) and all(isinstance(i, int) for i in s)
+
+        shapes = [
+            *jax.tree.leaves(self.stats_shapes(layer), is_leaf=is_shape),
+            *jax.tree.leaves(self.factors_shapes(layer), is_leaf=is_shape),
+        ]
+        return sum(math.prod(shape) for shape in shapes) * itemsize
+
+
+def moving_average(old, fresh, rate):
+    """``rate old + (1 - rate) fresh``, or ``old`` (and bad = 1) when ``fresh`` is not finite.
+
+    A non-finite batch must not poison the average, so it is skipped and counted.
+    """
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(f)) for f in jax.tree.leaves(fresh)]))
+    avg = jax.tree.map(lambda o, f: jnp.where(finite, rate * o + (1.0 - rate) * f, o), old, fresh)
+    return avg, (~finite).astype(jnp.int32)
+
+
+def unit_weights(layer, z: jax.Array) -> jax.Array:
+    """Per-sample, per-neuron Fisher coefficients (N, m) for the eigen and diagonal forms.
+
+    An activation's ``nu(z)``; unit-wise ``eta (1 - eta)`` for softmax; and a single column
+    of ``1/sigma^2`` for the linear kind, whose rows are all equal (SPEC §7).
+    """
+    from rfim_jax._src import statistics as stats_lib
+
+    if layer.is_softmax:
+        return stats_lib.softmax_unit_coefficients(z)
+    if layer.is_linear:
+        return jnp.full((z.shape[0], 1), 1.0 / layer.kind.sigma**2, z.dtype)
+    return layer.kind.nu(z)
+
+
+def num_rows(layer) -> int:
+    """Rows of the scales ``S``: 1 for the linear kind (shared), else m."""
+    return 1 if layer.is_linear else layer.m

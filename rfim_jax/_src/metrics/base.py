@@ -1,0 +1,276 @@
+"""The metric algebra shared by every representation of a layer RFIM (SPEC §3, §7).
+
+A layer with ``m`` neurons, each with a parameter vector ``w~_l`` of length ``d`` (the
+augmented kernel's column l: SPEC §2), has an RFIM over ``theta = concat_l w~_l``.  Every
+representation is a pytree (a registered dataclass) implementing :class:`AbstractMetric`:
+
+======================  ================================  ==========================
+method                  returns                           shape
+======================  ================================  ==========================
+``to_dense()``          the metric, neuron-major           (m d, m d)
+``matvec(v)``           ``G v``, in param layout           like ``v``
+``solve(v, damping)``   ``(G + damping I)^-1 v``           like ``v``
+``inverse(damping)``    ``(G + damping I)^-1``, same type  --
+``trace()``             ``tr G``                           ()
+``diagonal()``          ``diag G``, neuron-major           (m d,)
+``eigvalsh()``          eigenvalues, ascending             (m d,)
+``max_eigenvalue()``    the largest eigenvalue             ()
+======================  ================================  ==========================
+
+``v`` is in *param layout*: a ``{"kernel", "bias"}`` dict shaped like the layer's params
+(``"bias"`` only when the metric was built with one).  A dense kernel is ``(d_in, m)``; a
+kernel of another layout (a convolution's ``(*window, c_in / groups, c_out)``, a
+``DenseGeneral``'s ``(*in_axes, *out_axes)``) is described by a :class:`ParamLayout` and read
+as the ``(d_in, m)`` matrix ``kernel.reshape(-1, m)``: the output axes are trailing.
+
+Damping in ``solve`` and ``inverse`` is absolute (``G + damping I``) unless
+``relative=True``, in which case it is ``damping * tr(B)/d_B`` per stored block B (eq. 30).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+Params = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamLayout:
+    """How a layer's kernel and bias map to the augmented columns ``W~`` (d, m).
+
+    Attributes:
+      kernel_shape: the kernel's own shape; its trailing axes whose product is ``m`` are the
+        output axes, the rest are read as ``d_in = prod(kernel_shape) / m`` input coordinates
+        in the kernel's own (C) order.
+      bias_shape: the bias's own shape (product ``m``), or None for a layer without bias.
+    """
+
+    kernel_shape: tuple[int, ...]
+    bias_shape: tuple[int, ...] | None
+
+    @property
+    def m(self) -> int:
+        if self.bias_shape is not None:
+            return math.prod(self.bias_shape)
+        return self.kernel_shape[-1]
+
+    @property
+    def d_in(self) -> int:
+        return math.prod(self.kernel_shape) // self.m
+
+
+def _shape(a) -> tuple[int, ...]:
+    return tuple(int(s) for s in a.shape)
+
+
+def unpack_dense(params: Params, name: str) -> tuple[jax.Array, jax.Array | None]:
+    """Checks a dense layer's ``{"kernel": (d_in, m), "bias": (m,)}`` and returns (kernel, bias).
+
+    ``bias`` is None when absent.  Arrays and ``jax.ShapeDtypeStruct`` leaves are both
+    accepted (the latter for abstract initialisation); nothing is converted.
+
+    Raises:
+      ValueError: naming ``name`` and the shapes, if there is no kernel, the kernel is not
+        2-D, or the bias does not have shape ``(m,)``.
+    """
+    if not isinstance(params, Mapping) or "kernel" not in params:
+        got = f"keys {sorted(params)}" if isinstance(params, Mapping) else type(params).__name__
+        raise ValueError(f"{name}: expected a dict with a 'kernel' entry, got {got}.")
+    kernel = params["kernel"]
+    if not hasattr(kernel, "shape"):
+        kernel = jnp.asarray(kernel)
+    if len(kernel.shape) != 2:
+        raise ValueError(
+            f"{name}: kernel must be 2-D (d_in, m), got shape {_shape(kernel)}."
+        )
+    bias = params.get("bias")
+    if bias is not None:
+        if not hasattr(bias, "shape"):
+            bias = jnp.asarray(bias)
+        if _shape(bias) != (kernel.shape[1],):
+            raise ValueError(
+                f"{name}: bias must have shape ({kernel.shape[1]},) to match kernel "
+                f"{_shape(kernel)}, got {_shape(bias)}."
+            )
+    return kernel, bias
+
+
+def params_to_columns(
+    v: Params, has_bias: bool, *, name: str = "layer", layout: ParamLayout | None = None
+) -> jax.Array:
+    """Stacks a param-layout vector into the augmented kernel ``W~ = [kernel; bias]``, (d, m).
+
+    Column l of the result is neuron l's vector ``w~_l``.  Without a ``layout`` the kernel
+    must be 2-D ``(d_in, m)``; with one, the kernel must have ``layout.kernel_shape`` and is
+    read as ``kernel.reshape(d_in, m)``.
+
+    Raises:
+      ValueError: if the vector's shapes or its bias do not match, naming both shapes.
+    """
+    if layout is not None:
+        if not isinstance(v, Mapping) or "kernel" not in v:
+            raise ValueError(f"{name}: expected a dict with a 'kernel' entry.")
+        kernel = jnp.asarray(v["kernel"])
+        if _shape(kernel) != layout.kernel_shape:
+            raise ValueError(
+                f"{name}: kernel has shape {_shape(kernel)}, expected {layout.kernel_shape}."
+            )
+        kernel = kernel.reshape(layout.d_in, layout.m)
+        bias = v.get("bias")
+        if bias is not None:
+            bias = jnp.asarray(bias)
+            if _shape(bias) != layout.bias_shape:
+                raise ValueError(
+                    f"{name}: bias has shape {_shape(bias)}, expected {layout.bias_shape}."
+                )
+            bias = bias.reshape(-1)
+    else:
+        kernel, bias = unpack_dense(v, name)
+        kernel = jnp.asarray(kernel)
+    if has_bias != (bias is not None):
+        raise ValueError(
+            f"{name}: the metric was built {'with' if has_bias else 'without'} a bias, but the "
+            f"vector {'lacks' if has_bias else 'has'} one."
+        )
+    if not has_bias:
+        return kernel
+    return jnp.concatenate([kernel, jnp.asarray(bias)[None, :].astype(kernel.dtype)], axis=0)
+
+
+def columns_to_params(
+    cols: jax.Array, has_bias: bool, layout: ParamLayout | None = None
+) -> Params:
+    """Inverse of :func:`params_to_columns`: (d, m) columns back to param layout."""
+    kernel, bias = (cols[:-1], cols[-1]) if has_bias else (cols, None)
+    if layout is not None:
+        kernel = kernel.reshape(layout.kernel_shape)
+        if bias is not None:
+            bias = bias.reshape(layout.bias_shape)
+    return {"kernel": kernel, "bias": bias} if has_bias else {"kernel": kernel}
+
+
+def check_columns(cols: jax.Array, d: int, m: int, name: str) -> None:
+    """Raises a ValueError naming ``name`` unless ``cols`` is (d, m)."""
+    if cols.shape != (d, m):
+        raise ValueError(
+            f"{name}: vector has augmented shape {tuple(cols.shape)} (d, m), expected ({d}, {m})."
+        )
+
+
+def sym_eigvalsh(a: jax.Array) -> jax.Array:
+    """Eigenvalues of the symmetric part of ``a`` (batched), ascending."""
+    return jnp.linalg.eigvalsh(0.5 * (a + jnp.swapaxes(a, -1, -2)))
+
+
+class AbstractMetric:
+    """The algebra every layer-RFIM representation implements (see the module docstring).
+
+    Concrete representations are ``flax.struct`` dataclasses, so they are pytrees and pass
+    through ``jit``, ``vmap`` and ``jax.tree.map``.  Each carries the static fields
+    ``has_bias`` (whether ``w~_l`` ends with the bias) and ``layout`` (a :class:`ParamLayout`,
+    or None for a 2-D dense kernel), and a class-specific ``_tag``: with jax 0.10.2, treedefs of
+    registered dataclasses compare equal across classes whose static values are equal, so a
+    jit cache could otherwise return one representation for another.
+
+    Attributes (properties):
+      num_neurons: m.
+      block_size: d, the length of one neuron's vector ``w~_l``.
+      dim: ``m d``.
+    """
+
+    num_neurons: int
+    block_size: int
+
+    @property
+    def dim(self) -> int:
+        return self.num_neurons * self.block_size
+
+    # ------------------------------------------------------------------- param layout
+    def _columns(self, v: Params, where: str) -> jax.Array:
+        cols = params_to_columns(v, self.has_bias, name=where, layout=self.layout)
+        check_columns(cols, self.block_size, self.num_neurons, where)
+        return cols
+
+    def _params(self, cols: jax.Array) -> Params:
+        return columns_to_params(cols, self.has_bias, self.layout)
+
+    # ---------------------------------------------------------------------- algebra
+    def to_dense(self) -> jax.Array:
+        """The metric as an (m d, m d) matrix in the neuron-major ordering of SPEC §2."""
+        raise NotImplementedError
+
+    def matvec_columns(self, cols: jax.Array) -> jax.Array:
+        """``G v`` for ``v`` given as its (d, m) augmented columns; returns (d, m)."""
+        raise NotImplementedError
+
+    def matvec(self, v: Params) -> Params:
+        """``G v`` for ``v`` in param layout; returns param layout."""
+        where = f"{type(self).__name__}.matvec"
+        return self._params(self.matvec_columns(self._columns(v, where)))
+
+    def solve(self, v: Params, damping=0.0, *, relative: bool = False, method: str = "auto"):
+        """``(G + damping I)^-1 v`` for ``v`` in param layout; returns param layout.
+
+        Args:
+          v: ``{"kernel", "bias"}`` shaped like the layer's params.
+          damping: absolute, or relative (``damping tr(B)/d_B`` per block B) with
+            ``relative=True``.
+          method: the block solver of :func:`rfim_jax.spd_solve` (exact representations);
+            the eigen and diagonal ones solve in closed form and ignore it.
+
+        Raises:
+          ValueError: if ``v``'s shapes do not match the metric's layer.
+        """
+        raise NotImplementedError
+
+    def inverse(self, damping=0.0, *, relative: bool = False, method: str = "auto"):
+        """``(G + damping I)^-1`` in the same representation (damping as in :meth:`solve`)."""
+        raise NotImplementedError
+
+    def trace(self) -> jax.Array:
+        """``tr G``, a scalar."""
+        raise NotImplementedError
+
+    def diagonal(self) -> jax.Array:
+        """``diag G``, (m d,), neuron-major."""
+        raise NotImplementedError
+
+    def eigvalsh(self) -> jax.Array:
+        """All m d eigenvalues, ascending; condition numbers follow from these."""
+        raise NotImplementedError
+
+    def max_eigenvalue(self) -> jax.Array:
+        """The largest eigenvalue (Sec. 4's balancing), a scalar."""
+        raise NotImplementedError
+
+
+class Arithmetic:
+    """Elementwise arithmetic on every data field, for moving averages (``a G + b H``)."""
+
+    def _map(self, fn, *others):
+        return jax.tree.map(fn, self, *others)
+
+    def __add__(self, other):
+        return self._map(lambda a, b: a + b, other)
+
+    def __sub__(self, other):
+        return self._map(lambda a, b: a - b, other)
+
+    def __mul__(self, scalar):
+        return self._map(lambda a: a * scalar)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, scalar):
+        return self._map(lambda a: a / scalar)
+
+    def __neg__(self):
+        return self._map(lambda a: -a)
+
+    def astype(self, dtype):
+        return self._map(lambda a: a.astype(dtype))

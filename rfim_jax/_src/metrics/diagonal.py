@@ -1,0 +1,71 @@
+"""The diagonal RFIM: each neuron block replaced by its diagonal (SPEC §7).
+
+Block l is ``diag(G_l)`` with ``G_l = mean_i nu_f(z_il) x~_i x~_i^T`` (eq. 23), i.e.
+``diag(G_l)_j = mean_i nu_f(z_il) x~_ij^2``; stored as (m, d).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from rfim_jax._src.metrics.base import AbstractMetric, Arithmetic, ParamLayout, Params
+from rfim_jax._src.metrics.eigen import _relative
+
+
+@struct.dataclass
+class DiagonalMetric(AbstractMetric, Arithmetic):
+    """A layer RFIM kept as the diagonal of each neuron's block (SPEC §7).
+
+    Attributes:
+      scales: (m, d); row l is ``diag(G_l)``, so ``to_dense()`` is ``diag(scales.reshape(-1))``
+        (neuron-major, SPEC §2).
+      has_bias: whether ``w~_l`` ends with the bias (static).
+      layout: the kernel's :class:`ParamLayout`, or None for a 2-D dense kernel (static).
+    """
+
+    scales: jax.Array
+    has_bias: bool = struct.field(pytree_node=False, default=True)
+    layout: ParamLayout | None = struct.field(pytree_node=False, default=None)
+    _tag: str = struct.field(pytree_node=False, default="diagonal", repr=False)
+
+    @property
+    def num_neurons(self) -> int:
+        return self.scales.shape[-2]
+
+    @property
+    def block_size(self) -> int:
+        return self.scales.shape[-1]
+
+    def to_dense(self) -> jax.Array:
+        return jnp.diag(self.scales.reshape(-1))
+
+    def matvec_columns(self, cols: jax.Array) -> jax.Array:
+        return cols * self.scales.T
+
+    def solve(self, v: Params, damping=0.0, *, relative: bool = False, method: str = "auto"):
+        """``V / (S^T + damping)`` for V the (d, m) columns of ``v``; ``method`` is ignored."""
+        del method
+        cols = self._columns(v, "DiagonalMetric.solve")
+        return self._params(cols / self.damped(damping, relative=relative).scales.T)
+
+    def damped(self, damping, *, relative: bool = False) -> DiagonalMetric:
+        """``G + damping I`` (or ``damping tr(G_l)/d`` per neuron with ``relative=True``)."""
+        return self.replace(scales=self.scales + _relative(self.scales, damping, relative))
+
+    def inverse(self, damping=0.0, *, relative: bool = False, method: str = "auto"):
+        del method
+        return self.replace(scales=1.0 / self.damped(damping, relative=relative).scales)
+
+    def trace(self) -> jax.Array:
+        return jnp.sum(self.scales)
+
+    def diagonal(self) -> jax.Array:
+        return self.scales.reshape(-1)
+
+    def eigvalsh(self) -> jax.Array:
+        return jnp.sort(self.scales.reshape(-1))
+
+    def max_eigenvalue(self) -> jax.Array:
+        return jnp.max(self.scales)

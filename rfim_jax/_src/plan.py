@@ -1,0 +1,242 @@
+"""Which representation each layer gets, and what its state costs, before anything is allocated.
+
+:func:`rngd_plan` resolves ``layers`` against the params (arrays or ``jax.ShapeDtypeStruct``),
+picks each layer's representation (``"auto"``: exact while the exact state fits
+``exact_budget_bytes``, else eigen) and reports the state bytes of every layer.
+:func:`scale_by_rngd` uses the same plan, so what the plan says is what ``init`` allocates.
+
+State bytes per layer (stats and factors together; b bytes per number, d = d_in + 1 with a
+bias, m neurons):
+
+=============  ===========================  ==========================  ==============
+kind           exact                        eigen                       diagonal
+=============  ===========================  ==========================  ==============
+activation     ``2 m d^2 b``                ``(2 d^2 + m d) b``         ``m d b``
+linear         ``2 d^2 b``                  ``(2 d^2 + d) b``           ``d b``
+softmax        ``2 (m d)^2 b``              ``(2 d^2 + m d) b``         ``m d b``
+=============  ===========================  ==========================  ==============
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rfim_jax._src import metrics as metrics_lib
+from rfim_jax._src import paths as paths_lib
+from rfim_jax._src import rfim as rfim_lib
+from rfim_jax._src.estimators import ESTIMATORS
+from rfim_jax._src.layers import DenseLayer
+from rfim_jax._src.layers.dense import kind_name
+
+#: ``exact_budget_bytes`` default of ``representation="auto"``: 256 MiB of exact state per layer
+#: keeps the paper's MLP (and any layer up to about m = d = 256) exact.
+DEFAULT_EXACT_BUDGET = 256 * 2**20
+
+Representation = str | Mapping[str, str]
+
+
+class LayerPlan(NamedTuple):
+    """One layer's plan.
+
+    Attributes:
+      path: the layer's path.
+      kind: the kind's name ("relu", "linear", "softmax", ...).
+      representation: "exact", "eigen" or "diagonal".
+      state_bytes: bytes of the layer's RNGD state (stats and factors).
+      exact_bytes: what the exact representation would need.
+      params_bytes: bytes of the layer's kernel and bias.
+      shape: (d, m): the length of one neuron's vector and the number of neurons.
+      bytes_by_representation: state bytes under each representation.
+    """
+
+    path: str
+    kind: str
+    representation: str
+    state_bytes: int
+    exact_bytes: int
+    params_bytes: int
+    shape: tuple[int, int]
+    bytes_by_representation: dict[str, int]
+
+
+def _itemsize(dtype) -> int:
+    return jnp.dtype(dtype).itemsize
+
+
+def resolve_layers(layers, default_kind, params) -> list[DenseLayer]:
+    """Checks ``layers`` against the params tree and returns the layer adapters.
+
+    Raises:
+      TypeError: if ``layers`` is neither None nor a mapping.
+      ValueError: for an unknown kind, a path that is not a dense layer, or a masked layer.
+    """
+    # optax.partition / optax.masked hand this transform MaskedNode leaves for the layers that
+    # belong to another transform; those are not ours to precondition.
+    available = [
+        p for p in paths_lib.layer_paths(params)
+        if not isinstance(paths_lib.get_by_path(params, p)["kernel"], optax.MaskedNode)
+    ]
+    if layers is None:
+        layers = {p: default_kind for p in available}
+    if not isinstance(layers, Mapping):
+        raise TypeError(
+            f"layers must map layer paths to kinds, e.g. {{'Dense_0': 'relu'}}, got "
+            f"{type(layers).__name__}."
+        )
+    out = []
+    for path, kind in layers.items():
+        if kind is not None:
+            kind = rfim_lib.resolve_kind(kind, where=f"layer {path!r}")
+        node = paths_lib.get_by_path(params, path)
+        if node is None or not paths_lib.is_dense_layer(node):
+            raise ValueError(
+                f"layer {path!r} is not a dense layer of the params: no mapping with a 'kernel' "
+                f"at that path. Dense layers found: {available}."
+            )
+        if kind is None:
+            continue
+        if isinstance(node["kernel"], optax.MaskedNode):
+            raise ValueError(
+                f"layer {path!r} is masked out of this transform (optax.partition or "
+                f"optax.masked gives its params to another one); remove it from `layers`. "
+                f"Layers this transform sees: {available}."
+            )
+        out.append(DenseLayer.from_params(path, kind, node))
+    return out
+
+
+def _requested(representation: Representation, path: str) -> str:
+    if isinstance(representation, Mapping):
+        rep = representation.get(path, "auto")
+    else:
+        rep = representation
+    if rep != "auto":
+        rfim_lib.check_representation(rep, where=f"layer {path!r}")
+    return rep
+
+
+def concrete_bytes(name: str, value) -> int | None:
+    """A byte budget as a Python int (None stays None).
+
+    ``optax.inject_hyperparams`` hands numeric arguments over as arrays; concrete ones are
+    read, traced ones cannot decide a state's layout.
+
+    Raises:
+      TypeError: for a traced budget, with the way out.
+    """
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError) as e:
+        raise TypeError(
+            f"{name} decides the state's layout, so it must be a concrete number, not a traced "
+            f"value; with optax.inject_hyperparams pass static_args=('{name}',)."
+        ) from e
+
+
+def plan_layers(
+    specs: list[DenseLayer],
+    params,
+    representation: Representation,
+    exact_budget_bytes: int,
+    state_dtype=None,
+) -> dict[str, LayerPlan]:
+    """The plan for already-resolved layers (see :func:`rngd_plan`)."""
+    exact_budget_bytes = concrete_bytes("exact_budget_bytes", exact_budget_bytes)
+    if isinstance(representation, Mapping):
+        unknown = sorted(set(representation) - {s.path for s in specs})
+        if unknown:
+            raise ValueError(
+                f"representation names layers that are not preconditioned: {unknown}; "
+                f"layers: {[s.path for s in specs]}."
+            )
+    plans = {}
+    for layer in specs:
+        node = paths_lib.get_by_path(params, layer.path)
+        kernel, bias = metrics_lib.unpack_dense(node, f"layer {layer.path!r}")
+        dtype = state_dtype or rfim_lib.stats_dtype(jnp.zeros((), kernel.dtype))
+        size = _itemsize(dtype)
+        by_rep = {name: est.state_bytes(layer, size) for name, est in ESTIMATORS.items()}
+        rep = _requested(representation, layer.path)
+        if rep == "auto":
+            rep = "exact" if by_rep["exact"] <= exact_budget_bytes else "eigen"
+        params_bytes = layer.num_params * _itemsize(kernel.dtype)
+        plans[layer.path] = LayerPlan(
+            layer.path, kind_name(layer.kind), rep, by_rep[rep], by_rep["exact"], params_bytes,
+            (layer.d, layer.m), by_rep,
+        )
+    return plans
+
+
+def rngd_plan(
+    params: Any,
+    layers: Mapping[str, Any] | None,
+    *,
+    representation: Representation = "auto",
+    exact_budget_bytes: int = DEFAULT_EXACT_BUDGET,
+    state_dtype: Any = None,
+    default_kind: Any = "linear",
+) -> dict[str, LayerPlan]:
+    """Reports, per layer, the representation RNGD will use and its state bytes (SPEC §7).
+
+    Nothing is allocated: ``params`` may be arrays or ``jax.ShapeDtypeStruct`` leaves
+    (``jax.eval_shape(model.init, ...)``).
+
+    Args:
+      params: the params pytree.
+      layers: as in :func:`rfim_jax.scale_by_rngd` (path -> kind, or None for every dense layer
+        with ``default_kind``).
+      representation: ``"auto"``, ``"exact"``, ``"eigen"``, ``"diagonal"``, or a mapping from
+        path to one of these (layers not in the mapping are ``"auto"``).  ``"auto"`` picks
+        ``"exact"`` when the exact state fits ``exact_budget_bytes``, else ``"eigen"``.
+      exact_budget_bytes: the per-layer byte budget of ``"auto"`` (default 256 MiB).
+      state_dtype: the dtype the state is stored in (default: the kernel's dtype promoted to at
+        least float32).
+      default_kind: the kind of every dense layer when ``layers`` is None.
+
+    Returns:
+      ``{path: LayerPlan}`` in the order of ``layers``.
+
+    Raises:
+      ValueError: for an unknown representation or kind, or paths that are not layers.
+    """
+    specs = resolve_layers(layers, default_kind, params)
+    return plan_layers(specs, params, representation, exact_budget_bytes, state_dtype)
+
+
+def format_bytes(n: int) -> str:
+    """``n`` bytes in binary units, e.g. '1.96 TiB'."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.3g} {unit}" if unit != "B" else f"{int(value)} B"
+        value /= 1024
+    return f"{n} B"
+
+
+def check_budget(plans: Mapping[str, LayerPlan], max_state_bytes: int | None) -> None:
+    """Raises a ValueError for the first layer whose state exceeds ``max_state_bytes``."""
+    max_state_bytes = concrete_bytes("max_state_bytes", max_state_bytes)
+    if max_state_bytes is None:
+        return
+    for plan in plans.values():
+        if plan.state_bytes <= max_state_bytes:
+            continue
+        cheaper = [
+            f"{rep!r} ({format_bytes(n)})"
+            for rep, n in plan.bytes_by_representation.items()
+            if n < plan.state_bytes
+        ]
+        raise ValueError(
+            f"layer {plan.path!r} (kind {plan.kind!r}, representation {plan.representation!r}, "
+            f"(d, m) = {plan.shape}) needs {format_bytes(plan.state_bytes)} of RNGD state, over "
+            f"max_state_bytes={format_bytes(max_state_bytes)}. Use a cheaper representation, "
+            f"e.g. representation={{{plan.path!r}: 'eigen'}}; the cheaper ones need "
+            f"{', '.join(cheaper) or 'no less'}."
+        )
