@@ -54,6 +54,7 @@ from rfim_jax._src.rfim import (
     softmax_rfim,
     two_layer_rfim,
 )
+from rfim_jax._src.sharding import state_shardings
 from rfim_jax._src.solvers import METHODS as SOLVER_METHODS
 from rfim_jax._src.solvers import (
     NewtonSchulzInfo,
@@ -77,6 +78,7 @@ __all__ = [
     "LayerPlan",
     "ParamLayout",
     "rngd_plan",
+    "state_shardings",
     "Activation",
     "BlockDiagonalMetric",
     "DenseMetric",

@@ -156,48 +156,6 @@ def resume(ckpt_dir: str, out: str) -> None:
 # ------------------------------------------------------------------------------ sharding
 
 
-def opt_state_shardings(opt_state, params, param_shardings, mesh):
-    """Shardings for an rngd state: per-neuron blocks follow the kernel's output (m) axis.
-
-    ``ScaleByRNGDState.metrics[path]`` and ``.inverses[path]`` of an activation kind are
-    (m, d, d), one block per neuron, so they take the mesh axis of the kernel's axis 1. Shared
-    (1, d, d) and softmax (1, md, md) blocks, counters and scalars are replicated. Stages whose
-    state has the params' structure (``optax.trace``, Adam moments) take the params' shardings.
-    """
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    replicated = NamedSharding(mesh, P())
-    params_def = jax.tree.structure(params)
-
-    def blocks(path, a):
-        spec = _node(param_shardings, path)["kernel"].spec
-        m_axis = spec[1] if len(spec) > 1 else None
-        if m_axis is None or a.shape[0] == 1:  # replicated kernel, or one shared block
-            return replicated
-        return NamedSharding(mesh, P(m_axis))
-
-    def shard(node):
-        if isinstance(node, rfim_jax.ScaleByRNGDState):
-            return rfim_jax.ScaleByRNGDState(
-                count=replicated,
-                metrics={p: blocks(p, a) for p, a in node.metrics.items()},
-                inverses={p: blocks(p, a) for p, a in node.inverses.items()},
-                skipped=jax.tree.map(lambda _: replicated, node.skipped),
-                fallbacks=jax.tree.map(lambda _: replicated, node.fallbacks),
-            )
-        if jax.tree.structure(node) == params_def:
-            return param_shardings
-        return jax.tree.map(lambda _: replicated, node)
-
-    def is_leaf(node):
-        return isinstance(node, rfim_jax.ScaleByRNGDState) or (
-            jax.tree.structure(node) == params_def
-        )
-
-    return jax.tree.map(shard, opt_state, is_leaf=is_leaf)
-
-
 SHARD_DIMS = {"d_in": 6, "hidden": 8, "classes": 4, "n": 16}
 
 
@@ -210,6 +168,67 @@ def _max_err(a, b):
 
 def sharding(out: str) -> None:
     """Data-parallel and neuron-sharded RNGD on 4 devices against one device; writes JSON."""
+    report = {}
+    for rep in ("exact", "eigen"):
+        for name, result in _sharding_runs(rep).items():
+            report[name if rep == "exact" else f"{name}_{rep}"] = result
+    report["explicit"] = {rep: _explicit_run(rep) for rep in ("exact", "eigen", "diagonal")}
+    with open(out, "w") as f:
+        json.dump(report, f)
+
+
+def _explicit_run(rep: str) -> dict:
+    """Under AxisType.Explicit, init and update agree on the state's shardings, and match one
+    device."""
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    dims = SHARD_DIMS
+    params0 = init_mlp(jax.random.PRNGKey(0), dims["d_in"], dims["hidden"], dims["classes"])
+    tx = rfim_jax.rngd(0.1, LAYERS, inverse_every=2, decay=0.8, representation=rep)
+    batches = [
+        make_batch(jax.random.PRNGKey(10 + i), dims["n"], dims["d_in"], dims["classes"])
+        for i in range(3)
+    ]
+    step = jax.jit(make_step(tx))
+    params, state = params0, tx.init(params0)
+    for x, y in batches:
+        params, state, _ = step(params, state, x, y)
+    ref = (params, state)
+
+    mesh = jax.make_mesh((4,), ("model",), axis_types=(AxisType.Explicit,))
+    with jax.set_mesh(mesh):
+        specs = jax.tree.map(lambda _: P(), params0)
+        for path in ("Dense_0", "block/Dense_0"):
+            layer = _node(specs, path)
+            layer["kernel"], layer["bias"] = P(None, "model"), P("model")
+        params = jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)),
+                              params0, specs)
+        state = tx.init(params)
+        def spec(a):  # P('model') and P('model', None, None) are the same sharding.
+            s = tuple(a.sharding.spec)
+            return str(s + (None,) * (a.ndim - len(s)))
+
+        init_specs = jax.tree.map(spec, state)
+        for x, y in batches:
+            params, state, _ = step(params, state, x, y)
+        update_specs = jax.tree.map(spec, state)
+    diff = [k for k, (a, b) in enumerate(zip(jax.tree.leaves(init_specs),
+                                             jax.tree.leaves(update_specs), strict=True))
+            if a != b]
+    hidden = state[0].metrics["block/Dense_0"]
+    hidden = hidden if not isinstance(hidden, dict) else hidden["S"]
+    return {
+        "specs_agree": init_specs == update_specs,
+        "specs_differ_at": [str(jax.tree.leaves(init_specs)[k]) + " -> "
+                            + str(jax.tree.leaves(update_specs)[k]) for k in diff],
+        "hidden_spec": str(hidden.sharding.spec),
+        "params_err": _max_err(params, ref[0]),
+        "state_err": _max_err(state, ref[1]),
+    }
+
+
+def _sharding_runs(rep: str) -> dict:
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -218,7 +237,7 @@ def sharding(out: str) -> None:
         raise SystemExit(f"need 4 devices, got {devices}; set XLA_FLAGS")
     dims = SHARD_DIMS
     params0 = init_mlp(jax.random.PRNGKey(0), dims["d_in"], dims["hidden"], dims["classes"])
-    tx = rfim_jax.rngd(0.1, LAYERS, inverse_every=2, decay=0.8)
+    tx = rfim_jax.rngd(0.1, LAYERS, inverse_every=2, decay=0.8, representation=rep)
     batches = [
         make_batch(jax.random.PRNGKey(10 + i), dims["n"], dims["d_in"], dims["classes"])
         for i in range(3)
@@ -240,7 +259,7 @@ def sharding(out: str) -> None:
             lambda s: NamedSharding(mesh, s), param_specs, is_leaf=lambda s: isinstance(s, P)
         )
         state0 = tx.init(params0)
-        state_sh = opt_state_shardings(state0, params0, param_sh, mesh)
+        state_sh = rfim_jax.state_shardings(state0, param_sh)
         batch_sh = NamedSharding(mesh, batch_spec)
         jitted = jax.jit(
             step,
@@ -266,9 +285,9 @@ def sharding(out: str) -> None:
         "params_err": max(_max_err(o[0], r[0]) for o, r in zip(outs, refs, strict=True)),
         "state_err": max(_max_err(o[1], r[1]) for o, r in zip(outs, refs, strict=True)),
         "first_metrics": {
-            p: np.asarray(a).tolist() for p, a in outs[0][1][0].metrics.items()
+            p: jax.tree.map(lambda a: np.asarray(a).tolist(), a)
+            for p, a in outs[0][1][0].metrics.items()
         },
-        "hidden_state_spec": str(last_state.metrics["block/Dense_0"].sharding.spec),
     }
 
     # (b) Neuron axis: Dense_0 and block/Dense_0 kernels split over their m axis, the hidden
@@ -281,21 +300,21 @@ def sharding(out: str) -> None:
     outs = run(mesh, specs, P())
     last_params, last_state = outs[-1][0], outs[-1][1][0]
     hidden_metric = last_state.metrics["block/Dense_0"]
+    hidden_inverse = last_state.inverses["block/Dense_0"]
+    if rep == "eigen":
+        hidden_metric, hidden_inverse = hidden_metric["S"], hidden_inverse["U"]
     report["model"] = {
         "params_err": max(_max_err(o[0], r[0]) for o, r in zip(outs, refs, strict=True)),
         "state_err": max(_max_err(o[1], r[1]) for o, r in zip(outs, refs, strict=True)),
         "hidden_state_spec": str(hidden_metric.sharding.spec),
         "hidden_state_shard_shape": list(hidden_metric.addressable_shards[0].data.shape),
-        "hidden_inverse_shard_shape": list(
-            last_state.inverses["block/Dense_0"].addressable_shards[0].data.shape
-        ),
+        "hidden_inverse_shard_shape": list(hidden_inverse.addressable_shards[0].data.shape),
         "hidden_kernel_shard_shape": list(
             last_params["block"]["Dense_0"]["kernel"].addressable_shards[0].data.shape
         ),
-        "input_state_spec": str(last_state.metrics["Dense_0"].sharding.spec),
+        "input_state_spec": str(jax.tree.leaves(last_state.metrics["Dense_0"])[0].sharding.spec),
     }
-    with open(out, "w") as f:
-        json.dump(report, f)
+    return report
 
 
 if __name__ == "__main__":

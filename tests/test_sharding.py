@@ -80,3 +80,25 @@ def test_neuron_axis_sharding_splits_per_neuron_state(report):
     assert r["hidden_kernel_shard_shape"] == [hidden, hidden // 4]
     # The input layer's "linear" kind has one shared block: replicated.
     assert r["input_state_spec"] == "P()"
+
+
+def test_eigen_state_shards_scales_like_the_kernel(report):
+    # Eigen: S (m, d) follows the kernel's output axis; A and U (d, d) are replicated.
+    for mode in ("data_eigen", "model_eigen"):
+        assert report[mode]["params_err"] < 1e-12
+        assert report[mode]["state_err"] < 1e-12
+    r = report["model_eigen"]
+    hidden, d = SHARD_DIMS["hidden"], SHARD_DIMS["hidden"] + 1
+    assert r["hidden_state_spec"] == "P('model',)"
+    assert r["hidden_state_shard_shape"] == [hidden // 4, d]
+    assert r["hidden_inverse_shard_shape"] == [d, d]
+
+
+@pytest.mark.parametrize("representation", ["exact", "eigen", "diagonal"])
+def test_explicit_sharding_init_and_update_agree(report, representation):
+    r = report["explicit"][representation]
+    assert r["specs_agree"]
+    assert r["hidden_spec"] == "P('model', None, None)" if representation == "exact" else \
+        r["hidden_spec"] == "P('model', None)"
+    assert r["params_err"] < 1e-12
+    assert r["state_err"] < 1e-12

@@ -1,9 +1,19 @@
 """Layer paths: naming the dense layers of a params pytree.
 
-A dense layer is a mapping that holds a ``"kernel"`` entry (Flax's ``nn.Dense``,
-``nnx.Linear``, or a plain dict).  Its *path* is the keys from the root down to that mapping,
-each converted with ``str`` and joined by ``"/"``: ``"Dense_1"``, ``"block/Dense_0"``, or
-``"layers/0"`` for an nnx list.  These are the keys of the ``layers`` argument of
+Params are walked with JAX's own key paths (``jax.tree_util.tree_flatten_with_path``), so every
+pytree container is seen: dicts, ``FrozenDict``, lists, tuples, ``flax.struct`` and other
+registered dataclasses, nnx ``State``, and the wrappers a framework puts around a leaf
+(``nnx.Variable``, ``nn.Partitioned``, ...).
+
+A *dense layer* is a node with a ``"kernel"`` entry (a dict key or an attribute) whose array is
+2-D, ``(d_in, m)``: Flax's ``nn.Dense``, ``nnx.Linear``, a plain dict, or a dataclass with
+``kernel`` and ``bias`` fields.  A kernel of any other rank (a convolution's
+``(kh, kw, c_in, c_out)``, ``DenseGeneral``, ``Einsum``) is not a dense layer.
+
+A layer's *path* is the keys from the root down to that node, each written as ``str`` of the
+dict key, the sequence index or the attribute name, and joined by ``"/"``: ``"Dense_1"``,
+``"block/Dense_0"``, ``"layers/0"`` (an nnx list or a Python list), ``"0"`` (params that are a
+list of layers).  These are the keys of the ``layers`` argument of
 :func:`rfim_jax.scale_by_rngd`.
 """
 
@@ -12,73 +22,248 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
+import optax
+
 SEP = "/"
+KERNEL = "kernel"
+
+_Parts = tuple[str, ...]
 
 
 def is_mapping(node: Any) -> bool:
-    # flax FrozenDict and nnx State are Mappings; plain dicts too.
+    """Whether ``node`` is a mapping (dict, ``FrozenDict``, nnx ``State``)."""
     return isinstance(node, Mapping)
 
 
+def _is_masked(node: Any) -> bool:
+    # optax.MaskedNode is an empty NamedTuple: without this it would vanish from a flatten.
+    return isinstance(node, optax.MaskedNode)
+
+
+def key_name(key: Any) -> str:
+    """One key-path entry as a path component: the dict key, sequence index or attribute."""
+    for attr in ("key", "idx", "name"):  # DictKey / FlattenedIndexKey, SequenceKey, GetAttrKey
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _parts(keypath: tuple) -> _Parts:
+    return tuple(key_name(k) for k in keypath)
+
+
+def _flatten(tree: Any) -> list[tuple[_Parts, Any]]:
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_masked)
+    return [(_parts(kp), leaf) for kp, leaf in leaves]
+
+
+def _children(node: Any) -> list[tuple[_Parts, Any]]:
+    """The direct children of ``node`` with their keys; [] for a leaf or None."""
+    if node is None or _is_masked(node):
+        return []
+    kids, _ = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
+    if len(kids) == 1 and kids[0][0] == ():  # ``node`` is itself a leaf
+        return []
+    return [(_parts(kp), child) for kp, child in kids]
+
+
+def _unwrap(entry: Any) -> Any:
+    """The array inside a framework wrapper (``nnx.Variable``, ``nn.Partitioned``), else as is."""
+    if entry is None or _is_masked(entry) or (hasattr(entry, "shape") and not _children(entry)):
+        return entry
+    leaves = jax.tree_util.tree_leaves(entry, is_leaf=_is_masked)
+    return leaves[0] if len(leaves) == 1 else entry
+
+
+def _entries(node: Any) -> dict[str, Any] | None:
+    """A node's named entries (one key each), or None for a leaf."""
+    if node is None or _is_masked(node):
+        return None
+    if is_mapping(node):
+        return {str(k): node[k] for k in node}
+    kids = _children(node)
+    if not kids:
+        return None
+    return {parts[0]: child for parts, child in kids if len(parts) == 1}
+
+
+def kernel_shape(node: Any) -> tuple[int, ...] | None:
+    """The shape of ``node``'s ``"kernel"`` entry (through any wrapper), or None if it has none.
+
+    A masked kernel (``optax.MaskedNode``) has the shape ``()`` of no array: callers check
+    :func:`is_masked_layer` first.
+    """
+    entries = _entries(node)
+    if not entries or KERNEL not in entries:
+        return None
+    kernel = _unwrap(entries[KERNEL])
+    if _is_masked(kernel):
+        return ()
+    shape = getattr(kernel, "shape", None)
+    return None if shape is None else tuple(shape)
+
+
+def is_masked_layer(node: Any) -> bool:
+    """Whether ``node``'s kernel is an ``optax.MaskedNode`` (owned by another transform)."""
+    entries = _entries(node)
+    return bool(entries) and KERNEL in entries and _is_masked(entries[KERNEL])
+
+
 def is_dense_layer(node: Any) -> bool:
-    return is_mapping(node) and "kernel" in node
+    """Whether ``node`` is a dense layer: a ``"kernel"`` entry holding a 2-D array (or masked).
+
+    Arrays and ``jax.ShapeDtypeStruct`` leaves both count; the kernel may sit inside a wrapper.
+    """
+    if is_masked_layer(node):
+        return True
+    shape = kernel_shape(node)
+    return shape is not None and len(shape) == 2
+
+
+def _layer_candidates(tree: Any) -> list[_Parts]:
+    """Paths (as parts) of every node holding a "kernel" entry, in tree order."""
+    seen: dict[_Parts, None] = {}
+    for parts, _ in _flatten(tree):
+        if KERNEL in parts:
+            seen.setdefault(parts[: parts.index(KERNEL)], None)
+    return list(seen)
+
+
+def _node_at(tree: Any, parts: _Parts) -> Any:
+    node = tree
+    rest = parts
+    while rest:
+        for key, child in _children(node):
+            if rest[: len(key)] == key:
+                node, rest = child, rest[len(key):]
+                break
+        else:
+            return None
+    return node
 
 
 def layer_paths(tree: Any) -> list[str]:
-    """Paths of every dense layer (a mapping holding ``"kernel"``) in ``tree``, in tree order."""
-    out: list[str] = []
+    """Paths of every dense layer (a node with a 2-D ``"kernel"``) in ``tree``, in tree order.
 
-    def walk(node, prefix):
-        if is_dense_layer(node):
-            out.append(prefix)
-        elif is_mapping(node):
-            for k in node:
-                walk(node[k], f"{prefix}{SEP}{k}" if prefix else str(k))
+    Args:
+      tree: a params (or gradients) pytree of any containers; leaves may be arrays,
+        ``jax.ShapeDtypeStruct`` or wrapped in ``nnx.Variable`` / ``nn.Partitioned``.
 
-    walk(tree, "")
-    return out
+    Returns:
+      The paths, keys joined by ``"/"`` (``"Dense_0"``, ``"block/Dense_0"``, ``"layers/0"``).
+    """
+    return [
+        SEP.join(parts) for parts in _layer_candidates(tree)
+        if is_dense_layer(_node_at(tree, parts))
+    ]
 
 
 def get_by_path(tree: Any, path: str, default: Any = None) -> Any:
     """The node at ``path`` (keys joined by "/"), or ``default`` if it does not exist.
 
-    A flat mapping keyed by the whole path (``{"block/Dense_0": ...}``) is accepted too.
-    Keys are compared by ``str``, so the int keys of nnx lists match.
+    Every pytree container is walked (dicts, lists, tuples, dataclasses, nnx ``State``); keys
+    are compared by ``str``, so the int keys of nnx lists and list indices match ``"0"``.  A
+    flat mapping keyed by the whole path (``{"block/Dense_0": ...}``) is accepted too.
+
+    A dense layer (:func:`is_dense_layer`) comes back as a plain dict of its entries
+    (``{"kernel": ..., "bias": ...}``) with each framework wrapper removed, whatever its
+    container (an nnx ``State``, a dataclass, a ``FrozenDict``); any other node as it is.
+
+    Args:
+      tree: the pytree.
+      path: the keys joined by ``"/"``; ``""`` is the root.
+      default: what to return when there is no node at ``path``.
+
+    Returns:
+      The node, or ``default``.
     """
     if is_mapping(tree) and path in tree:
-        return tree[path]
-    node = tree
-    for part in path.split(SEP) if path else []:
-        if not is_mapping(node):
+        node = tree[path]
+    else:
+        node = _node_at(tree, tuple(path.split(SEP)) if path else ())
+        if node is None:
             return default
-        match = [k for k in node if str(k) == part]
-        if not match:
-            return default
-        node = node[match[0]]
+    if is_dense_layer(node):
+        return {name: _unwrap(child) for name, child in _entries(node).items()}
     return node
 
 
 def map_layers(fn: Callable[[str, Any], Any], tree: Any, paths: set[str]) -> Any:
-    """Rebuilds ``tree`` with ``fn(path, node)`` substituted at each layer in ``paths``.
+    """Rebuilds ``tree`` with ``fn(path, layer)`` substituted at each layer in ``paths``.
 
-    Everything else, including mapping types, is kept as is.
+    ``fn`` receives the layer as :func:`get_by_path` returns it (a dict of unwrapped entries)
+    and returns a mapping of new entries.  The new leaves go back into ``tree``'s own
+    structure (``jax.tree_util`` unflatten on the original treedef), so every container and
+    wrapper, with its metadata, is kept.
+
+    Raises:
+      ValueError: if a path is not in ``tree``, or ``fn`` returns an entry with a different
+        number of leaves than the one it replaces.
     """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_masked)
+    parts = [_parts(kp) for kp, _ in flat]
+    leaves = [leaf for _, leaf in flat]
+    for path in paths:
+        node = get_by_path(tree, path)
+        if node is None:
+            raise ValueError(f"map_layers: no node at path {path!r}.")
+        new = fn(path, node)
+        # Each leaf under the layer, grouped by the layer's entry it belongs to.
+        owned: dict[str, list[int]] = {}
+        for i, p in enumerate(parts):
+            for k in range(len(p)):
+                if SEP.join(p[:k]) == path:
+                    owned.setdefault(p[k], []).append(i)
+                    break
+        for name, value in new.items():
+            name = str(name)
+            if name not in owned:
+                continue
+            repl = jax.tree_util.tree_leaves(value, is_leaf=_is_masked)
+            if len(repl) != len(owned[name]):
+                raise ValueError(
+                    f"map_layers: layer {path!r} entry {name!r} has {len(owned[name])} leaves, "
+                    f"its replacement {len(repl)}."
+                )
+            for i, leaf in zip(owned[name], repl, strict=True):
+                leaves[i] = leaf
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
-    def walk(node, prefix):
-        if prefix in paths:
-            return fn(prefix, node)
-        if is_mapping(node):
-            items = {k: walk(v, f"{prefix}{SEP}{k}" if prefix else str(k)) for k, v in node.items()}
-            return _rebuild(node, items)
-        return node
 
-    return walk(tree, "")
+def _leaf_paths(tree: Any, limit: int = 8) -> str:
+    names = [SEP.join(p) for p, _ in _flatten(tree)]
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    return ", ".join(repr(n) for n in names[:limit]) + more
 
 
-def _rebuild(node: Mapping, items: dict) -> Mapping:
-    if isinstance(node, dict):
-        return items
-    try:
-        return type(node)(items)
-    except Exception:  # noqa: BLE001 - exotic mappings: fall back to a plain dict.
-        return items
+def no_layers_error(tree: Any) -> ValueError:
+    """The error for ``layers=None`` when ``tree`` holds no dense layer to precondition."""
+    found = layer_paths(tree)
+    why = (
+        f"every dense layer ({found}) is masked out of this transform by optax.partition / "
+        f"optax.masked" if found else
+        "no node holds a 2-D 'kernel' entry (a dense layer: {'kernel': (d_in, m), 'bias': (m,)})"
+    )
+    return ValueError(
+        f"layers=None found nothing to precondition: {why}. The params' leaves are "
+        f"[{_leaf_paths(tree)}]. Name the layers explicitly, e.g. layers={{'Dense_0': 'relu'}}, "
+        f"or use a plain optax optimiser."
+    )
+
+
+def check_kernel_rank(path: str, node: Any) -> None:
+    """Raises for a node at ``path`` whose kernel is not 2-D (a convolution, ``DenseGeneral``).
+
+    Raises:
+      ValueError: naming the layer and its kernel shape.
+    """
+    shape = kernel_shape(node)
+    if shape is None or len(shape) == 2 or is_masked_layer(node):
+        return
+    raise ValueError(
+        f"layer {path!r} has a kernel of shape {shape}, not a dense layer's 2-D (d_in, m) "
+        f"kernel. scale_by_rngd preconditions dense layers only: convolutions are not yet "
+        f"supported by scale_by_rngd (their RFIM is described by rfim_jax.conv_rfim). Leave "
+        f"the layer out of `layers`; unlisted layers pass through unchanged."
+    )

@@ -73,7 +73,9 @@ def resolve_layers(layers, default_kind, params) -> list[DenseLayer]:
 
     Raises:
       TypeError: if ``layers`` is neither None nor a mapping.
-      ValueError: for an unknown kind, a path that is not a dense layer, or a masked layer.
+      ValueError: for an unknown kind, a path that is not a dense layer (a kernel that is not
+        2-D is named with its shape), a masked layer, or ``layers=None`` with no dense layer
+        to precondition.
     """
     # optax.partition / optax.masked hand this transform MaskedNode leaves for the layers that
     # belong to another transform; those are not ours to precondition.
@@ -82,6 +84,8 @@ def resolve_layers(layers, default_kind, params) -> list[DenseLayer]:
         if not isinstance(paths_lib.get_by_path(params, p)["kernel"], optax.MaskedNode)
     ]
     if layers is None:
+        if not available:
+            raise paths_lib.no_layers_error(params)
         layers = {p: default_kind for p in available}
     if not isinstance(layers, Mapping):
         raise TypeError(
@@ -94,6 +98,7 @@ def resolve_layers(layers, default_kind, params) -> list[DenseLayer]:
             kind = rfim_lib.resolve_kind(kind, where=f"layer {path!r}")
         node = paths_lib.get_by_path(params, path)
         if node is None or not paths_lib.is_dense_layer(node):
+            paths_lib.check_kernel_rank(path, node)
             raise ValueError(
                 f"layer {path!r} is not a dense layer of the params: no mapping with a 'kernel' "
                 f"at that path. Dense layers found: {available}."

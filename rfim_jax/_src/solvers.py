@@ -195,6 +195,12 @@ def _diag(a: jax.Array) -> jax.Array:
     return jnp.diagonal(a, axis1=-2, axis2=-1)
 
 
+def _all_true(a: jax.Array) -> jax.Array:
+    """A True flag per block of (..., n, n), sharded like the blocks (a loop carry must keep
+    one sharding under explicit sharding)."""
+    return jnp.ones_like(a[..., 0, 0], dtype=bool)
+
+
 def _finite_block(a: jax.Array) -> jax.Array:
     return jnp.all(jnp.isfinite(a), axis=(-2, -1))
 
@@ -278,7 +284,7 @@ def _sweep_panel(p: jax.Array, floor: jax.Array) -> tuple[jax.Array, jax.Array]:
         a = a * (not_e[:, None] * not_e[None, :]) - u[..., :, None] * v[..., None, :]
         return a, ok & good
 
-    ok = jnp.ones(p.shape[:-2], bool)
+    ok = _all_true(p)
     return lax.fori_loop(0, nb, body, (p, ok))
 
 
@@ -307,7 +313,7 @@ def _gauss_jordan(a: jax.Array) -> tuple[jax.Array, jax.Array]:
         a = a * (outside[:, None] * outside[None, :]) - _mm(u, v)
         return a, ok & ok_k
 
-    ok = jnp.ones(a.shape[:-2], bool)
+    ok = _all_true(a)
     a, ok = lax.fori_loop(0, p, body, (a, ok))
     return a[..., :d, :d], ok
 
@@ -332,7 +338,7 @@ def _chol_panel(s: jax.Array, floor: jax.Array):
         col = v * inv_sqrt[..., None] * (idx >= c).astype(s.dtype)
         return l + col[..., :, None] * e, ok & good
 
-    l, ok = lax.fori_loop(0, nb, factor, (jnp.zeros_like(s), jnp.ones(s.shape[:-2], bool)))
+    l, ok = lax.fori_loop(0, nb, factor, (jnp.zeros_like(s), _all_true(s)))
 
     def invert(r, y):
         # forward substitution, row r: Y[r] = (e_r - L[r, :r] Y[:r]) / L[r, r]
@@ -369,7 +375,7 @@ def _cholesky(a: jax.Array):
 
     l0 = jnp.zeros_like(a)
     l_inv0 = jnp.zeros(a.shape[:-2] + (p, nb, nb), a.dtype)
-    return lax.fori_loop(0, p, body, (l0, l_inv0, jnp.ones(a.shape[:-2], bool)))
+    return lax.fori_loop(0, p, body, (l0, l_inv0, _all_true(a)))
 
 
 def _cholesky_solve_padded(l: jax.Array, l_inv: jax.Array, b: jax.Array) -> jax.Array:
@@ -518,7 +524,7 @@ def newton_schulz_inverse(
     tol = g.shape[-1] * jnp.finfo(g.dtype).eps if tol is None else tol
     cold = _jacobi(g)
     if previous is None:
-        warm = jnp.zeros(g.shape[:-2], bool)
+        warm = ~_all_true(g)
         x, rn, k = _newton_schulz_loop(g, cold, warm, max_iters, tol)
     else:
         warm = _finite_block(previous)

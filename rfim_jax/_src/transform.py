@@ -33,6 +33,7 @@ import optax
 
 from rfim_jax._src import paths as paths_lib
 from rfim_jax._src import plan as plan_lib
+from rfim_jax._src import sharding as sharding_lib
 from rfim_jax._src.estimators import ESTIMATORS
 
 LayerKind = Any  # str | Activation | None
@@ -206,7 +207,10 @@ def scale_by_rngd(
         for layer, est in resolved:
             kernel = paths_lib.get_by_path(params, layer.path)["kernel"]
             dtype = state_dtype or plan_lib.rfim_lib.stats_dtype(jnp.zeros((), kernel.dtype))
-            metrics[layer.path], inverses[layer.path] = est.init(layer, dtype)
+            stats, factors = est.init(layer, dtype)
+            stats_axes, factors_axes = est.neuron_axes(layer)
+            metrics[layer.path] = sharding_lib.shard_like_kernel(stats, stats_axes, kernel)
+            inverses[layer.path] = sharding_lib.shard_like_kernel(factors, factors_axes, kernel)
             skipped[layer.path] = jnp.zeros([], jnp.int32)
             fallbacks[layer.path] = jnp.zeros([], jnp.int32)
         return ScaleByRNGDState(jnp.zeros([], jnp.int32), metrics, inverses, skipped, fallbacks)
@@ -249,8 +253,9 @@ def scale_by_rngd(
                 )
 
             def refresh(stats=stats, factors=factors, layer=layer, est=est):
-                return est.refresh(layer, stats, factors, solver=solver,
-                                   normalize=normalize_max_eigenvalue)
+                out = est.refresh(layer, stats, factors, solver=solver,
+                                  normalize=normalize_max_eigenvalue)
+                return sharding_lib.match_sharding(out[:2], (stats, factors)) + out[2:]
 
             def keep(stats=stats, factors=factors, fb=state.fallbacks[layer.path]):
                 return stats, factors, fb
@@ -269,7 +274,8 @@ def scale_by_rngd(
             layer, pre = preconditioners[path]
             dtype = jax.tree.leaves(pre)[0].dtype
             cols = layer.columns(grad_layer, dtype)
-            return layer.write_columns(grad_layer, pre.matvec_columns(cols))
+            new = layer.write_columns(grad_layer, pre.matvec_columns(cols))
+            return sharding_lib.match_sharding(new, dict(grad_layer))
 
         new_updates = paths_lib.map_layers(precondition, updates, set(preconditioners))
         # map_layers may rebuild container types (e.g. nested nnx.State); keep the grads' own

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from rfim_jax._src import metrics as metrics_lib
+from rfim_jax._src import sharding as sharding_lib
 
 Stats = Any
 Factors = Any
@@ -85,6 +86,9 @@ def moving_average(old, fresh, rate):
 
     A non-finite batch must not poison the average, so it is skipped and counted.
     """
+    # Under explicit sharding the fresh estimate follows the activations' sharding; the
+    # average keeps the state's own.
+    fresh = sharding_lib.match_sharding(fresh, old)
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(f)) for f in jax.tree.leaves(fresh)]))
     avg = jax.tree.map(lambda o, f: jnp.where(finite, rate * o + (1.0 - rate) * f, o), old, fresh)
     return avg, (~finite).astype(jnp.int32)

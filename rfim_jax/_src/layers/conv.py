@@ -334,8 +334,9 @@ def _check_inputs(x_shape, kernel_shape, groups: int, where: str, what: str = "x
                 f"expects channels-last (n, *spatial, c_in): use jnp.moveaxis({what}, "
                 f"{len(x_shape) - rank - 1}, -1)."
             )
+        verb = "have" if what.endswith("s") else "has"
         raise ValueError(
-            f"{where}: {what} has {x_shape[-1]} channels (shape {x_shape}), but the kernel "
+            f"{where}: {what} {verb} {x_shape[-1]} channels (shape {x_shape}), but the kernel "
             f"{kernel_shape} with feature_group_count={groups} expects c_in = "
             f"{kernel_shape[-2]} * {groups} = {c_in}.{hint}"
         )

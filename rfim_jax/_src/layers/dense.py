@@ -13,6 +13,7 @@ from rfim_jax._src import activations as act_lib
 from rfim_jax._src import metrics as metrics_lib
 from rfim_jax._src import paths as paths_lib
 from rfim_jax._src import rfim as rfim_lib
+from rfim_jax._src import sharding as sharding_lib
 
 
 def kind_name(kind: Any) -> str:
@@ -125,4 +126,5 @@ class DenseLayer:
                 f"{tuple(z.shape)})."
             )
         dtype = rfim_lib.stats_dtype(x, z)
-        return rfim_lib.augment(x.astype(dtype), self.has_bias), z.astype(dtype)
+        x = sharding_lib.replicate_last_axis(x.astype(dtype))
+        return rfim_lib.augment(x, self.has_bias), z.astype(dtype)
