@@ -173,8 +173,43 @@ def sharding(out: str) -> None:
         for name, result in _sharding_runs(rep).items():
             report[name if rep == "exact" else f"{name}_{rep}"] = result
     report["explicit"] = {rep: _explicit_run(rep) for rep in ("exact", "eigen", "diagonal")}
+    report["pmap"] = {str(name): _pmap_run(name) for name in ("d", None)}
     with open(out, "w") as f:
         json.dump(report, f)
+
+
+def _pmap_run(axis_name) -> dict:
+    """jax.pmap with lax.pmean on the gradients, 4 replicas each with a quarter of the batch:
+    with ``axis_name`` the replicas stay identical and equal one device on the global batch."""
+    dims = SHARD_DIMS
+    params0 = init_mlp(jax.random.PRNGKey(0), dims["d_in"], dims["hidden"], dims["classes"])
+    tx = rfim_jax.rngd(0.1, LAYERS, inverse_every=2, decay=0.8, axis_name=axis_name)
+    batches = [
+        make_batch(jax.random.PRNGKey(10 + i), dims["n"], dims["d_in"], dims["classes"])
+        for i in range(5)
+    ]
+    ref_tx = rfim_jax.rngd(0.1, LAYERS, inverse_every=2, decay=0.8)
+    step = jax.jit(make_step(ref_tx))
+    params, state = params0, ref_tx.init(params0)
+    for x, y in batches:
+        params, state, _ = step(params, state, x, y)
+    ref = params
+
+    def replica_step(params, opt_state, x, y):
+        (_, acts), grads = jax.value_and_grad(mlp_loss, has_aux=True)(params, x, y)
+        grads = jax.lax.pmean(grads, "d")
+        updates, opt_state = tx.update(grads, opt_state, params, activations=acts)
+        return optax.apply_updates(params, updates), opt_state
+
+    pstep = jax.pmap(replica_step, axis_name="d")
+    rep = jax.tree.map(lambda a: jnp.stack([a] * 4), (params0, tx.init(params0)))
+    params, state = rep
+    for x, y in batches:
+        split = (x.reshape(4, -1, x.shape[-1]), y.reshape(4, -1, *y.shape[1:]))
+        params, state = pstep(params, state, *split)
+    spread = max(float(np.max(np.abs(a - a[:1]))) for a in jax.tree.leaves(params))
+    return {"replica_spread": spread,
+            "vs_one_device": _max_err(jax.tree.map(lambda a: a[0], params), ref)}
 
 
 def _explicit_run(rep: str) -> dict:

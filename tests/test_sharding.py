@@ -102,3 +102,11 @@ def test_explicit_sharding_init_and_update_agree(report, representation):
         r["hidden_spec"] == "P('model', None)"
     assert r["params_err"] < 1e-12
     assert r["state_err"] < 1e-12
+
+
+def test_pmap_with_axis_name_keeps_replicas_identical_and_equal_to_one_device(report):
+    r = report["pmap"]["d"]
+    assert r["replica_spread"] < 1e-12
+    assert r["vs_one_device"] < 1e-12
+    # Without axis_name each replica averages its own quarter of the batch: they drift.
+    assert report["pmap"]["None"]["replica_spread"] > 1e-3

@@ -33,6 +33,7 @@ def rngd(
     exact_budget_bytes: int = DEFAULT_EXACT_BUDGET,
     max_state_bytes: int | None = None,
     state_dtype: Any = None,
+    axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Relative natural gradient descent: ``chain(scale_by_rngd, trace, -learning_rate)``.
 
@@ -46,7 +47,8 @@ def rngd(
       momentum: heavy-ball momentum in [0, 1) (``optax.trace``); None drops the trace.
       nesterov: Nesterov momentum.
       decay, inverse_every, damping, update_every, normalize_max_eigenvalue, solver,
-        default_kind, representation, exact_budget_bytes, max_state_bytes, state_dtype:
+        default_kind, representation, exact_budget_bytes, max_state_bytes, state_dtype,
+        axis_name:
         those of :func:`scale_by_rngd`.  ``damping`` is *relative* here (``eps0 tr(G)/d``),
         whereas the metrics' ``solve`` and :func:`rfim_jax.add_damping` take absolute
         damping unless told ``relative=True``.
@@ -76,6 +78,7 @@ def rngd(
             exact_budget_bytes=exact_budget_bytes,
             max_state_bytes=max_state_bytes,
             state_dtype=state_dtype,
+            axis_name=axis_name,
         )
     ]
     if momentum is not None:

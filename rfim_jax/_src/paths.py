@@ -262,8 +262,8 @@ def check_kernel_rank(path: str, node: Any) -> None:
     if shape is None or len(shape) == 2 or is_masked_layer(node):
         return
     raise ValueError(
-        f"layer {path!r} has a kernel of shape {shape}, not a dense layer's 2-D (d_in, m) "
-        f"kernel. scale_by_rngd preconditions dense layers only: convolutions are not yet "
+        f"layer {path!r}: kernel must be 2-D (d_in, m), got shape {shape}, so it is not a "
+        f"dense layer. scale_by_rngd preconditions dense layers only: convolutions are not yet "
         f"supported by scale_by_rngd (their RFIM is described by rfim_jax.conv_rfim). Leave "
         f"the layer out of `layers`; unlisted layers pass through unchanged."
     )

@@ -117,6 +117,7 @@ def scale_by_rngd(
     exact_budget_bytes: int = plan_lib.DEFAULT_EXACT_BUDGET,
     max_state_bytes: int | None = None,
     state_dtype: Any = None,
+    axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Preconditions each layer's gradient by its inverse RFIM (paper Sec. 5, eqs. 31-33).
 
@@ -167,6 +168,11 @@ def scale_by_rngd(
       state_dtype: the dtype the state is *stored* in (e.g. ``jnp.bfloat16``, like optax's
         ``mu_dtype``); statistics are always accumulated in at least float32.  Default: the
         kernel's dtype promoted to at least float32.
+      axis_name: for SPMD training where each program instance sees its own shard of the
+        batch (``jax.pmap``, ``shard_map``): the mapped axis over which the fresh statistics
+        are averaged (``lax.pmean``), as K-FAC implementations do, so that replicas stay
+        identical and equal one device on the global batch.  Not needed under ``jax.jit``
+        with shardings, where the statistics are already global.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose update is
@@ -243,7 +249,7 @@ def scale_by_rngd(
 
             def ema(stats=stats, factors=factors, x_aug=x_aug, z=z, layer=layer, est=est,
                     rate=layer_rate):
-                return est.update(layer, stats, factors, x_aug, z, damping, rate)
+                return est.update(layer, stats, factors, x_aug, z, damping, rate, axis_name)
 
             if stats_every_step:
                 stats, bad = ema()

@@ -49,8 +49,11 @@ class Estimator:
         """The state before any data: the identity metric."""
         raise NotImplementedError
 
-    def update(self, layer, stats, factors, x_aug, z, damping, rate):
-        """Steps 1-2: returns ``(stats, bad)``, ``bad`` an int32 1 if the batch was skipped."""
+    def update(self, layer, stats, factors, x_aug, z, damping, rate, axis_name=None):
+        """Steps 1-2: returns ``(stats, bad)``, ``bad`` an int32 1 if the batch was skipped.
+
+        ``axis_name``, if given, averages the fresh statistics across that mapped axis.
+        """
         raise NotImplementedError
 
     def refresh(self, layer, stats, factors, *, solver: str, normalize: bool):
@@ -81,11 +84,15 @@ class Estimator:
         return sum(math.prod(shape) for shape in shapes) * itemsize
 
 
-def moving_average(old, fresh, rate):
+def moving_average(old, fresh, rate, axis_name=None):
     """``rate old + (1 - rate) fresh``, or ``old`` (and bad = 1) when ``fresh`` is not finite.
 
-    A non-finite batch must not poison the average, so it is skipped and counted.
+    A non-finite batch must not poison the average, so it is skipped and counted.  With an
+    ``axis_name`` (pmap, shard_map) the fresh statistics are first averaged across it, so
+    every replica sees the global batch's statistics and the replicas stay identical.
     """
+    if axis_name is not None:
+        fresh = jax.lax.pmean(fresh, axis_name)
     # Under explicit sharding the fresh estimate follows the activations' sharding; the
     # average keeps the state's own.
     fresh = sharding_lib.match_sharding(fresh, old)

@@ -28,11 +28,12 @@ class DiagonalEstimator(Estimator):
     def init(self, layer, dtype):
         return {"S": jnp.ones((num_rows(layer), layer.d), dtype)}, {}
 
-    def update(self, layer, stats, factors, x_aug, z, damping, rate):
+    def update(self, layer, stats, factors, x_aug, z, damping, rate, axis_name=None):
         dtype = stats["S"].dtype
         x_aug = x_aug.astype(dtype)
         weights = unit_weights(layer, z).astype(dtype)
-        return moving_average(stats, {"S": damped_scales(x_aug, weights, x_aug, damping)}, rate)
+        fresh = {"S": damped_scales(x_aug, weights, x_aug, damping)}
+        return moving_average(stats, fresh, rate, axis_name)
 
     def refresh(self, layer, stats, factors, *, solver, normalize):
         return stats, factors, jnp.zeros([], jnp.int32)

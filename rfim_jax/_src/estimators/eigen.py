@@ -47,7 +47,7 @@ class EigenEstimator(Estimator):
         stats = {"A": jnp.eye(d, dtype=dtype), "S": jnp.ones((num_rows(layer), d), dtype)}
         return stats, {"U": jnp.eye(d, dtype=dtype)}
 
-    def update(self, layer, stats, factors, x_aug, z, damping, rate):
+    def update(self, layer, stats, factors, x_aug, z, damping, rate, axis_name=None):
         dtype = stats["A"].dtype
         x_aug = x_aug.astype(dtype)
         second = stats_lib.second_moment(x_aug)
@@ -55,7 +55,7 @@ class EigenEstimator(Estimator):
         a_hat = second + (damping * jnp.trace(second) / d) * jnp.eye(d, dtype=dtype)
         weights = unit_weights(layer, z).astype(dtype)
         s_hat = damped_scales(x_aug, weights, x_aug @ factors["U"].astype(dtype), damping)
-        return moving_average(stats, {"A": a_hat, "S": s_hat}, rate)
+        return moving_average(stats, {"A": a_hat, "S": s_hat}, rate, axis_name)
 
     def refresh(self, layer, stats, factors, *, solver, normalize):
         del solver, normalize

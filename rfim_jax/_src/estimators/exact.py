@@ -49,12 +49,12 @@ class ExactEstimator(Estimator):
         return metrics_lib.BlockDiagonalMetric(blocks, has_bias=layer.has_bias,
                                                layout=layer.layout)
 
-    def update(self, layer, stats, factors, x_aug, z, damping, rate):
+    def update(self, layer, stats, factors, x_aug, z, damping, rate, axis_name=None):
         metric = rfim_lib.layer_rfim_from_activations(
             x_aug, z, layer.kind, has_bias=layer.has_bias
         )
         fresh = solvers.add_damping(metric.stored_blocks(), damping, relative=True)
-        return moving_average(stats, fresh.astype(stats.dtype), rate)
+        return moving_average(stats, fresh.astype(stats.dtype), rate, axis_name)
 
     def refresh(self, layer, stats, factors, *, solver, normalize):
         scale = solvers.spd_max_eigenvalue(stats).max() if normalize else 1.0
