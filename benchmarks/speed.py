@@ -100,8 +100,10 @@ class Method:
     """One optimiser configuration of the benchmark.
 
     ``family`` is "adam", "sgd", "rngd" or "kfac_ref".  ``whiten`` (RNGD only) whitens the
-    inputs once and turns the input layer's RFIM off (WhiteNGD).  The RNGD and K-FAC fields
-    are ignored by the other families.
+    inputs once and turns the input layer's RFIM off (WhiteNGD).  ``representation`` is passed
+    to :func:`rfim_jax.rngd` ("auto", "exact", "eigen" or "diagonal"); ``output_kind`` is the
+    RFIM kind of the output layer ("linear" as in the paper's runs, or "softmax").  The RNGD
+    and K-FAC fields are ignored by the other families.
     """
 
     name: str
@@ -113,6 +115,8 @@ class Method:
     decay: float = 0.995
     damping: float = 1e-2
     whiten: bool = False
+    representation: str = "auto"
+    output_kind: str = "linear"
 
     def describe(self) -> str:
         if self.family == "adam":
@@ -124,6 +128,10 @@ class Method:
                     f"EMA {self.decay:g}, damping {self.damping:g}, "
                     f"inverses every {self.inverse_every})")
         white = "whitened inputs, input layer kind None; " if self.whiten else ""
+        if self.representation != "auto":
+            white += f"representation={self.representation!r}, "
+        if self.output_kind != "linear":
+            white += f"output kind {self.output_kind!r}, "
         return (f"rfim_jax.rngd(lr={self.learning_rate:g}, momentum={self.momentum:g}, "
                 f"{white}update_every={self.update_every}, T={self.inverse_every}, "
                 f"decay={self.decay:g}, damping={self.damping:g})")
@@ -174,9 +182,12 @@ def default_methods(quick: bool = False, lrs: Mapping[str, float] | None = None)
     return methods
 
 
-def rngd_layer_kinds(sizes: Sequence[int], whiten: bool = False) -> dict[str, Any]:
-    """The paper's RNGD layers (Sec. 5.2); with ``whiten`` the input layer is passed through."""
+def rngd_layer_kinds(sizes: Sequence[int], whiten: bool = False,
+                     output_kind: str = "linear") -> dict[str, Any]:
+    """The paper's RNGD layers (Sec. 5.2); with ``whiten`` the input layer is passed through;
+    ``output_kind`` replaces the output layer's "linear" (e.g. "softmax")."""
     kinds = mlp.rngd_layers(len(sizes) - 1, "relu")
+    kinds[mlp.dense_name(len(sizes) - 2)] = output_kind
     if whiten:
         kinds[mlp.dense_name(0)] = None
     return kinds
@@ -279,12 +290,13 @@ def make_optimizer(method: Method, sizes: Sequence[int]) -> optax.GradientTransf
     if method.family == "rngd":
         return rfim_jax.rngd(
             method.learning_rate,
-            rngd_layer_kinds(sizes, method.whiten),
+            rngd_layer_kinds(sizes, method.whiten, method.output_kind),
             momentum=method.momentum or None,
             decay=method.decay,
             inverse_every=method.inverse_every,
             damping=method.damping,
             update_every=method.update_every,
+            representation=method.representation,
         )
     if method.family == "kfac_ref":
         paths = [mlp.dense_name(i) for i in range(len(sizes) - 1)]

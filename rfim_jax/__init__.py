@@ -26,6 +26,7 @@ from rfim_jax._src.capture import (
     capture_nnx,
     record,
 )
+from rfim_jax._src.diagnostics import diagnostics, layer_metrics, relative_fisher_rao_norm
 from rfim_jax._src.fisher import (
     FullFisher,
     condition_number,
@@ -78,6 +79,9 @@ __all__ = [
     "LayerPlan",
     "ParamLayout",
     "rngd_plan",
+    "diagnostics",
+    "layer_metrics",
+    "relative_fisher_rao_norm",
     "state_shardings",
     "Activation",
     "BlockDiagonalMetric",

@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from rfim_jax._src.dtypes import at_least_float32
 from rfim_jax._src.paths import SEP
 
 Response = Literal["bernoulli", "categorical", "gaussian"]
@@ -165,7 +166,7 @@ def _unravel(theta: jax.Array, like: list, treedef, segments: tuple[_Segment, ..
 def _theta_dtype(leaves: list) -> jnp.dtype:
     if not leaves:
         return jnp.dtype(jnp.float32)
-    return jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
+    return at_least_float32(*leaves)
 
 
 def ravel_neuron_major(params: Any) -> tuple[jax.Array, Callable[[jax.Array], Any]]:

@@ -34,6 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from rfim_jax._src.dtypes import at_least_float32
 from rfim_jax._src.fisher import RESPONSES, Response, _output_fisher_quadratic
 
 
@@ -151,9 +152,7 @@ def fisher_rao_norm(
         raise ValueError(f"fisher_rao_norm: sigma must be > 0, got sigma={sigma}.")
 
     leaves = jax.tree_util.tree_leaves(params)
-    dtype = (
-        jnp.promote_types(jnp.result_type(*leaves), jnp.float32) if leaves else jnp.float32
-    )
+    dtype = at_least_float32(*leaves) if leaves else jnp.float32
     out, v = jax.jvp(lambda p: jnp.asarray(model_fn(p, x)), (params,), (params,))
     out_shape = tuple(out.shape)
     if out.ndim == 0 or (response == "categorical" and out.ndim < 2):

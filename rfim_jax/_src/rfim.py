@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from rfim_jax._src import activations as act_lib
+from rfim_jax._src import dtypes as dtypes_lib
 from rfim_jax._src import metrics
 from rfim_jax._src import statistics as stats
 
@@ -26,11 +27,11 @@ Params = dict[str, jax.Array]
 
 
 def stats_dtype(*arrays) -> jnp.dtype:
-    """The accumulation dtype: the inputs' result type, promoted to at least float32."""
-    dtype = jnp.result_type(*arrays)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        dtype = jnp.float32
-    return jnp.promote_types(dtype, jnp.float32)
+    """The accumulation dtype: the inputs' result type, promoted to at least float32.
+
+    Decided under standard promotion, so it also works under strict dtype promotion.
+    """
+    return dtypes_lib.at_least_float32(*arrays)
 
 
 def flatten_batch(x: jax.Array, *, name: str = "x") -> jax.Array:

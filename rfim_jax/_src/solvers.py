@@ -125,6 +125,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from rfim_jax._src.dtypes import at_least_float32, result_type
+
 ArrayLike = Any
 
 METHODS = ("auto", "gauss_jordan", "cholesky", "newton_schulz", "lapack", "lapack_map")
@@ -170,7 +172,7 @@ def _as_blocks(blocks: ArrayLike, name: str = "blocks", *, promote: bool = True)
     if not jnp.issubdtype(blocks.dtype, jnp.floating):
         blocks = blocks.astype(jnp.result_type(float))
     if promote:
-        blocks = blocks.astype(jnp.promote_types(blocks.dtype, jnp.float32))
+        blocks = blocks.astype(at_least_float32(blocks.dtype))
     if blocks.ndim < 2 or blocks.shape[-1] != blocks.shape[-2]:
         raise ValueError(
             f"{name} must be a stack of square matrices (..., d, d), got shape "
@@ -685,7 +687,7 @@ def spd_solve(
             f"rhs has {b.shape[-2]} rows but the blocks are {d} x {d} (rhs shape "
             f"{tuple(rhs.shape)}, blocks shape {tuple(blocks.shape)})."
         )
-    dtype = jnp.result_type(blocks.dtype, b.dtype)
+    dtype = result_type(blocks.dtype, b.dtype)
     blocks, b = blocks.astype(dtype), b.astype(dtype)
     previous = _check_previous(previous, blocks)
     method = resolve_method(method)

@@ -22,6 +22,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from rfim_jax._src import dtypes as dtypes_lib
 from rfim_jax._src import rfim as rfim_lib
 
 WhiteningMethod = Literal["zca", "pca"]
@@ -129,5 +130,5 @@ def apply_whitening(x: jax.Array, big_a: jax.Array, a: jax.Array) -> jax.Array:
             f"apply_whitening: expected x (..., d), A (k, d) and a (d,), got x "
             f"{tuple(x.shape)}, A {tuple(big_a.shape)}, a {tuple(a.shape)}."
         )
-    dtype = jnp.result_type(x, big_a, a)
+    dtype = dtypes_lib.result_type(x, big_a, a)
     return (x.astype(dtype) - a.astype(dtype)) @ big_a.astype(dtype).T

@@ -1,0 +1,180 @@
+"""What the preconditioner is doing, per layer, without reading the state's internals.
+
+:func:`relative_fisher_rao_norm` measures a layer's own parameters in its own metric,
+``sum_l w~_l^T G_l w~_l`` (the per-layer, relative form of the Fisher-Rao norm).
+:func:`diagnostics` turns an RNGD state into a flat ``{"path/figure": scalar}`` dict for any
+logger.  Both are pure and jit-compatible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from rfim_jax._src import activations as act_lib
+from rfim_jax._src import metrics as metrics_lib
+from rfim_jax._src import paths as paths_lib
+from rfim_jax._src.layers import DenseLayer
+from rfim_jax._src.transform import ScaleByRNGDState, _estimator_of
+
+
+def _find_state(state: Any) -> ScaleByRNGDState:
+    """The :class:`ScaleByRNGDState` inside an optax state (a chain's tuple, nested states)."""
+    found = [
+        node for node in jax.tree.leaves(
+            state, is_leaf=lambda n: isinstance(n, ScaleByRNGDState))
+        if isinstance(node, ScaleByRNGDState)
+    ]
+    if len(found) != 1:
+        raise ValueError(
+            f"expected exactly one ScaleByRNGDState in the optimiser state, found {len(found)}."
+        )
+    return found[0]
+
+
+def _layer_for(path: str, stats: Any, node: Mapping) -> DenseLayer:
+    """A layer adapter whose structure flags match the state's layout for ``path``."""
+    kernel, bias = metrics_lib.unpack_dense(node, f"layer {path!r}")
+    d_in, m = int(kernel.shape[0]), int(kernel.shape[1])
+    d = d_in + int(bias is not None)
+    if isinstance(stats, Mapping):
+        shared = stats["S"].shape[0] == 1 and m > 1
+        kind = act_lib.Linear() if shared else act_lib.ReLU()
+    elif stats.shape[0] > 1 or m == 1:
+        kind = act_lib.ReLU()
+    else:
+        kind = act_lib.Linear() if stats.shape[-1] == d else "softmax"
+    return DenseLayer(path, kind, d_in, m, bias is not None)
+
+
+def layer_metrics(state: Any, params: Any) -> dict[str, metrics_lib.AbstractMetric]:
+    """The moving-average metric of every layer of an RNGD state, in its representation.
+
+    Args:
+      state: an optimiser state holding one :class:`rfim_jax.ScaleByRNGDState`.
+      params: the params (only shapes are read), to know each layer's (d, m).
+
+    Returns:
+      ``{path: metric}``: ``SharedBlockMetric``, ``BlockDiagonalMetric``, ``DenseMetric``,
+      ``EigenDiagonalMetric`` or ``DiagonalMetric``.
+    """
+    state = _find_state(state)
+    out = {}
+    for path, stats in state.metrics.items():
+        layer = _layer_for(path, stats, paths_lib.get_by_path(params, path))
+        out[path] = _estimator_of(state.metrics, path).as_metric(
+            layer, stats, state.inverses[path])
+    return out
+
+
+def relative_fisher_rao_norm(metric_or_state: Any, params: Any) -> Any:
+    """The relative Fisher-Rao norm: a layer's params in its own RFIM, ``sum_l w~_l^T G_l w~_l``.
+
+    With ``theta = concat_l w~_l`` (SPEC §2) this is ``theta^T G theta`` for the layer's
+    metric G, the per-layer analogue of ``||theta||_fr^2 = theta^T I(theta) theta`` (Liang et
+    al.).  Like the RFIM it is a mean over samples; its unit is that of the metric (nats per
+    squared parameter times squared parameter: a squared norm).
+
+    Args:
+      metric_or_state: a layer metric (any representation), or an optimiser state holding a
+        :class:`rfim_jax.ScaleByRNGDState`.
+      params: with a metric, the layer's ``{"kernel", "bias"}``; with a state, the whole
+        params pytree.
+
+    Returns:
+      A scalar for a metric; ``{path: scalar}`` for a state.
+
+    Raises:
+      ValueError: if the params do not match the metric's layer (shapes named).
+    """
+    if isinstance(metric_or_state, metrics_lib.AbstractMetric):
+        metric = metric_or_state
+        node = {k: v for k, v in params.items() if k in ("kernel", "bias")}
+        if not metric.has_bias:
+            node.pop("bias", None)
+        cols = metric._columns(node, "relative_fisher_rao_norm")
+        cols = cols.astype(jnp.result_type(cols, *jax.tree.leaves(metric)))
+        return jnp.vdot(cols, metric.matvec_columns(cols))
+    return {
+        path: relative_fisher_rao_norm(metric, paths_lib.get_by_path(params, path))
+        for path, metric in layer_metrics(metric_or_state, params).items()
+    }
+
+
+def _extremes(metric) -> tuple[jax.Array, jax.Array]:
+    """(smallest, largest) eigenvalue of a layer metric."""
+    if isinstance(metric, (metrics_lib.EigenDiagonalMetric, metrics_lib.DiagonalMetric)):
+        return jnp.min(metric.scales), jnp.max(metric.scales)
+    blocks = metric.stored_blocks()
+    # One block at a time (lax.map): batched LAPACK has deadlocked on 2-core CPUs.
+    evals = jax.lax.map(lambda b: jnp.linalg.eigvalsh(0.5 * (b + b.T)), blocks)
+    return jnp.min(evals), jnp.max(evals)
+
+
+def diagnostics(
+    state: Any,
+    params: Any = None,
+    *,
+    grads: Any = None,
+    updates: Any = None,
+    spectrum: bool = True,
+) -> dict[str, jax.Array]:
+    """Per-layer figures of an RNGD state as a flat dict of scalars, ready for any logger.
+
+    Keys are ``"<path>/<figure>"``:
+
+    * ``skipped``: steps whose statistics were not finite (the average kept its value);
+    * ``fallbacks``: blocks whose inverse or eigenbasis fell back at the last refresh;
+    * ``trace``: ``tr G`` of the moving average;
+    * ``min_eigenvalue``, ``max_eigenvalue``, ``condition_number`` of the moving average (with
+      ``spectrum=True``).  Eigen and diagonal: read from ``S``, free.  Exact: one ``eigvalsh``
+      per stored block, ``m d^3`` flops (as much as one refresh), so call it every k steps;
+    * ``relative_fisher_rao_norm`` (with ``params``): ``sum_l w~_l^T G_l w~_l``;
+    * ``step_to_grad_norm`` (with ``grads`` and ``updates``): ``|update| / |grad|`` over the
+      layer's kernel and bias, e.g. the output of ``scale_by_rngd`` against its input.
+
+    Plus ``count``, the number of updates.  Everything is a jnp scalar, so the function can run
+    inside a jitted step; the dict's keys depend only on the state's structure, so calling it
+    every step does not recompile.
+
+    Args:
+      state: an optimiser state holding one :class:`rfim_jax.ScaleByRNGDState`.
+      params: the params (needed for the trace, spectrum and norm figures; only the counters
+        are reported without them).
+      grads: the raw gradients, with ``updates``.
+      updates: the preconditioned step, with ``grads``.
+      spectrum: whether to compute the eigenvalue figures.
+
+    Returns:
+      ``{key: scalar}``.
+
+    Raises:
+      ValueError: if the state holds no (or several) ``ScaleByRNGDState``.
+    """
+    rngd_state = _find_state(state)
+    out: dict[str, jax.Array] = {"count": rngd_state.count}
+    metrics = layer_metrics(rngd_state, params) if params is not None else {}
+    for path in rngd_state.metrics:
+        out[f"{path}/skipped"] = rngd_state.skipped[path]
+        out[f"{path}/fallbacks"] = rngd_state.fallbacks[path]
+        if path in metrics:
+            metric = metrics[path]
+            out[f"{path}/trace"] = metric.trace()
+            if spectrum:
+                lo, hi = _extremes(metric)
+                out[f"{path}/min_eigenvalue"] = lo
+                out[f"{path}/max_eigenvalue"] = hi
+                out[f"{path}/condition_number"] = hi / lo
+            node = paths_lib.get_by_path(params, path)
+            out[f"{path}/relative_fisher_rao_norm"] = relative_fisher_rao_norm(metric, node)
+        if grads is not None and updates is not None:
+            g = paths_lib.get_by_path(grads, path)
+            u = paths_lib.get_by_path(updates, path)
+            keys = [k for k in ("kernel", "bias") if k in g]
+            gn = jnp.sqrt(sum(jnp.sum(jnp.square(g[k])) for k in keys))
+            un = jnp.sqrt(sum(jnp.sum(jnp.square(u[k])) for k in keys))
+            out[f"{path}/step_to_grad_norm"] = un / gn
+    return out

@@ -1,0 +1,122 @@
+"""relative_fisher_rao_norm and diagnostics against explicit computations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rfim_jax
+
+
+def _theta(params, has_bias=True):
+    """Neuron-major theta = concat_l [kernel[:, l], bias[l]], built with loops."""
+    k = np.asarray(params["kernel"])
+    out = []
+    for l in range(k.shape[1]):
+        out.extend(k[:, l])
+        if has_bias:
+            out.append(float(params["bias"][l]))
+    return np.asarray(out)
+
+
+def _layer(seed, d_in=4, m=3):
+    rng = np.random.default_rng(seed)
+    params = {"kernel": jnp.asarray(rng.normal(size=(d_in, m))),
+              "bias": jnp.asarray(rng.normal(size=m))}
+    return params, jnp.asarray(rng.normal(size=(20, d_in)))
+
+
+@pytest.mark.parametrize("representation", ["exact", "eigen", "diagonal"])
+@pytest.mark.parametrize("constructor", ["linear", "tanh", "softmax"])
+def test_relative_fisher_rao_norm_is_theta_g_theta(representation, constructor):
+    params, x = _layer(0)
+    if constructor == "linear":
+        metric = rfim_jax.linear_rfim(params, x, representation=representation)
+    elif constructor == "softmax":
+        metric = rfim_jax.softmax_rfim(params, x, representation=representation)
+    else:
+        metric = rfim_jax.nonlinear_rfim(params, x, "tanh", representation=representation)
+    theta = _theta(params)
+    want = theta @ np.asarray(metric.to_dense()) @ theta
+    np.testing.assert_allclose(rfim_jax.relative_fisher_rao_norm(metric, params), want,
+                               rtol=1e-12)
+
+
+def _state_and_params(representation):
+    params = {"a": _layer(1)[0], "b": _layer(2, d_in=3, m=2)[0]}
+    tx = rfim_jax.rngd(0.1, {"a": "tanh", "b": "softmax"}, representation=representation,
+                       inverse_every=1)
+    return tx, params
+
+
+@pytest.mark.parametrize("representation", ["exact", "eigen", "diagonal"])
+def test_diagnostics_on_a_known_spectrum(representation):
+    tx, params = _state_and_params(representation)
+    state = tx.init(params)
+    inner = state[0]
+    # Plant a known spectrum in layer "a" (d = 5, m = 3): eigenvalues 0.5 .. 4.
+    scales = jnp.asarray(np.linspace(0.5, 4.0, 15).reshape(3, 5))
+    if representation == "exact":
+        planted = jax.vmap(jnp.diag)(scales)
+    elif representation == "eigen":
+        planted = {"A": inner.metrics["a"]["A"], "S": scales}
+    else:
+        planted = {"S": scales}
+    inner = inner._replace(metrics={**inner.metrics, "a": planted})
+    state = (inner,) + tuple(state[1:])
+    diag = jax.jit(rfim_jax.diagnostics)(state, params)
+    np.testing.assert_allclose(diag["a/min_eigenvalue"], 0.5, rtol=1e-12)
+    np.testing.assert_allclose(diag["a/max_eigenvalue"], 4.0, rtol=1e-12)
+    np.testing.assert_allclose(diag["a/condition_number"], 8.0, rtol=1e-12)
+    np.testing.assert_allclose(diag["a/trace"], float(np.sum(scales)), rtol=1e-12)
+    # The identity start of layer "b".
+    np.testing.assert_allclose(diag["b/condition_number"], 1.0, rtol=1e-12)
+    theta = _theta(params["a"])
+    np.testing.assert_allclose(diag["a/relative_fisher_rao_norm"],
+                               np.sum(np.asarray(scales).reshape(-1) * theta**2), rtol=1e-12)
+    assert int(diag["count"]) == 0
+
+
+def test_diagnostics_counts_skipped_steps_and_does_not_recompile():
+    tx, params = _state_and_params("eigen")
+    state = tx.init(params)
+    rng = np.random.default_rng(0)
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)), params)
+
+    def acts(bad):
+        a = {"a": {"inputs": jnp.asarray(rng.normal(size=(8, 4))),
+                   "preacts": jnp.asarray(rng.normal(size=(8, 3)))},
+             "b": {"inputs": jnp.asarray(rng.normal(size=(8, 3))),
+                   "preacts": jnp.asarray(rng.normal(size=(8, 2)))}}
+        if bad:
+            a["a"]["inputs"] = a["a"]["inputs"].at[0, 0].set(jnp.nan)
+        return a
+
+    update = jax.jit(tx.update)
+    # A fresh function object: jit caches are shared by every jit of the same function.
+    diag_fn = jax.jit(lambda *a, **k: rfim_jax.diagnostics(*a, **k))
+    for bad in (False, True, False, True):
+        upd, state = update(grads, state, params, activations=acts(bad))
+        diag = diag_fn(state, params, grads=grads, updates=upd)
+    assert int(diag["a/skipped"]) == 2 and int(diag["b/skipped"]) == 0
+    assert int(diag["a/fallbacks"]) == 0
+    assert diag_fn._cache_size() == 1  # called every step, compiled once
+    # |update| / |grad| from the trees given, computed here directly.
+    g = np.concatenate([np.ravel(grads["b"]["kernel"]), np.ravel(grads["b"]["bias"])])
+    u = np.concatenate([np.ravel(upd["b"]["kernel"]), np.ravel(upd["b"]["bias"])])
+    np.testing.assert_allclose(diag["b/step_to_grad_norm"],
+                               np.linalg.norm(u) / np.linalg.norm(g), rtol=1e-12)
+
+
+def test_relative_norm_from_a_state_matches_layer_metrics():
+    tx, params = _state_and_params("exact")
+    state = tx.init(params)
+    norms = rfim_jax.relative_fisher_rao_norm(state, params)
+    # From the identity: sum of squares of theta.
+    for path in ("a", "b"):
+        np.testing.assert_allclose(norms[path], np.sum(_theta(params[path]) ** 2), rtol=1e-12)
+
+
+def test_diagnostics_errors():
+    with pytest.raises(ValueError, match="exactly one ScaleByRNGDState"):
+        rfim_jax.diagnostics({"not": jnp.zeros(2)})
