@@ -13,6 +13,7 @@ They are the ``representation="exact"`` of the constructors.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -27,6 +28,23 @@ from rfim_jax._src.metrics.base import (
     Params,
     sym_eigvalsh,
 )
+
+
+def _compiled(method):
+    """Runs a solver-backed method as one compiled program.
+
+    Called eagerly (in a notebook), an uncompiled block solve dispatches every op of its
+    loops one by one: 0.27 s for a (4, 4, 4) metric against 0.1 ms compiled.  Inside an
+    outer ``jit`` the inner one is inlined, so this costs nothing there.
+    """
+    jitted = jax.jit(method, static_argnames=("relative", "method"))
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        return jitted(self, *args, **kwargs)
+
+    return wrapper
+
 
 # ------------------------------------------------------------------------ representations
 
@@ -62,10 +80,12 @@ class SharedBlockMetric(AbstractMetric, Arithmetic):
     def damped(self, damping, *, relative: bool = False) -> SharedBlockMetric:
         return self.replace(block=solvers.add_damping(self.block, damping, relative=relative))
 
+    @_compiled
     def inverse(self, damping=0.0, *, relative: bool = False, method: str = "auto"):
         inv = solvers.spd_inverse(self.damped(damping, relative=relative).block, method=method)
         return self.replace(block=inv)
 
+    @_compiled
     def solve(self, v: Params, damping=0.0, *, relative: bool = False, method: str = "auto"):
         cols = self._columns(v, "SharedBlockMetric.solve")
         b = self.damped(damping, relative=relative).block
@@ -121,10 +141,12 @@ class BlockDiagonalMetric(AbstractMetric, Arithmetic):
     def damped(self, damping, *, relative: bool = False) -> BlockDiagonalMetric:
         return self.replace(blocks=solvers.add_damping(self.blocks, damping, relative=relative))
 
+    @_compiled
     def inverse(self, damping=0.0, *, relative: bool = False, method: str = "auto"):
         b = self.damped(damping, relative=relative).blocks
         return self.replace(blocks=solvers.spd_inverse(b, method=method))
 
+    @_compiled
     def solve(self, v: Params, damping=0.0, *, relative: bool = False, method: str = "auto"):
         cols = self._columns(v, "BlockDiagonalMetric.solve")
         b = self.damped(damping, relative=relative).blocks
@@ -186,10 +208,12 @@ class DenseMetric(AbstractMetric, Arithmetic):
     def damped(self, damping, *, relative: bool = False) -> DenseMetric:
         return self.replace(matrix=solvers.add_damping(self.matrix, damping, relative=relative))
 
+    @_compiled
     def inverse(self, damping=0.0, *, relative: bool = False, method: str = "auto"):
         b = self.damped(damping, relative=relative).matrix
         return self.replace(matrix=solvers.spd_inverse(b, method=method))
 
+    @_compiled
     def solve(self, v: Params, damping=0.0, *, relative: bool = False, method: str = "auto"):
         theta = self._flat(v, "DenseMetric.solve")
         b = self.damped(damping, relative=relative).matrix
