@@ -122,7 +122,10 @@ def _check_first_step(params, grads, acts, updates, preconditioned):
 # Item 3: every container.
 
 
-@pytest.mark.parametrize("case", range(6), ids=[c[0] for c in _containers(np.random.default_rng(0))])
+CONTAINER_IDS = [c[0] for c in _containers(np.random.default_rng(0))]
+
+
+@pytest.mark.parametrize("case", range(6), ids=CONTAINER_IDS)
 def test_layers_none_finds_and_preconditions_layers_in_any_container(case):
     rng = np.random.default_rng(case)
     _, params, expected = _containers(rng)[case]

@@ -487,25 +487,48 @@ def test_strings_accepted(name, obj):
                                   two_layer_rfim(params, params_out, x, obj, obj).matrix)
 
 
-def test_layer_rfim_from_activations_matches_constructors():
+def test_layer_rfim_from_activations_matches_numpy():
+    """Each kind against eqs. (22), (23), (25) written out in numpy, sample by sample."""
     params, x, _ = _data(6, 3, 3, 1, True)
     xa = augment(x, True)
     z = x @ params["kernel"] + params["bias"]
+    xn, zn = np.asarray(xa), np.asarray(z)
+    n, d = xn.shape
+    m = zn.shape[1]
+    outer = np.einsum("ni,nj->nij", xn, xn)  # x~_i x~_i^T
+
+    # linear (eq. 22): every block A = mean x~ x~^T / sigma^2
+    a = outer.mean(0)
     lin = layer_rfim_from_activations(xa, z, "linear")
     assert isinstance(lin, SharedBlockMetric)
-    np.testing.assert_allclose(lin.to_dense(), linear_rfim(params, x).to_dense(), **TOL)
+    np.testing.assert_allclose(lin.to_dense(), np.kron(np.eye(m), a), **TOL)
     lin2 = layer_rfim_from_activations(xa, z, Linear(sigma=0.5))
-    np.testing.assert_allclose(lin2.to_dense(), linear_rfim(params, x, 0.5).to_dense(), **TOL)
+    np.testing.assert_allclose(lin2.to_dense(), np.kron(np.eye(m), a / 0.25), **TOL)
+
+    # softmax (eq. 25): block (k, l) = mean (delta_kl eta_k - eta_k eta_l) x~ x~^T
+    eta = np.exp(zn - zn.max(1, keepdims=True))
+    eta /= eta.sum(1, keepdims=True)
+    full = np.zeros((m * d, m * d))
+    for k in range(m):
+        for l in range(m):
+            coef = (k == l) * eta[:, k] - eta[:, k] * eta[:, l]
+            full[k * d : (k + 1) * d, l * d : (l + 1) * d] = np.einsum("n,nij->ij", coef, outer) / n
     sm = layer_rfim_from_activations(xa, z, "softmax")
-    np.testing.assert_allclose(sm.to_dense(), softmax_rfim(params, x).to_dense(), **TOL)
-    act = ReLU(omega=0.0, iota=0.1)
-    nl = layer_rfim_from_activations(xa, z, act)
-    np.testing.assert_allclose(nl.to_dense(), nonlinear_rfim(params, x, act).to_dense(), **TOL)
-    nb = layer_rfim_from_activations(x, x @ params["kernel"], "tanh", has_bias=False)
+    np.testing.assert_allclose(sm.to_dense(), full, **TOL)
+
+    # hard leaky relu (eq. 16, omega = 0): nu = 1/sigma^2 for z > 0, iota^2/sigma^2 below
+    nu = np.where(zn > 0, 1.0, 0.1**2)
+    blocks = np.einsum("nl,nij->lij", nu, outer) / n
+    nl = layer_rfim_from_activations(xa, z, ReLU(omega=0.0, iota=0.1))
+    np.testing.assert_allclose(nl.to_dense(), _block_diag_dense(blocks), **TOL)
+
+    # tanh without a bias (eq. 12): nu = 1 - tanh^2 z, x~ = x
+    xr = np.asarray(x)
+    zr = xr @ np.asarray(params["kernel"])
+    blocks = np.einsum("nl,ni,nj->lij", 1 - np.tanh(zr) ** 2, xr, xr) / n
+    nb = layer_rfim_from_activations(x, jnp.asarray(zr), "tanh", has_bias=False)
     assert nb.has_bias is False
-    np.testing.assert_allclose(
-        nb.to_dense(), nonlinear_rfim({"kernel": params["kernel"]}, x, "tanh").to_dense(), **TOL
-    )
+    np.testing.assert_allclose(nb.to_dense(), _block_diag_dense(blocks), **TOL)
 
 
 # ---------------------------------------------------------------------------- structure

@@ -133,8 +133,14 @@ def test_nested_paths_pass_through_and_flat_activations():
     jax.tree.map(np.testing.assert_array_equal, out_nested["head"], grads["head"])
     jax.tree.map(np.testing.assert_array_equal, out_nested["LayerNorm_0"], grads["LayerNorm_0"])
     assert set(state.metrics) == {"block/Dense_0"}
-    assert not np.allclose(out_nested["block"]["Dense_0"]["kernel"],
-                           grads["block"]["Dense_0"]["kernel"])
+    # The named layer is preconditioned: the numpy reference's first step (relu, defaults).
+    ref = ReferenceRNGD({"block/Dense_0": ("relu", 3, 4, True)}, 0.995, 1, 1e-2)
+    want_k, want_b = ref.update({"block/Dense_0": grads["block"]["Dense_0"]},
+                                _flat_acts(flat))["block/Dense_0"]
+    np.testing.assert_allclose(out_nested["block"]["Dense_0"]["kernel"], want_k, rtol=1e-9,
+                               atol=1e-12)
+    np.testing.assert_allclose(out_nested["block"]["Dense_0"]["bias"], want_b, rtol=1e-9,
+                               atol=1e-12)
 
 
 @pytest.mark.parametrize("momentum", [None, 0.9])
@@ -161,6 +167,9 @@ def test_rngd_is_chain_of_scale_trace_and_learning_rate(momentum):
 
 
 def test_rngd_accepts_a_schedule():
+    """linear_schedule(1, 0, 4) gives lr 1, 0.75, 0.5.  Same batch, no momentum and no refresh
+    after the first step: the preconditioned direction is the same every step, so the updates
+    are exactly lr_t times the first, which is the numpy reference's first step."""
     rng = np.random.default_rng(0)
     params, specs = _make_problem(rng, ["relu"])
     sched = optax.linear_schedule(1.0, 0.0, 4)
@@ -168,11 +177,19 @@ def test_rngd_accepts_a_schedule():
     state = tx.init(params)
     acts = _random_acts(rng, specs, n=4)
     grads = _random_grads(rng, params)
-    norms = []
+    outs = []
     for _ in range(3):
         out, state = tx.update(grads, state, params, activations=acts)
-        norms.append(float(jnp.linalg.norm(out["Dense_0"]["kernel"])))
-    assert norms[0] > 0 and norms[2] < norms[0]
+        outs.append(out["Dense_0"])
+    want_k, want_b = ReferenceRNGD(specs, 0.995, 100, 1e-2).update(grads, _flat_acts(acts))[
+        "Dense_0"]
+    np.testing.assert_allclose(outs[0]["kernel"], -want_k, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(outs[0]["bias"], -want_b, rtol=1e-9, atol=1e-12)
+    for name in ("kernel", "bias"):
+        np.testing.assert_array_equal(outs[2][name], 0.5 * outs[0][name])
+        np.testing.assert_allclose(outs[1][name], 0.75 * outs[0][name], rtol=1e-15, atol=0)
+    norms = [float(jnp.linalg.norm(o["kernel"])) for o in outs]
+    assert norms[2] / norms[0] == 0.5
 
 
 def test_update_every_one_is_default_and_k_skips_statistics():

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from rfim_jax._src import activations as act_lib
+from rfim_jax._src import dtypes as dtypes_lib
 from rfim_jax._src import metrics as metrics_lib
 from rfim_jax._src import paths as paths_lib
 from rfim_jax._src.layers import DenseLayer
@@ -96,7 +97,7 @@ def relative_fisher_rao_norm(metric_or_state: Any, params: Any) -> Any:
         if not metric.has_bias:
             node.pop("bias", None)
         cols = metric._columns(node, "relative_fisher_rao_norm")
-        cols = cols.astype(jnp.result_type(cols, *jax.tree.leaves(metric)))
+        cols = cols.astype(dtypes_lib.result_type(cols, *jax.tree.leaves(metric)))
         return jnp.vdot(cols, metric.matvec_columns(cols))
     return {
         path: relative_fisher_rao_norm(metric, paths_lib.get_by_path(params, path))

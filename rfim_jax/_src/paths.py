@@ -192,10 +192,19 @@ def get_by_path(tree: Any, path: str, default: Any = None) -> Any:
 def map_layers(fn: Callable[[str, Any], Any], tree: Any, paths: set[str]) -> Any:
     """Rebuilds ``tree`` with ``fn(path, layer)`` substituted at each layer in ``paths``.
 
-    ``fn`` receives the layer as :func:`get_by_path` returns it (a dict of unwrapped entries)
-    and returns a mapping of new entries.  The new leaves go back into ``tree``'s own
-    structure (``jax.tree_util`` unflatten on the original treedef), so every container and
-    wrapper, with its metadata, is kept.
+    The new leaves go back into ``tree``'s own structure (``jax.tree_util.tree_unflatten`` on
+    the original treedef), so every container and wrapper, with its metadata, is kept:
+    lists stay lists, dataclasses stay dataclasses, an ``nn.Partitioned`` keeps its names.
+
+    Args:
+      fn: called as ``fn(path, layer)`` with the layer as :func:`get_by_path` returns it (a
+        dict of unwrapped entries); returns a mapping of new entries (entries it leaves out
+        keep their old values).
+      tree: the pytree (params, gradients or updates).
+      paths: the layer paths to substitute.
+
+    Returns:
+      A pytree with ``tree``'s structure.
 
     Raises:
       ValueError: if a path is not in ``tree``, or ``fn`` returns an entry with a different

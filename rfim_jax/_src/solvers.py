@@ -347,7 +347,8 @@ def _chol_panel(s: jax.Array, floor: jax.Array):
         e = (idx == r).astype(s.dtype)
         l_row = jnp.sum(l * e[:, None], axis=-2)
         l_rr = jnp.sum(l_row * e, axis=-1)
-        y_r = (e - jnp.einsum("...j,...jk->...k", l_row * (idx < r), y, precision=_HIGHEST))
+        below = (idx < r).astype(s.dtype)
+        y_r = e - jnp.einsum("...j,...jk->...k", l_row * below, y, precision=_HIGHEST)
         y_r = y_r / l_rr[..., None]
         return y + e[:, None] * y_r[..., None, :]
 

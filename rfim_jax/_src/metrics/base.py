@@ -36,6 +36,8 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
+from rfim_jax._src import dtypes as dtypes_lib
+
 Params = dict[str, jax.Array]
 
 
@@ -192,9 +194,19 @@ class AbstractMetric:
 
     # ------------------------------------------------------------------- param layout
     def _columns(self, v: Params, where: str) -> jax.Array:
+        """``v``'s (d, m) columns in the common dtype of ``v`` and the metric's arrays.
+
+        The cast is explicit, so the algebra also runs under strict dtype promotion.
+        """
         cols = params_to_columns(v, self.has_bias, name=where, layout=self.layout)
         check_columns(cols, self.block_size, self.num_neurons, where)
-        return cols
+        return cols.astype(dtypes_lib.result_type(cols, *jax.tree.leaves(self)))
+
+    def _in_dtype(self, dtype):
+        """The metric with every array cast to ``dtype`` (itself if they already are)."""
+        if all(a.dtype == dtype for a in jax.tree.leaves(self)):
+            return self
+        return jax.tree.map(lambda a: a.astype(dtype), self)
 
     def _params(self, cols: jax.Array) -> Params:
         return columns_to_params(cols, self.has_bias, self.layout)
@@ -211,7 +223,8 @@ class AbstractMetric:
     def matvec(self, v: Params) -> Params:
         """``G v`` for ``v`` in param layout; returns param layout."""
         where = f"{type(self).__name__}.matvec"
-        return self._params(self.matvec_columns(self._columns(v, where)))
+        cols = self._columns(v, where)
+        return self._params(self._in_dtype(cols.dtype).matvec_columns(cols))
 
     def solve(self, v: Params, damping=0.0, *, relative: bool = False, method: str = "auto"):
         """``(G + damping I)^-1 v`` for ``v`` in param layout; returns param layout.

@@ -48,7 +48,8 @@ class DiagonalMetric(AbstractMetric, Arithmetic):
         """``V / (S^T + damping)`` for V the (d, m) columns of ``v``; ``method`` is ignored."""
         del method
         cols = self._columns(v, "DiagonalMetric.solve")
-        return self._params(cols / self.damped(damping, relative=relative).scales.T)
+        scales = self._in_dtype(cols.dtype).damped(damping, relative=relative).scales
+        return self._params(cols / scales.T)
 
     def damped(self, damping, *, relative: bool = False) -> DiagonalMetric:
         """``G + damping I`` (or ``damping tr(G_l)/d`` per neuron with ``relative=True``)."""

@@ -22,8 +22,9 @@ from rfim_jax._src.metrics.base import AbstractMetric, ParamLayout, Params
 
 def _relative(scales: jax.Array, damping, relative: bool) -> jax.Array:
     """The per-neuron damping to add to ``scales`` (m, d): absolute or ``damping tr/d``."""
+    damping = jnp.asarray(damping).astype(scales.dtype)
     if not relative:
-        return jnp.asarray(damping, scales.dtype)
+        return damping
     return damping * jnp.mean(scales, axis=-1, keepdims=True)
 
 
@@ -88,8 +89,10 @@ class EigenDiagonalMetric(AbstractMetric):
         ``method`` is accepted for protocol compatibility and ignored (closed form).
         """
         del method
-        s = self.damped(damping, relative=relative).scales
-        return self._params(self._apply(self._columns(v, "EigenDiagonalMetric.solve"), 1.0 / s))
+        cols = self._columns(v, "EigenDiagonalMetric.solve")
+        metric = self._in_dtype(cols.dtype)
+        s = metric.damped(damping, relative=relative).scales
+        return self._params(metric._apply(cols, 1.0 / s))
 
     def damped(self, damping, *, relative: bool = False) -> EigenDiagonalMetric:
         """``G + damping I`` (or ``damping tr(G_l)/d`` per neuron with ``relative=True``)."""
