@@ -13,7 +13,8 @@ exact at width 64 (the issue's 3-epoch goal)::
         --train-methods exact,eigen --out results/wide64
 
 The network is the paper's 784-h-h-h-10 relu MLP with the RFIM kinds "linear" (input layer),
-"relu" (hidden layers) and "softmax" (output layer), preconditioned by
+"relu" (hidden layers) and "softmax" (output layer; ``--output-kind linear`` gives the paper's
+Fig. 5 choice), preconditioned by
 ``rfim_jax.rngd(lr, layers, representation=...)`` with T = ``inverse_every`` = 100.  Everything
 runs in one process; the methods of one (width, batch) configuration are timed interleaved.
 
@@ -83,9 +84,10 @@ BOUNDS = {"forward_backward": "forward/backward", "statistics": "statistics", "a
           "refresh": "refresh"}
 
 
-def methods(lr: Mapping[str, float] | None = None) -> dict[str, speed.Method]:
+def methods(lr: Mapping[str, float] | None = None,
+            output_kind: str = "softmax") -> dict[str, speed.Method]:
     lr = {"adam": 1e-3, "sgd": 0.03, "rngd": 0.01} | dict(lr or {})
-    rngd = dict(family="rngd", learning_rate=lr["rngd"], output_kind="softmax",
+    rngd = dict(family="rngd", learning_rate=lr["rngd"], output_kind=output_kind,
                 inverse_every=INVERSE_EVERY)
     return {m.name: m for m in (
         speed.Method("adam", "adam", lr["adam"], momentum=0.0),
@@ -97,8 +99,8 @@ def methods(lr: Mapping[str, float] | None = None) -> dict[str, speed.Method]:
     )}
 
 
-def layer_kinds(sizes: Sequence[int]) -> dict[str, str]:
-    return speed.rngd_layer_kinds(sizes, output_kind="softmax")
+def layer_kinds(sizes: Sequence[int], output_kind: str = "softmax") -> dict[str, str]:
+    return speed.rngd_layer_kinds(sizes, output_kind=output_kind)
 
 
 def flop_model(sizes: Sequence[int], batch: int, kinds: Mapping[str, str],
@@ -140,7 +142,8 @@ def state_report(m: speed.Method, sizes: Sequence[int]) -> dict:
     if m.family != "rngd":
         out["state_to_params"] = out["optimizer_state_bytes"] / out["params_bytes"]
         return out
-    plan = rfim_jax.rngd_plan(params, layer_kinds(sizes), representation=m.representation)
+    plan = rfim_jax.rngd_plan(params, layer_kinds(sizes, m.output_kind),
+                              representation=m.representation)
     stage = next(s for s in state if isinstance(s, rfim_jax.ScaleByRNGDState))
     out["plan"] = {p: {"kind": v.kind, "representation": v.representation, "shape": v.shape,
                        "state_bytes": v.state_bytes} for p, v in plan.items()}
@@ -179,7 +182,7 @@ def measure(configs: Sequence[scaling.Config], meths: Sequence[speed.Method], x_
                    "update_every": m.update_every if rngd else None,
                    **state_report(m, cfg.sizes)}
             row["model_flops"] = flop_model(
-                cfg.sizes, cfg.batch, layer_kinds(cfg.sizes), row["representation"],
+                cfg.sizes, cfg.batch, layer_kinds(cfg.sizes, m.output_kind), row["representation"],
                 update_every=m.update_every, inverse_every=m.inverse_every)
             if rngd and row["rngd_state_bytes_plan"] > max_state_gb * 2**30:
                 row["skipped"] = (f"state {row['rngd_state_bytes_plan'] / 2**30:.1f} GiB > "
@@ -239,10 +242,11 @@ def load(dataset: str, data_dir: str | None, seed: int) -> tuple[speed.Data, str
 
 
 def train(data: speed.Data, *, width: int, batch: int, epochs: float, names: Sequence[str],
-          target: float, single_lr: bool = False, seed: int = 0, progress: bool = True) -> dict:
+          target: float, single_lr: bool = False, seed: int = 0, progress: bool = True,
+          output_kind: str = "softmax") -> dict:
     """Training curves and time to ``target`` over the learning-rate grids (module docstring)."""
     sizes = (int(data.x_train.shape[1]),) + (width,) * 3 + (10,)
-    base = methods()
+    base = methods(output_kind=output_kind)
     trials = []
     for name in names:
         grid = LR_GRIDS[base[name].family]
@@ -350,7 +354,8 @@ def _run(args: argparse.Namespace) -> dict:
     out = {"dataset": dataset, "rows": [], "training": None}
     if not args.no_timing:
         configs = [scaling.Config(w, b, input_dim=d_in) for b in batches for w in widths]
-        out["rows"] = measure(configs, list(methods().values()), data.x_train[:20_000],
+        meths = list(methods(output_kind=args.output_kind).values())
+        out["rows"] = measure(configs, meths, data.x_train[:20_000],
                               data.y_train[:20_000], steps=args.steps,
                               reps=args.reps or (3 if quick else 5),
                               max_state_gb=args.max_state_gb)
@@ -361,7 +366,7 @@ def _run(args: argparse.Namespace) -> dict:
             data, width=args.train_width or (256 if quick else 1024),
             batch=args.train_batch or (100 if quick else 1024), epochs=epochs,
             names=args.train_methods.split(","), target=args.target, single_lr=args.single_lr,
-            seed=args.seed, progress=not args.no_progress)
+            seed=args.seed, progress=not args.no_progress, output_kind=args.output_kind)
         tr = out["training"]
         for name, run_name in tr["best"].items():
             s, t = tr["runs"][run_name], tr["runs"][run_name]["time_to_target"]
@@ -373,7 +378,8 @@ def _run(args: argparse.Namespace) -> dict:
     print("goals:", out["goals"], flush=True)
     config = {k: v for k, v in vars(args).items()} | {
         "widths": widths, "batches": batches, "inverse_every": INVERSE_EVERY,
-        "lr_grids": LR_GRIDS, "methods": {n: dataclasses.asdict(m) for n, m in methods().items()}}
+        "lr_grids": LR_GRIDS, "methods": {n: dataclasses.asdict(m)
+                    for n, m in methods(output_kind=args.output_kind).items()}}
     path = common.write_json(Path(args.out) / "wide.json", out, config=config, digits=6)
     png = plot(out["rows"], out["training"], Path(args.out) / "wide.png")
     print(f"wrote {path} and {png}", flush=True)
@@ -402,6 +408,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-batch", type=int, default=None, help="default 1024 (quick 100)")
     p.add_argument("--train-methods", type=str, default=",".join(TRAIN_METHODS))
     p.add_argument("--single-lr", action="store_true", help="only the middle rate of each grid")
+    p.add_argument("--output-kind", choices=("softmax", "linear"), default="softmax",
+                   help="the output layer's RFIM kind ('linear' is the paper's Fig. 5 choice)")
     p.add_argument("--no-timing", action="store_true")
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--dataset", choices=("auto", "fashion", "digits"), default="auto")

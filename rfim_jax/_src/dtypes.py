@@ -17,6 +17,23 @@ def result_type(*args) -> jnp.dtype:
         return jnp.dtype(jnp.result_type(*args))
 
 
+def reject_complex(dtype, where: str = "rfim_jax") -> None:
+    """Raises for complex dtypes, which the library does not support.
+
+    The RFIMs here are for real parameters with real responses (eqs. 9-26); a complex layer
+    would otherwise be silently reduced to its real part.
+
+    Raises:
+      TypeError: naming ``where`` and the dtype, for a complex dtype.
+    """
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        raise TypeError(
+            f"{where}: complex dtype {jnp.dtype(dtype).name} is not supported; the RFIMs and "
+            f"RNGD here are for real parameters and real activations. Represent a complex "
+            f"layer by its real and imaginary parts as separate real parameters."
+        )
+
+
 def at_least_float32(*args) -> jnp.dtype:
     """The args' result type (standard promotion), promoted to at least float32.
 
@@ -28,9 +45,13 @@ def at_least_float32(*args) -> jnp.dtype:
 
     Returns:
       The dtype to accumulate in.
+
+    Raises:
+      TypeError: for complex inputs (see :func:`reject_complex`).
     """
     with jax.numpy_dtype_promotion("standard"):
         dtype = jnp.result_type(*args) if args else jnp.float32
+        reject_complex(dtype)
         if not jnp.issubdtype(dtype, jnp.floating):
             return jnp.dtype(jnp.float32)
         return jnp.dtype(jnp.promote_types(dtype, jnp.float32))

@@ -55,6 +55,9 @@ def _inputs(params: Params, x: jax.Array, name: str):
     """Returns (x~ (n, d) in stats dtype, z (n, m), has_bias), checking shapes."""
     kernel, bias = metrics.unpack_dense(params, name)
     x = flatten_batch(x, name=f"{name}: x")
+    for arr in (x, kernel, bias):
+        if arr is not None:
+            dtypes_lib.reject_complex(jnp.result_type(arr), name)
     if x.shape[-1] != kernel.shape[0]:
         raise ValueError(
             f"{name}: x has {x.shape[-1]} features but kernel expects d_in={kernel.shape[0]} "

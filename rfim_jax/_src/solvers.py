@@ -125,7 +125,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from rfim_jax._src.dtypes import at_least_float32, result_type
+from rfim_jax._src.dtypes import at_least_float32, reject_complex, result_type
 
 ArrayLike = Any
 
@@ -169,6 +169,7 @@ def _as_blocks(blocks: ArrayLike, name: str = "blocks", *, promote: bool = True)
     """Checks (..., d, d); ``promote``: computes in at least float32 (an inverse in bfloat16
     or float16 would be noise)."""
     blocks = jnp.asarray(blocks)
+    reject_complex(blocks.dtype, name)
     if not jnp.issubdtype(blocks.dtype, jnp.floating):
         blocks = blocks.astype(jnp.result_type(float))
     if promote:

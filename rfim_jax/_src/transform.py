@@ -67,16 +67,23 @@ class ScaleByRNGDState(NamedTuple):
 
 
 
-def _check_number(name: str, value, low, high, *, low_open=False, high_open=False) -> None:
-    """Validates a hyperparameter given as a Python number (arrays are left to the caller)."""
+def _check_number(name: str, value, low, high, *, high_open=False) -> None:
+    """Validates a hyperparameter given as a Python number (arrays are left to the caller).
+
+    Raises:
+      ValueError: if ``value`` lies outside ``[low, high]`` (``[low, high)`` with
+        ``high_open``), or is NaN.
+    """
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return
-    bad = (value <= low if low_open else value < low) if low is not None else False
-    bad |= (value >= high if high_open else value > high) if high is not None else False
-    if bad or value != value:
-        lo = "(" if low_open else "["
-        hi = ")" if high_open else "]"
-        raise ValueError(f"{name} must lie in {lo}{low}, {high}{hi}, got {value}.")
+    below = low is not None and value < low
+    above = high is not None and (value >= high if high_open else value > high)
+    if below or above or value != value:
+        if high is None:
+            raise ValueError(f"{name} must be >= {low}, got {value}.")
+        raise ValueError(
+            f"{name} must lie in [{low}, {high}{')' if high_open else ']'}, got {value}."
+        )
 
 
 def _check_hyper_dtype(name: str, value) -> None:

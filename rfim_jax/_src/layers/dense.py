@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from rfim_jax._src import activations as act_lib
+from rfim_jax._src import dtypes as dtypes_lib
 from rfim_jax._src import metrics as metrics_lib
 from rfim_jax._src import paths as paths_lib
 from rfim_jax._src import rfim as rfim_lib
@@ -43,6 +44,9 @@ class DenseLayer:
     def from_params(cls, path: str, kind: Any, node: Mapping) -> DenseLayer:
         """Validates a dense node (arrays or ``jax.ShapeDtypeStruct``) and describes it."""
         kernel, bias = metrics_lib.unpack_dense(node, f"layer {path!r}")
+        for leaf in (kernel, bias):
+            if leaf is not None:
+                dtypes_lib.reject_complex(leaf.dtype, f"layer {path!r}")
         return cls(path, kind, int(kernel.shape[0]), int(kernel.shape[1]), bias is not None)
 
     @property
@@ -72,6 +76,8 @@ class DenseLayer:
         v = {"kernel": node["kernel"]}
         if self.has_bias:
             v["bias"] = node["bias"]
+        for leaf in v.values():
+            dtypes_lib.reject_complex(jnp.result_type(leaf), f"layer {self.path!r}")
         v = jax.tree.map(lambda a: jnp.asarray(a).astype(dtype), v)
         return metrics_lib.params_to_columns(v, self.has_bias, name=f"layer {self.path!r}",
                                              layout=self.layout)
@@ -100,6 +106,8 @@ class DenseLayer:
         if not isinstance(entry, Mapping) or "inputs" not in entry or "preacts" not in entry:
             raise ValueError(f"layer {self.path!r}: no activations passed; {expected}.")
         x, z = jnp.asarray(entry["inputs"]), jnp.asarray(entry["preacts"])
+        for arr in (x, z):
+            dtypes_lib.reject_complex(arr.dtype, f"layer {self.path!r}")
         for name, arr, width, label in (("inputs", x, self.d_in, "d_in"),
                                         ("preacts", z, self.m, "m")):
             if arr.ndim < 2:

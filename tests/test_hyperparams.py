@@ -1,0 +1,91 @@
+"""Hyperparameters that lose their meaning (low precision, out of range) and non-real dtypes
+raise instead of silently changing the algorithm (issue: robustness, items 1, 2 and 6)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from _reference import reference_blocks
+
+import rfim_jax
+
+
+def _problem(dtype=jnp.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    params = {"Dense_0": {"kernel": jnp.asarray(rng.normal(size=(3, 4)), dtype),
+                          "bias": jnp.zeros(4, dtype)}}
+    x = rng.normal(size=(16, 3))
+    z = x @ np.asarray(params["Dense_0"]["kernel"], np.float64)
+    acts = {"Dense_0": {"inputs": jnp.asarray(x, dtype), "preacts": jnp.asarray(z, dtype)}}
+    grads = jax.tree.map(jnp.ones_like, params)
+    return params, acts, grads, x, z
+
+
+def test_bfloat16_decay_under_inject_hyperparams_is_refused():
+    # optax stores float hyperparameters in the params' dtype: 0.9995 becomes exactly 1.0.
+    params, acts, grads, _, _ = _problem(jnp.bfloat16)
+    tx = optax.inject_hyperparams(rfim_jax.rngd)(learning_rate=0.1, layers={"Dense_0": "relu"},
+                                                 decay=0.9995)
+    state = tx.init(params)
+    assert state.hyperparams["decay"].dtype == jnp.bfloat16
+    assert float(state.hyperparams["decay"]) == 1.0
+    with pytest.raises(TypeError,
+                       match=r"decay arrived as bfloat16.*hyperparam_dtype=jnp\.float32"):
+        tx.update(grads, state, params, activations=acts)
+
+
+def test_float32_hyperparams_keep_the_moving_average_of_eq_32():
+    params, acts, grads, x, z = _problem(jnp.bfloat16)
+    decay, steps = 0.9995, 50
+    tx = optax.inject_hyperparams(rfim_jax.rngd, hyperparam_dtype=jnp.float32)(
+        learning_rate=0.1, layers={"Dense_0": "relu"}, decay=decay)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for _ in range(steps):
+        _, state = update(grads, state, params, activations=acts)
+    got = np.asarray(state.inner_state[0].metrics["Dense_0"], np.float64)
+    # Same batch every step: G_k = decay^k I + (1 - decay^k) F, F the damped fresh blocks (numpy).
+    x32 = np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64)
+    z32 = np.asarray(jnp.asarray(z, jnp.bfloat16), np.float64)
+    fresh = np.stack(reference_blocks("relu", x32, z32, True, 1e-2))
+    want = decay**steps * np.eye(4) + (1 - decay**steps) * fresh
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert np.max(np.abs(got - np.eye(4))) > 1e-3  # it moved away from the identity
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"decay": 1.0}, r"decay must lie in \[0.0, 1.0\), got 1.0"),
+        ({"decay": 1.5}, r"decay must lie in \[0.0, 1.0\), got 1.5"),
+        ({"decay": -0.5}, r"decay must lie in \[0.0, 1.0\), got -0.5"),
+        ({"damping": -2.0}, r"damping must be >= 0.0, got -2.0"),
+        ({"inverse_every": 0}, r"inverse_every must be a positive integer, got 0"),
+        ({"update_every": 2.5}, r"update_every must be a positive integer, got 2.5"),
+        ({"momentum": 1.0}, r"momentum must lie in \[0, 1\), got 1.0"),
+    ],
+)
+def test_out_of_range_hyperparameters_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        rfim_jax.rngd(0.1, {"Dense_0": "relu"}, **kwargs)
+
+
+def test_complex_layers_are_refused_at_every_boundary():
+    params, acts, grads, x, _ = _problem()
+    cparams = jax.tree.map(lambda a: a.astype(jnp.complex64), params)
+    cacts = jax.tree.map(lambda a: a.astype(jnp.complex64), acts)
+    tx = rfim_jax.rngd(0.1, {"Dense_0": "relu"})
+    match = r"layer 'Dense_0': complex dtype complex64 is not supported"
+    with pytest.raises(TypeError, match=match):
+        tx.init(cparams)
+    state = tx.init(params)
+    with pytest.raises(TypeError, match=match):
+        tx.update(grads, state, params, activations=cacts)
+    with pytest.raises(TypeError, match=match):
+        tx.update(jax.tree.map(lambda a: a.astype(jnp.complex64), grads), state, params,
+                  activations=acts)
+    with pytest.raises(TypeError, match=r"nonlinear_rfim: complex dtype complex64"):
+        rfim_jax.nonlinear_rfim(cparams["Dense_0"], jnp.asarray(x, jnp.complex64), "relu")
+    with pytest.raises(TypeError, match=r"complex dtype complex64 is not supported"):
+        rfim_jax.spd_inverse(jnp.eye(3, dtype=jnp.complex64)[None])
