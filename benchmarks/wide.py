@@ -63,6 +63,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 import rfim_jax
 from benchmarks import scaling, speed
@@ -327,10 +328,6 @@ def limit_blas_threads(threads: int):
     instead of 3 ms (numpy's and scipy's alike); one thread removes that.  0 leaves it alone.
     """
     if threads <= 0:
-        return contextlib.nullcontext()
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
         return contextlib.nullcontext()
     jax.block_until_ready(jnp.linalg.eigh(jnp.eye(2)))  # loads jax's LAPACK first
     return threadpool_limits(limits=threads, user_api="blas")

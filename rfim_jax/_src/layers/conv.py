@@ -40,6 +40,7 @@ from rfim_jax._src import activations as act_lib
 from rfim_jax._src import metrics as metrics_lib
 from rfim_jax._src import paths as paths_lib
 from rfim_jax._src import rfim as rfim_lib
+from rfim_jax._src.layers.base import LayerAdapter
 
 Params = dict[str, jax.Array]
 
@@ -487,7 +488,7 @@ def conv_rfim(
 
 
 @dataclasses.dataclass(frozen=True)
-class ConvLayer:
+class ConvLayer(LayerAdapter):
     """Static description of one convolutional layer under an optimiser (cf. ``DenseLayer``).
 
     Neuron l is output channel l; its vector is ``[kernel[..., l].reshape(-1), bias[l]]``.
@@ -569,25 +570,8 @@ class ConvLayer:
         )
 
     @property
-    def d(self) -> int:
-        """Length of one neuron's vector ``w~_l``: ``d_in + 1`` with a bias."""
-        return self.d_in + int(self.has_bias)
-
-    @property
     def layout(self) -> metrics_lib.ParamLayout:
         return _layout(self.kernel_shape, self.has_bias)
-
-    @property
-    def is_linear(self) -> bool:
-        return isinstance(self.kind, act_lib.Linear)
-
-    @property
-    def is_softmax(self) -> bool:
-        return isinstance(self.kind, str) and self.kind == "softmax"
-
-    @property
-    def num_params(self) -> int:
-        return self.d * self.m
 
     @property
     def c_in(self) -> int:
@@ -598,23 +582,6 @@ class ConvLayer:
                          self.feature_group_count)
 
     # -------------------------------------------------------------- param layout
-    def columns(self, node: Mapping, dtype) -> jax.Array:
-        """The node's ``[kernel.reshape(-1, m); bias]`` as (d, m) columns in ``dtype``."""
-        v = {"kernel": node["kernel"]}
-        if self.has_bias:
-            v["bias"] = node["bias"]
-        v = jax.tree.map(lambda a: jnp.asarray(a).astype(dtype), v)
-        return metrics_lib.params_to_columns(v, self.has_bias, name=f"layer {self.path!r}",
-                                             layout=self.layout)
-
-    def write_columns(self, node: Mapping, cols: jax.Array) -> dict:
-        """``node`` with its kernel (and bias) replaced by ``cols``, in the node's dtypes."""
-        metrics_lib.check_columns(cols, self.d, self.m, f"layer {self.path!r}")
-        out = dict(node)
-        for name, val in metrics_lib.columns_to_params(cols, self.has_bias, self.layout).items():
-            out[name] = val.astype(node[name].dtype)
-        return out
-
     # -------------------------------------------------------------- activations
     def rows(self, activations: Any) -> tuple[jax.Array, jax.Array]:
         """This layer's augmented patches ``x~`` (N, d) and pre-activations (N, m).

@@ -9,12 +9,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rfim_jax._src import activations as act_lib
 from rfim_jax._src import dtypes as dtypes_lib
 from rfim_jax._src import metrics as metrics_lib
 from rfim_jax._src import paths as paths_lib
 from rfim_jax._src import rfim as rfim_lib
 from rfim_jax._src import sharding as sharding_lib
+from rfim_jax._src.layers.base import LayerAdapter
 
 
 def kind_name(kind: Any) -> str:
@@ -23,7 +23,7 @@ def kind_name(kind: Any) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class DenseLayer:
+class DenseLayer(LayerAdapter):
     """Static description of one dense layer under an optimiser.
 
     Attributes:
@@ -48,46 +48,6 @@ class DenseLayer:
             if leaf is not None:
                 dtypes_lib.reject_complex(leaf.dtype, f"layer {path!r}")
         return cls(path, kind, int(kernel.shape[0]), int(kernel.shape[1]), bias is not None)
-
-    @property
-    def d(self) -> int:
-        """Length of one neuron's vector ``w~_l``: ``d_in + 1`` with a bias."""
-        return self.d_in + int(self.has_bias)
-
-    @property
-    def layout(self) -> metrics_lib.ParamLayout | None:
-        return None
-
-    @property
-    def is_linear(self) -> bool:
-        return isinstance(self.kind, act_lib.Linear)
-
-    @property
-    def is_softmax(self) -> bool:
-        return isinstance(self.kind, str) and self.kind == "softmax"
-
-    @property
-    def num_params(self) -> int:
-        return self.d * self.m
-
-    # -------------------------------------------------------------- param layout
-    def columns(self, node: Mapping, dtype) -> jax.Array:
-        """The node's ``[kernel; bias]`` as (d, m) columns in ``dtype``."""
-        v = {"kernel": node["kernel"]}
-        if self.has_bias:
-            v["bias"] = node["bias"]
-        for leaf in v.values():
-            dtypes_lib.reject_complex(jnp.result_type(leaf), f"layer {self.path!r}")
-        v = jax.tree.map(lambda a: jnp.asarray(a).astype(dtype), v)
-        return metrics_lib.params_to_columns(v, self.has_bias, name=f"layer {self.path!r}",
-                                             layout=self.layout)
-
-    def write_columns(self, node: Mapping, cols: jax.Array) -> dict:
-        """``node`` with its kernel (and bias) replaced by ``cols``, in the node's dtypes."""
-        out = dict(node)
-        for name, val in metrics_lib.columns_to_params(cols, self.has_bias, self.layout).items():
-            out[name] = val.astype(node[name].dtype)
-        return out
 
     # -------------------------------------------------------------- activations
     def rows(self, activations: Any) -> tuple[jax.Array, jax.Array]:

@@ -262,6 +262,33 @@ class AbstractMetric:
         raise NotImplementedError
 
 
+class PerNeuronScales:
+    """The shared algebra of the representations that store per-neuron scales ``S`` (m, d).
+
+    Their eigenvalues are the scales themselves (eigen: in the basis U; diagonal: in the
+    standard basis), so trace, spectrum and size are read from ``S``.
+    """
+
+    scales: jax.Array
+
+    @property
+    def num_neurons(self) -> int:
+        return self.scales.shape[-2]
+
+    @property
+    def block_size(self) -> int:
+        return self.scales.shape[-1]
+
+    def trace(self) -> jax.Array:
+        return jnp.sum(self.scales)
+
+    def eigvalsh(self) -> jax.Array:
+        return jnp.sort(self.scales.reshape(-1))
+
+    def max_eigenvalue(self) -> jax.Array:
+        return jnp.max(self.scales)
+
+
 class Arithmetic:
     """Elementwise arithmetic on every data field, for moving averages (``a G + b H``)."""
 

@@ -10,12 +10,18 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from rfim_jax._src.metrics.base import AbstractMetric, Arithmetic, ParamLayout, Params
+from rfim_jax._src.metrics.base import (
+    AbstractMetric,
+    Arithmetic,
+    ParamLayout,
+    Params,
+    PerNeuronScales,
+)
 from rfim_jax._src.metrics.eigen import _relative
 
 
 @struct.dataclass
-class DiagonalMetric(AbstractMetric, Arithmetic):
+class DiagonalMetric(PerNeuronScales, AbstractMetric, Arithmetic):
     """A layer RFIM kept as the diagonal of each neuron's block (SPEC §7).
 
     Attributes:
@@ -29,14 +35,6 @@ class DiagonalMetric(AbstractMetric, Arithmetic):
     has_bias: bool = struct.field(pytree_node=False, default=True)
     layout: ParamLayout | None = struct.field(pytree_node=False, default=None)
     _tag: str = struct.field(pytree_node=False, default="diagonal", repr=False)
-
-    @property
-    def num_neurons(self) -> int:
-        return self.scales.shape[-2]
-
-    @property
-    def block_size(self) -> int:
-        return self.scales.shape[-1]
 
     def to_dense(self) -> jax.Array:
         return jnp.diag(self.scales.reshape(-1))
@@ -59,14 +57,7 @@ class DiagonalMetric(AbstractMetric, Arithmetic):
         del method
         return self.replace(scales=1.0 / self.damped(damping, relative=relative).scales)
 
-    def trace(self) -> jax.Array:
-        return jnp.sum(self.scales)
-
     def diagonal(self) -> jax.Array:
         return self.scales.reshape(-1)
 
-    def eigvalsh(self) -> jax.Array:
-        return jnp.sort(self.scales.reshape(-1))
 
-    def max_eigenvalue(self) -> jax.Array:
-        return jnp.max(self.scales)

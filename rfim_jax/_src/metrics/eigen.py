@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from rfim_jax._src.metrics.base import AbstractMetric, ParamLayout, Params
+from rfim_jax._src.metrics.base import AbstractMetric, ParamLayout, Params, PerNeuronScales
 
 
 def _relative(scales: jax.Array, damping, relative: bool) -> jax.Array:
@@ -34,7 +34,7 @@ def _same_static(a, b, where: str) -> None:
 
 
 @struct.dataclass
-class EigenDiagonalMetric(AbstractMetric):
+class EigenDiagonalMetric(PerNeuronScales, AbstractMetric):
     """A layer RFIM whose neuron blocks are diagonal in one shared orthonormal basis (SPEC §7).
 
     Block l is ``basis @ diag(scales[l]) @ basis.T``; the dense form is block diagonal and
@@ -57,14 +57,6 @@ class EigenDiagonalMetric(AbstractMetric):
     has_bias: bool = struct.field(pytree_node=False, default=True)
     layout: ParamLayout | None = struct.field(pytree_node=False, default=None)
     _tag: str = struct.field(pytree_node=False, default="eigen_diagonal", repr=False)
-
-    @property
-    def num_neurons(self) -> int:
-        return self.scales.shape[-2]
-
-    @property
-    def block_size(self) -> int:
-        return self.scales.shape[-1]
 
     def blocks(self) -> jax.Array:
         """The (m, d, d) stack ``U diag(s_l) U^T`` (for tests and small layers only)."""
@@ -102,18 +94,9 @@ class EigenDiagonalMetric(AbstractMetric):
         del method
         return self.replace(scales=1.0 / self.damped(damping, relative=relative).scales)
 
-    def trace(self) -> jax.Array:
-        return jnp.sum(self.scales)
-
     def diagonal(self) -> jax.Array:
         # diag(U diag(s) U^T)_i = sum_j U_ij^2 s_j.
         return (self.scales @ (self.basis * self.basis).T).reshape(-1)
-
-    def eigvalsh(self) -> jax.Array:
-        return jnp.sort(self.scales.reshape(-1))
-
-    def max_eigenvalue(self) -> jax.Array:
-        return jnp.max(self.scales)
 
     # ------------------------------------------------------------------ arithmetic
     def _check_basis(self, other, where: str) -> None:
