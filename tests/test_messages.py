@@ -1,0 +1,49 @@
+"""Messages that used to mislead (robustness issue, item 8), each asserted exactly."""
+
+import re
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rfim_jax
+
+
+def _layer():
+    rng = np.random.default_rng(0)
+    return {"Dense_0": {"kernel": jnp.asarray(rng.normal(size=(3, 4))), "bias": jnp.zeros(4)}}
+
+
+def test_single_example_without_batch_axis_says_so():
+    params = _layer()
+    tx = rfim_jax.scale_by_rngd({"Dense_0": "relu"})
+    acts = {"Dense_0": {"inputs": jnp.ones(3), "preacts": jnp.ones((1, 4))}}
+    match = (r"layer 'Dense_0': inputs have shape \(3,\) with no sample axis; a single example "
+             r"needs one, shape \(1, 3\)")
+    with pytest.raises(ValueError, match=match):
+        tx.update(params, tx.init(params), activations=acts)
+
+
+def test_kind_names_are_case_insensitive_everywhere():
+    rng = np.random.default_rng(1)
+    x, z = jnp.asarray(rng.normal(size=(5, 3))), jnp.asarray(rng.normal(size=(5, 4)))
+    xa = jnp.concatenate([x, jnp.ones((5, 1))], 1)
+    upper = rfim_jax.layer_rfim_from_activations(xa, z, "Softmax")
+    lower = rfim_jax.layer_rfim_from_activations(xa, z, "softmax")
+    np.testing.assert_array_equal(upper.to_dense(), lower.to_dense())
+
+
+def test_unknown_kind_lists_each_valid_kind_once():
+    with pytest.raises(ValueError) as err:
+        rfim_jax.scale_by_rngd({"Dense_0": "swish"}).init(_layer())
+    msg = str(err.value)
+    assert "layer 'Dense_0': unknown kind 'swish'" in msg
+    for name in rfim_jax.ACTIVATION_NAMES + ("softmax",):
+        assert len(re.findall(rf"(?<!\w){re.escape(name)}(?!\w)", msg)) == 1, name
+
+
+def test_whitening_refuses_a_non_linear_kind():
+    with pytest.raises(ValueError, match=r"scale_by_whitening: layer 'Dense_0' was given kind "
+                                         r"'softmax', but whitening is the 'linear' kind"):
+        rfim_jax.scale_by_whitening({"Dense_0": "softmax"})
+    rfim_jax.scale_by_whitening({"Dense_0": "linear"})  # accepted
