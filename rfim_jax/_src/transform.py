@@ -53,7 +53,7 @@ class ScaleByRNGDState(NamedTuple):
       skipped: layer path -> number of steps whose statistics were not finite, so the moving
         average kept its previous value.  The *update* of such a step is still computed from
         the gradient as given: guarding the params is the job of
-        ``optax.apply_if_finite`` (see :func:`rngd`'s ``guard_non_finite``).
+        ``optax.apply_if_finite`` (README, "Guards").
       fallbacks: layer path -> number of blocks whose inverse (or eigendecomposition) fell
         back at the last refresh (see :mod:`rfim_jax._src.solvers`).
     """
