@@ -49,6 +49,22 @@ def _flat_acts(acts):
             for p, a in acts.items()}
 
 
+def _step_against_reference(rng, tx, update, ref, params, specs, sizes, has_bias):
+    """Runs ``update`` and the numpy reference side by side on random batches of ``sizes``,
+    asserting equal updates at every step; returns the final state."""
+    state = tx.init(params)
+    for n in sizes:
+        acts = _random_acts(rng, specs, n=n)
+        grads = _random_grads(rng, params)
+        out, state = update(grads, state, params, activations=acts)
+        expected = ref.update(grads, _flat_acts(acts))
+        for path, (k, b) in expected.items():
+            np.testing.assert_allclose(out[path]["kernel"], k, rtol=1e-7, atol=1e-9)
+            if has_bias:
+                np.testing.assert_allclose(out[path]["bias"], b, rtol=1e-7, atol=1e-9)
+    return state
+
+
 # --------------------------------------------------------------------------------- tests
 
 
@@ -62,18 +78,9 @@ def test_scale_by_rngd_matches_direct_computation(seed, has_bias, inverse_every)
     tx = rfim_jax.scale_by_rngd({p: s[0] for p, s in specs.items()}, decay=decay,
                                 inverse_every=inverse_every, damping=eps0)
     ref = ReferenceRNGD(specs, decay, inverse_every, eps0)
-    state = tx.init(params)
     update = jax.jit(tx.update)
     sizes = [int(n) for n in rng.integers(3, 6, size=5)]
-    for n in sizes:
-        acts = _random_acts(rng, specs, n=n)
-        grads = _random_grads(rng, params)
-        out, state = update(grads, state, params, activations=acts)
-        expected = ref.update(grads, _flat_acts(acts))
-        for path, (k, b) in expected.items():
-            np.testing.assert_allclose(out[path]["kernel"], k, rtol=1e-7, atol=1e-9)
-            if has_bias:
-                np.testing.assert_allclose(out[path]["bias"], b, rtol=1e-7, atol=1e-9)
+    state = _step_against_reference(rng, tx, update, ref, params, specs, sizes, has_bias)
     assert int(state.count) == 5
     # One compilation per batch size: repeated calls with the same shapes never retrace.
     assert update._cache_size() == len(set(sizes))
@@ -301,19 +308,11 @@ def test_eigen_and_diagonal_match_numpy_reference(representation, seed, has_bias
                                 representation=representation)
     ref = ReferenceEigenRNGD(specs, decay, inverse_every, eps0,
                              diagonal=representation == "diagonal")
-    state = tx.init(params)
-    update = jax.jit(tx.update)
     # n > d: with fewer samples than inputs, A has a repeated eigenvalue (its null space), where
     # any basis is an eigenbasis and the carried S depends on which one eigh returns.
-    for n in [int(n) for n in rng.integers(7, 10, size=5)]:
-        acts = _random_acts(rng, specs, n=n)
-        grads = _random_grads(rng, params)
-        out, state = update(grads, state, params, activations=acts)
-        expected = ref.update(grads, _flat_acts(acts))
-        for path, (k, b) in expected.items():
-            np.testing.assert_allclose(out[path]["kernel"], k, rtol=1e-7, atol=1e-9)
-            if has_bias:
-                np.testing.assert_allclose(out[path]["bias"], b, rtol=1e-7, atol=1e-9)
+    sizes = [int(n) for n in rng.integers(7, 10, size=5)]
+    state = _step_against_reference(rng, tx, jax.jit(tx.update), ref, params, specs, sizes,
+                                    has_bias)
     # The state holds what SPEC §7 says, in its shapes.
     for path, (kind, d_in, m, _) in specs.items():
         d, rows = d_in + has_bias, 1 if kind == "linear" else m

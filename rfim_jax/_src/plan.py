@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rfim_jax._src import dtypes as dtypes_lib
 from rfim_jax._src import metrics as metrics_lib
 from rfim_jax._src import paths as paths_lib
 from rfim_jax._src import rfim as rfim_lib
@@ -62,6 +63,12 @@ class LayerPlan(NamedTuple):
     params_bytes: int
     shape: tuple[int, int]
     bytes_by_representation: dict[str, int]
+
+
+def storage_dtype(kernel, state_dtype=None) -> jnp.dtype:
+    """The dtype a layer's state is stored in: ``state_dtype``, else the kernel's dtype promoted
+    to at least float32."""
+    return jnp.dtype(state_dtype or dtypes_lib.at_least_float32(kernel.dtype))
 
 
 def _itemsize(dtype) -> int:
@@ -165,8 +172,7 @@ def plan_layers(
     for layer in specs:
         node = paths_lib.get_by_path(params, layer.path)
         kernel, bias = metrics_lib.unpack_dense(node, f"layer {layer.path!r}")
-        dtype = state_dtype or rfim_lib.stats_dtype(jnp.zeros((), kernel.dtype))
-        size = _itemsize(dtype)
+        size = _itemsize(storage_dtype(kernel, state_dtype))
         by_rep = {name: est.state_bytes(layer, size) for name, est in ESTIMATORS.items()}
         rep = _requested(representation, layer.path)
         if rep == "auto":

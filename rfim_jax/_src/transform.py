@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rfim_jax._src import dtypes as dtypes_lib
 from rfim_jax._src import paths as paths_lib
 from rfim_jax._src import plan as plan_lib
 from rfim_jax._src import sharding as sharding_lib
@@ -219,7 +220,7 @@ def scale_by_rngd(
         metrics, inverses, skipped, fallbacks = {}, {}, {}, {}
         for layer, est in resolved:
             kernel = paths_lib.get_by_path(params, layer.path)["kernel"]
-            dtype = state_dtype or plan_lib.rfim_lib.stats_dtype(jnp.zeros((), kernel.dtype))
+            dtype = plan_lib.storage_dtype(kernel, state_dtype)
             stats, factors = est.init(layer, dtype)
             stats_axes, factors_axes = est.neuron_axes(layer)
             metrics[layer.path] = sharding_lib.shard_like_kernel(stats, stats_axes, kernel)
@@ -238,7 +239,7 @@ def scale_by_rngd(
         count = state.count
         rate = jnp.asarray(decay)
         # The decay acts in at least float32 (a bfloat16 0.9995 is 1.0).
-        rate = rate.astype(plan_lib.rfim_lib.stats_dtype(rate)) ** update_every
+        rate = rate.astype(dtypes_lib.at_least_float32(rate)) ** update_every
         do_stats = (count % update_every) == 0
         do_refresh = (count % inverse_every) == 0
 
@@ -248,7 +249,7 @@ def scale_by_rngd(
             x_aug, z = layer.rows(activations)
             stored_stats, stored_factors = state.metrics[layer.path], state.inverses[layer.path]
             # Accumulate in at least float32 whatever the storage dtype (state_dtype).
-            work = plan_lib.rfim_lib.stats_dtype(x_aug, *jax.tree.leaves(stored_stats))
+            work = dtypes_lib.at_least_float32(x_aug, *jax.tree.leaves(stored_stats))
             stats = jax.tree.map(lambda a, w=work: a.astype(w), stored_stats)
             factors = jax.tree.map(lambda a, w=work: a.astype(w), stored_factors)
 

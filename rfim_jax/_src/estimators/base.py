@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from rfim_jax._src import metrics as metrics_lib
 from rfim_jax._src import sharding as sharding_lib
+from rfim_jax._src import statistics as stats_lib
 
 Stats = Any
 Factors = Any
@@ -107,8 +108,6 @@ def unit_weights(layer, z: jax.Array) -> jax.Array:
     An activation's ``nu(z)``; unit-wise ``eta (1 - eta)`` for softmax; and a single column
     of ``1/sigma^2`` for the linear kind, whose rows are all equal (SPEC §7).
     """
-    from rfim_jax._src import statistics as stats_lib
-
     if layer.is_softmax:
         return stats_lib.softmax_unit_coefficients(z)
     if layer.is_linear:

@@ -288,6 +288,22 @@ class PerNeuronScales:
     def max_eigenvalue(self) -> jax.Array:
         return jnp.max(self.scales)
 
+    def damped(self, damping, *, relative: bool = False):
+        """``G + damping I``, or ``+ damping tr(G_l)/d`` per neuron with ``relative=True``.
+
+        Adding to every scale adds to each block ``U diag(s_l) U^T``'s eigenvalues, so the
+        result stays in the same representation.
+        """
+        damping = jnp.asarray(damping).astype(self.scales.dtype)
+        if relative:
+            damping = damping * jnp.mean(self.scales, axis=-1, keepdims=True)
+        return self.replace(scales=self.scales + damping)
+
+    def inverse(self, damping=0.0, *, relative: bool = False, method: str = "auto"):
+        """``(G + damping I)^-1``: the reciprocal scales (``method`` is ignored)."""
+        del method
+        return self.replace(scales=1.0 / self.damped(damping, relative=relative).scales)
+
 
 class Arithmetic:
     """Elementwise arithmetic on every data field, for moving averages (``a G + b H``)."""

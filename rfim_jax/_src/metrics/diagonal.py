@@ -17,7 +17,6 @@ from rfim_jax._src.metrics.base import (
     Params,
     PerNeuronScales,
 )
-from rfim_jax._src.metrics.eigen import _relative
 
 
 @struct.dataclass
@@ -48,14 +47,6 @@ class DiagonalMetric(PerNeuronScales, AbstractMetric, Arithmetic):
         cols = self._columns(v, "DiagonalMetric.solve")
         scales = self._in_dtype(cols.dtype).damped(damping, relative=relative).scales
         return self._params(cols / scales.T)
-
-    def damped(self, damping, *, relative: bool = False) -> DiagonalMetric:
-        """``G + damping I`` (or ``damping tr(G_l)/d`` per neuron with ``relative=True``)."""
-        return self.replace(scales=self.scales + _relative(self.scales, damping, relative))
-
-    def inverse(self, damping=0.0, *, relative: bool = False, method: str = "auto"):
-        del method
-        return self.replace(scales=1.0 / self.damped(damping, relative=relative).scales)
 
     def diagonal(self) -> jax.Array:
         return self.scales.reshape(-1)

@@ -20,14 +20,6 @@ from flax import struct
 from rfim_jax._src.metrics.base import AbstractMetric, ParamLayout, Params, PerNeuronScales
 
 
-def _relative(scales: jax.Array, damping, relative: bool) -> jax.Array:
-    """The per-neuron damping to add to ``scales`` (m, d): absolute or ``damping tr/d``."""
-    damping = jnp.asarray(damping).astype(scales.dtype)
-    if not relative:
-        return damping
-    return damping * jnp.mean(scales, axis=-1, keepdims=True)
-
-
 def _same_static(a, b, where: str) -> None:
     if type(a) is not type(b) or a.has_bias != b.has_bias or a.layout != b.layout:
         raise TypeError(f"{where}: both operands must be {type(a).__name__}s of the same layer.")
@@ -85,14 +77,6 @@ class EigenDiagonalMetric(PerNeuronScales, AbstractMetric):
         metric = self._in_dtype(cols.dtype)
         s = metric.damped(damping, relative=relative).scales
         return self._params(metric._apply(cols, 1.0 / s))
-
-    def damped(self, damping, *, relative: bool = False) -> EigenDiagonalMetric:
-        """``G + damping I`` (or ``damping tr(G_l)/d`` per neuron with ``relative=True``)."""
-        return self.replace(scales=self.scales + _relative(self.scales, damping, relative))
-
-    def inverse(self, damping=0.0, *, relative: bool = False, method: str = "auto"):
-        del method
-        return self.replace(scales=1.0 / self.damped(damping, relative=relative).scales)
 
     def diagonal(self) -> jax.Array:
         # diag(U diag(s) U^T)_i = sum_j U_ij^2 s_j.
