@@ -17,7 +17,7 @@ Per configuration it measures, in one process and interleaved across methods:
   training without running 100 steps of the largest models);
 - memory: the optimiser state's bytes (exact, from the arrays) and XLA's temporary buffer
   bytes for the compiled chunk (``compiled.memory_analysis()``);
-- the FLOP model of SPEC §6 (:func:`benchmarks.speed.flop_model`) and XLA's own flop count.
+- the FLOP model of SPEC §6 (:func:`benchmarks.cost.flop_model`) and XLA's own flop count.
 
 A configuration whose RNGD state would exceed ``--max-state-gb`` (width 1024: ~17 GB of
 per-neuron blocks) is not run; its memory and model flops are still reported.  The timings do
@@ -39,10 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import rfim_jax
-from benchmarks import speed
+from benchmarks import cost, harness
 from experiments import common
 from experiments import models as mlp
-from rfim_jax._src import solvers
 
 WIDTHS = (64, 128, 256, 512, 1024)
 BATCHES = (32, 64, 128, 256, 512, 1024)
@@ -50,11 +49,11 @@ QUICK_WIDTHS = (64, 128, 256)
 QUICK_BATCHES = (32, 64, 128, 256)
 
 
-def scaling_methods() -> list[speed.Method]:
+def scaling_methods() -> list[harness.Method]:
     return [
-        speed.Method("adam", "adam", 1e-3, momentum=0.0),
-        speed.Method("rngd", "rngd", 1e-3),
-        speed.Method("rngd_white_k10", "rngd", 1e-3, whiten=True, update_every=10),
+        harness.Method("adam", "adam", 1e-3, momentum=0.0),
+        harness.Method("rngd", "rngd", 1e-3),
+        harness.Method("rngd_white_k10", "rngd", 1e-3, whiten=True, update_every=10),
     ]
 
 
@@ -62,24 +61,24 @@ def state_bytes(tree) -> int:
     return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
-def optimizer_state_bytes(method: speed.Method, sizes: Sequence[int]) -> int:
+def optimizer_state_bytes(method: harness.Method, sizes: Sequence[int]) -> int:
     """Bytes of the method's whole optimiser state, from shapes only (nothing allocated)."""
     params = jax.eval_shape(lambda: mlp.init_mlp(jax.random.PRNGKey(0), sizes))
-    return state_bytes(jax.eval_shape(speed.make_optimizer(method, sizes).init, params))
+    return state_bytes(jax.eval_shape(harness.make_optimizer(method, sizes).init, params))
 
 
-def _refresh_ms(method: speed.Method, sizes: Sequence[int], reps: int) -> float:
+def _refresh_ms(method: harness.Method, sizes: Sequence[int], reps: int) -> float:
     """One inverse refresh of every preconditioned layer, timed directly (ms)."""
     if method.family != "rngd":
         return 0.0
     params = jax.eval_shape(lambda: mlp.init_mlp(jax.random.PRNGKey(0), sizes))
     state = jax.eval_shape(
-        rfim_jax.scale_by_rngd(speed.rngd_layer_kinds(sizes, method.whiten)).init, params)
+        rfim_jax.scale_by_rngd(harness.rngd_layer_kinds(sizes, method.whiten)).init, params)
     blocks = {p: jnp.broadcast_to(2.0 * jnp.eye(s.shape[-1], dtype=s.dtype), s.shape) + 0.0
               for p, s in state.metrics.items()}
-    fn = jax.jit(lambda b: {p: solvers.spd_inverse_and_status(v)[0] for p, v in b.items()})
+    fn = jax.jit(lambda b: {p: rfim_jax.spd_inverse_and_status(v)[0] for p, v in b.items()})
     jax.block_until_ready(fn(blocks))
-    times = speed.time_chunks({"r": lambda: fn(blocks)}, reps)["r"]
+    times = harness.time_chunks({"r": lambda: fn(blocks)}, reps)["r"]
     return float(np.median(times) * 1e3)
 
 
@@ -97,7 +96,7 @@ class Config:
         return (self.input_dim,) + (self.width,) * self.hidden_layers + (10,)
 
 
-def measure(configs: Sequence[Config], methods: Sequence[speed.Method], x_pool: jax.Array,
+def measure(configs: Sequence[Config], methods: Sequence[harness.Method], x_pool: jax.Array,
             *, steps: int = 10, reps: int = 5, max_state_gb: float = 3.0,
             xla_flops: bool = True, progress: bool = True) -> list[dict]:
     """Times every (config, method) pair; methods of one config are interleaved.
@@ -116,8 +115,8 @@ def measure(configs: Sequence[Config], methods: Sequence[speed.Method], x_pool: 
         key = jax.random.PRNGKey(0)
         for m in methods:
             row = {"method": m.name, "width": cfg.width, "batch": cfg.batch}
-            kinds = speed.rngd_layer_kinds(cfg.sizes, m.whiten) if m.family == "rngd" else {}
-            model = speed.flop_model(cfg.sizes, cfg.batch, kinds, update_every=m.update_every,
+            kinds = harness.rngd_layer_kinds(cfg.sizes, m.whiten) if m.family == "rngd" else {}
+            model = cost.flop_model(cfg.sizes, cfg.batch, kinds, update_every=m.update_every,
                                      inverse_every=m.inverse_every)["total"]
             row["model_flops"] = model
             params = mlp.init_mlp(jax.random.PRNGKey(0), cfg.sizes)
@@ -129,13 +128,13 @@ def measure(configs: Sequence[Config], methods: Sequence[speed.Method], x_pool: 
                 bar.update(1)
                 continue
             no_refresh = dataclasses.replace(m, inverse_every=10**9)
-            compiled, _, state, compile_s = speed.compile_chunk(
+            compiled, _, state, compile_s = harness.compile_chunk(
                 no_refresh, cfg.sizes, params, x_pool, y_pool, steps, cfg.batch)
             mem = compiled.memory_analysis()
             row["xla_temp_bytes"] = int(getattr(mem, "temp_size_in_bytes", 0) or 0)
             row["compile_seconds"] = compile_s
             if xla_flops:
-                row["xla_step_flops"] = speed.xla_step_flops(m, cfg.sizes, cfg.batch)
+                row["xla_step_flops"] = cost.xla_step_flops(m, cfg.sizes, cfg.batch)
             row["refresh_ms"] = _refresh_ms(m, cfg.sizes, max(2, reps // 2))
             # first chunk untimed: count 0 refreshes and computes statistics in every variant
             params, state, _ = compiled(params, state, x_pool, y_pool, idx, key)
@@ -152,7 +151,7 @@ def measure(configs: Sequence[Config], methods: Sequence[speed.Method], x_pool: 
 
         if live:
             heavy = max(meta[n]["model_flops"]["total"] for n in live) > 5e9
-            times = speed.time_chunks({n: runner(n) for n in live}, min(reps, 3) if heavy
+            times = harness.time_chunks({n: runner(n) for n in live}, min(reps, 3) if heavy
                                       else reps)
             for name, t in times.items():
                 row = meta[name]
@@ -223,7 +222,7 @@ def run(args: argparse.Namespace) -> dict:
     widths = QUICK_WIDTHS if quick else WIDTHS
     batches = QUICK_BATCHES if quick else BATCHES
     try:
-        x_pool = speed.load_data(args.data_dir, whiten=False).x_train[:20_000]
+        x_pool = harness.load_data(args.data_dir, whiten=False).x_train[:20_000]
         source = "Fashion-MNIST"
     except FileNotFoundError:
         x_pool = jax.random.uniform(jax.random.PRNGKey(0), (20_000, 784))

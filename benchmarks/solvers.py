@@ -1,4 +1,4 @@
-"""Benchmark of the batched SPD block inverses in ``rfim_jax._src.solvers``.
+"""Benchmark of the batched SPD block inverses of :func:`rfim_jax.spd_inverse`.
 
 For each shape (default the MLP's hidden-layer stack (64, 65, 65) and a 784-pixel input
 layer's shared block (1, 785, 785)) it builds damped RFIM-like blocks
@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rfim_jax._src import solvers
+import rfim_jax
 
 METHODS = ("gauss_jordan", "cholesky", "newton_schulz", "lapack_map", "lapack")
 EMA_T100 = 1.0 - 0.995**100  # weight of fresh statistics after T = 100 EMA steps
@@ -49,6 +49,22 @@ def make_blocks(m: int, d: int, seed: int, dtype) -> np.ndarray:
     g = np.einsum("mn,ni,nj->mij", nu, x, x) / n
     g += 1e-2 * np.trace(g, axis1=1, axis2=2)[:, None, None] / d * np.eye(d)
     return g.astype(dtype)
+
+
+def auto_method(backend: str) -> str:
+    """What ``method="auto"`` means on ``backend``, as the README's "Block solvers" documents
+    it (the library's own resolver is not public API)."""
+    return "lapack" if backend == "gpu" else "gauss_jordan"
+
+
+def write_partial(path: str, result: dict) -> None:
+    """Writes ``result`` to ``path`` atomically, so a run cut off still leaves valid JSON."""
+    if not path:
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".partial", "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(path + ".partial", path)
 
 
 def rel_err(x: np.ndarray, ref: np.ndarray) -> float:
@@ -92,7 +108,7 @@ def bench_one(method: str, m: int, d: int, dtype, repeats: int, rounds: int, see
 
         @jax.jit
         def fn(g, prev):
-            inv, info = solvers.newton_schulz_inverse(g, prev)
+            inv, info = rfim_jax.newton_schulz_inverse(g, prev)
             ok = info.residual <= 0.5
             return inv, ok, info.num_iters, jnp.mean(info.warm.astype(jnp.float32))
 
@@ -100,7 +116,7 @@ def bench_one(method: str, m: int, d: int, dtype, repeats: int, rounds: int, see
         inv, ok, iters, warm = t.pop("out")
         row.update(iters=int(iters), warm_fraction=float(warm))
     else:
-        fn = jax.jit(lambda g: solvers.spd_inverse_and_status(g, method=method))
+        fn = jax.jit(lambda g: rfim_jax.spd_inverse_and_status(g, method=method))
         t = time_fn(fn, (jnp.asarray(g),), repeats, rounds)
         inv, ok = t.pop("out")
     row.update(t)
@@ -126,6 +142,18 @@ def bench_in_child(method: str, m: int, d: int, args) -> dict:
         row.update(status="error", note=proc.stderr.strip().splitlines()[-1:])
         return row
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def print_row(r: dict, m: int, d: int) -> None:
+    """One measured row, flushed at once."""
+    if r["status"] == "ok":
+        extra = f"  iters={r['iters']}" if "iters" in r else ""
+        spread = "/".join(f"{x:.1f}" for x in r["round_medians_ms"])
+        print(f"{r['method']:<28} {m:>3}x{d:<4} {r['median_ms']:9.2f} ms  "
+              f"(min {r['min_ms']:.2f}; rounds {spread})  rel_err={r['rel_err']:.1e}  "
+              f"ok={r['ok_fraction']:.2f}{extra}", flush=True)
+    else:
+        print(f"{r['method']:<28} {m:>3}x{d:<4} {r['status']}: {r.get('note')}", flush=True)
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -164,26 +192,34 @@ def main() -> None:
     backend = jax.default_backend()
     load0 = os.getloadavg()
     rows = []
+    result = {
+        "config": vars(args),
+        "env": {
+            "jax": jax.__version__,
+            "backend": backend,
+            "devices": [str(dv) for dv in jax.devices()],
+            "cpu_count": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "loadavg_start": load0,
+            "auto_method": auto_method(backend),
+        },
+        "complete": False,
+        "results": rows,
+    }
+    write_partial(args.out, result)
     for m, d in shapes:
         for method in methods:
             if method == "lapack" and backend == "cpu":
-                rows.append(bench_in_child(method, m, d, args))
+                new_rows = [bench_in_child(method, m, d, args)]
             elif method == "newton_schulz":
-                for mix in (None, 0.005, EMA_T100):
-                    rows.append(bench_one(method, m, d, dtype, args.repeats, args.rounds,
-                                          args.seed, warm_mix=mix))
+                new_rows = [bench_one(method, m, d, dtype, args.repeats, args.rounds, args.seed,
+                                      warm_mix=mix) for mix in (None, 0.005, EMA_T100)]
             else:
-                rows.append(bench_one(method, m, d, dtype, args.repeats, args.rounds, args.seed))
-            r = rows[-1]
-            if r["status"] == "ok":
-                extra = f"  iters={r['iters']}" if "iters" in r else ""
-                spread = "/".join(f"{x:.1f}" for x in r["round_medians_ms"])
-                print(f"{r['method']:<28} {m:>3}x{d:<4} {r['median_ms']:9.2f} ms  "
-                      f"(min {r['min_ms']:.2f}; rounds {spread})  rel_err={r['rel_err']:.1e}  "
-                      f"ok={r['ok_fraction']:.2f}{extra}", flush=True)
-            else:
-                print(f"{r['method']:<28} {m:>3}x{d:<4} {r['status']}: {r.get('note')}",
-                      flush=True)
+                new_rows = [bench_one(method, m, d, dtype, args.repeats, args.rounds, args.seed)]
+            for r in new_rows:
+                rows.append(r)
+                print_row(r, m, d)
+                write_partial(args.out, result)  # a run cut off still reports these rows
 
     # Table: methods x shapes.
     names = list(dict.fromkeys(r["method"] for r in rows))
@@ -205,24 +241,10 @@ def main() -> None:
                 cells.append(r["status"])
         print(f"{name:<28}" + "".join(f"{c:>30}" for c in cells))
 
-    result = {
-        "config": vars(args),
-        "env": {
-            "jax": jax.__version__,
-            "backend": backend,
-            "devices": [str(dv) for dv in jax.devices()],
-            "cpu_count": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
-            "loadavg_start": load0,
-            "loadavg_end": os.getloadavg(),
-            "auto_method": solvers.resolve_method("auto"),
-        },
-        "results": rows,
-    }
+    result["env"]["loadavg_end"] = os.getloadavg()
+    result["complete"] = True
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+        write_partial(args.out, result)
         print(f"\nwrote {args.out}")
 
 

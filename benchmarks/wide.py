@@ -41,7 +41,7 @@ names the row's bound: an "apply-bound" step costs the same at any batch size, s
 batch (or fewer, larger steps) amortises it; "statistics-bound" is what ``update_every`` cuts.
 
 **Training** (:func:`train`): Adam, SGD, eigen, eigen_k10 and diagonal on Fashion-MNIST
-(:func:`benchmarks.speed.train_interleaved`: same minibatches, chunks interleaved), each over a
+(:func:`benchmarks.harness.train_interleaved`: same minibatches, chunks interleaved), each over a
 3-value learning-rate grid (:data:`LR_GRIDS`; ``--single-lr`` keeps the middle value; a best
 rate at the edge of its grid is flagged ``best_at_grid_edge``).  The
 training loss is that of a fixed 10k training subset after every chunk.  Per method the best
@@ -66,7 +66,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 import rfim_jax
-from benchmarks import scaling, speed
+from benchmarks import harness, scaling
 from experiments import common
 from experiments import data as data_lib
 from experiments import models as mlp
@@ -86,22 +86,22 @@ BOUNDS = {"forward_backward": "forward/backward", "statistics": "statistics", "a
 
 
 def methods(lr: Mapping[str, float] | None = None,
-            output_kind: str = "softmax") -> dict[str, speed.Method]:
+            output_kind: str = "softmax") -> dict[str, harness.Method]:
     lr = {"adam": 1e-3, "sgd": 0.03, "rngd": 0.01} | dict(lr or {})
     rngd = dict(family="rngd", learning_rate=lr["rngd"], output_kind=output_kind,
                 inverse_every=INVERSE_EVERY)
     return {m.name: m for m in (
-        speed.Method("adam", "adam", lr["adam"], momentum=0.0),
-        speed.Method("sgd", "sgd", lr["sgd"], momentum=0.9),
-        speed.Method("exact", representation="exact", **rngd),
-        speed.Method("eigen", representation="eigen", **rngd),
-        speed.Method("eigen_k10", representation="eigen", update_every=10, **rngd),
-        speed.Method("diagonal", representation="diagonal", **rngd),
+        harness.Method("adam", "adam", lr["adam"], momentum=0.0),
+        harness.Method("sgd", "sgd", lr["sgd"], momentum=0.9),
+        harness.Method("exact", representation="exact", **rngd),
+        harness.Method("eigen", representation="eigen", **rngd),
+        harness.Method("eigen_k10", representation="eigen", update_every=10, **rngd),
+        harness.Method("diagonal", representation="diagonal", **rngd),
     )}
 
 
 def layer_kinds(sizes: Sequence[int], output_kind: str = "softmax") -> dict[str, str]:
-    return speed.rngd_layer_kinds(sizes, output_kind=output_kind)
+    return harness.rngd_layer_kinds(sizes, output_kind=output_kind)
 
 
 def flop_model(sizes: Sequence[int], batch: int, kinds: Mapping[str, str],
@@ -134,10 +134,10 @@ def flop_model(sizes: Sequence[int], batch: int, kinds: Mapping[str, str],
     return {**t, "total": sum(t.values()), "bound": bound}
 
 
-def state_report(m: speed.Method, sizes: Sequence[int]) -> dict:
+def state_report(m: harness.Method, sizes: Sequence[int]) -> dict:
     """Params and state bytes from shapes only (nothing allocated)."""
     params = jax.eval_shape(lambda: mlp.init_mlp(jax.random.PRNGKey(0), sizes))
-    state = jax.eval_shape(speed.make_optimizer(m, sizes).init, params)
+    state = jax.eval_shape(harness.make_optimizer(m, sizes).init, params)
     out = {"params_bytes": scaling.state_bytes(params),
            "optimizer_state_bytes": scaling.state_bytes(state)}
     if m.family != "rngd":
@@ -166,7 +166,7 @@ def fmt_row(r: Mapping) -> str:
             f"{f['apply'] / 1e6:.1f}, refresh {f['refresh'] / 1e6:.1f}) {f['bound']}")
 
 
-def measure(configs: Sequence[scaling.Config], meths: Sequence[speed.Method], x_pool, y_pool,
+def measure(configs: Sequence[scaling.Config], meths: Sequence[harness.Method], x_pool, y_pool,
             *, steps: int = 10, reps: int = 5, max_state_gb: float = 4.0) -> list[dict]:
     """Per-step time, state bytes and FLOP model of every (config, method); rows print as the
     timing of each config completes."""
@@ -195,7 +195,7 @@ def measure(configs: Sequence[scaling.Config], meths: Sequence[speed.Method], x_
             row["compile_seconds"] = 0.0
             for name, every in variants.items():
                 v = dataclasses.replace(m, inverse_every=every)
-                compiled, _, state, secs = speed.compile_chunk(
+                compiled, _, state, secs = harness.compile_chunk(
                     v, cfg.sizes, params0, x_pool, y_pool, steps, cfg.batch)
                 row["compile_seconds"] += secs
                 params, state, _ = compiled(jax.tree.map(jnp.copy, params0), state, x_pool,
@@ -210,7 +210,7 @@ def measure(configs: Sequence[scaling.Config], meths: Sequence[speed.Method], x_
                 return losses
             return run
 
-        times = speed.time_chunks({n: runner(n) for n in live}, reps) if live else {}
+        times = harness.time_chunks({n: runner(n) for n in live}, reps) if live else {}
         live.clear()
         for name, row in meta.items():
             row["chunk_seconds"] = times[name]
@@ -231,18 +231,18 @@ def measure(configs: Sequence[scaling.Config], meths: Sequence[speed.Method], x_
     return rows
 
 
-def load(dataset: str, data_dir: str | None, seed: int) -> tuple[speed.Data, str]:
+def load(dataset: str, data_dir: str | None, seed: int) -> tuple[harness.Data, str]:
     if dataset in ("auto", "fashion"):
         try:
-            return speed.load_data(data_dir, seed=seed, whiten=False), "fashion-mnist"
+            return harness.load_data(data_dir, seed=seed, whiten=False), "fashion-mnist"
         except data_lib.DataNotFoundError:
             if dataset == "fashion":
                 raise
     arrays = data_lib.load_digits(seed=seed)
-    return speed.load_data(arrays=arrays, seed=seed, whiten=False), "digits"
+    return harness.load_data(arrays=arrays, seed=seed, whiten=False), "digits"
 
 
-def train(data: speed.Data, *, width: int, batch: int, epochs: float, names: Sequence[str],
+def train(data: harness.Data, *, width: int, batch: int, epochs: float, names: Sequence[str],
           target: float, single_lr: bool = False, seed: int = 0, progress: bool = True,
           output_kind: str = "softmax") -> dict:
     """Training curves and time to ``target`` over the learning-rate grids (module docstring)."""
@@ -256,11 +256,11 @@ def train(data: speed.Data, *, width: int, batch: int, epochs: float, names: Seq
                                               learning_rate=lr))
     steps_per_epoch = data.num_train // batch
     chunk = max(c for c in range(1, MAX_CHUNK + 1) if steps_per_epoch % c == 0)
-    runs = speed.train_interleaved(trials, data, sizes=sizes, epochs=epochs, batch=batch,
+    runs = harness.train_interleaved(trials, data, sizes=sizes, epochs=epochs, batch=batch,
                                    chunk=chunk, seed=seed, progress=progress)
-    summary = speed.summarise_runs(runs, chunk, steps_per_epoch)
+    summary = harness.summarise_runs(runs, chunk, steps_per_epoch)
     for name, s in summary.items():
-        s["time_to_target"] = speed.time_to_target(runs[name], target)
+        s["time_to_target"] = harness.time_to_target(runs[name], target)
         s["final_subset_loss"] = runs[name]["eval_loss"][-1]
     best = {}
     for name in names:

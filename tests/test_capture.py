@@ -116,10 +116,17 @@ def test_plain_jax_record_and_grad(key):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TIGHT), grads, plain)
 
 
-def test_record_errors():
+def test_record_errors_and_repeated_uses():
     acts = cap.record({}, "a/b", jnp.ones((3, 2)), jnp.ones((3, 4)))
-    with pytest.raises(ValueError, match="layer 'a/b' is already recorded"):
-        cap.record(acts, "a/b", jnp.ones((3, 2)), jnp.ones((3, 4)))
+    # A second use of the layer adds its rows as extra samples (SPEC §8).
+    x2, z2 = jnp.arange(10.0).reshape(5, 2), jnp.arange(20.0).reshape(5, 4)
+    twice = cap.record(acts, "a/b", x2[None], z2[None])
+    np.testing.assert_array_equal(twice["a"]["b"]["inputs"],
+                                  np.concatenate([np.ones((3, 2)), np.asarray(x2)]))
+    np.testing.assert_array_equal(twice["a"]["b"]["preacts"],
+                                  np.concatenate([np.ones((3, 4)), np.asarray(z2)]))
+    with pytest.raises(ValueError, match=r"'a/b'.*inputs of different widths"):
+        cap.record(acts, "a/b", jnp.ones((3, 5)), jnp.ones((3, 4)))
     with pytest.raises(ValueError, match=r"share their leading \(batch\) axes"):
         cap.record({}, "c", jnp.ones((3, 2)), jnp.ones((2, 4)))
     with pytest.raises(ValueError, match="cannot record below 'x'"):
@@ -255,27 +262,50 @@ def test_linen_dense_general():
     _assert_layer(acts, "DenseGeneral_0", h, _dense(p["DenseGeneral_0"], h))
 
 
-def test_linen_dense_general_multi_axis_error_or_skip():
+def test_linen_dense_general_multi_axis_is_flattened():
     key = jax.random.PRNGKey(0)
 
     class Attn(nn.Module):
         @nn.compact
         def __call__(self, x):
-            q = nn.DenseGeneral((2, 3), name="query")(x)
-            return nn.Dense(2)(q.reshape(q.shape[:-2] + (6,)))
+            q = nn.DenseGeneral((2, 3), name="query")(x)           # (4, 7, 2, 3)
+            o = nn.DenseGeneral(5, axis=(-2, -1), name="out")(q)   # contracts (2, 3)
+            mixed = nn.DenseGeneral(4, axis=(1,), name="mix")(x)   # contracts the 7 positions
+            return o, mixed
 
-    class Outer(nn.Module):
+    x = jax.random.normal(key, (4, 7, 5))
+    model = Attn()
+    variables = _init_linen(model, key, x)
+    p = variables["params"]
+    assert p["query"]["kernel"].shape == (5, 2, 3) and p["query"]["bias"].shape == (2, 3)
+    (o, mixed), acts = cap.capture_linen(model, variables, x)
+    q = np.einsum("ntd,dhk->nthk", x, p["query"]["kernel"]) + p["query"]["bias"]
+    _assert_layer(acts, "query", x, q.reshape(4, 7, 6))
+    _assert_layer(acts, "out", q.reshape(4, 7, 6), o)
+    # axis=(1,): the contracted axis goes last; rows are (sample, feature) pairs.
+    _assert_layer(acts, "mix", np.swapaxes(np.asarray(x), 1, 2), mixed)
+
+
+def test_linen_unsupported_layers_raise_or_skip():
+    key = jax.random.PRNGKey(0)
+
+    class Net(nn.Module):
         @nn.compact
         def __call__(self, x):
-            return Attn(name="attn")(x)
+            x = nn.ConvTranspose(3, (2, 2), name="up")(x)
+            x = nn.DenseGeneral((2, 3), use_bias=False, name="heads")(x)
+            return nn.Dense(2)(x.reshape(x.shape[:-2] + (6,)))
 
-    x = jax.random.normal(key, (4, 5))
-    model = Outer()
+    x = jax.random.normal(key, (2, 4, 4, 2))
+    model = Net()
     variables = _init_linen(model, key, x)
-    with pytest.raises(ValueError, match=r"DenseGeneral layer 'attn/query' has features=\(2, 3\)"):
+    with pytest.raises(ValueError, match=r"'up' is an nn.ConvTranspose.*skip_unsupported=True"):
         cap.capture_linen(model, variables, x)
+    heads = nn.DenseGeneral((2, 3), use_bias=False)
+    with pytest.raises(ValueError, match=r"without bias.*features=\(2, 3\).*use_bias=True"):
+        cap.capture_linen(heads, heads.init(key, x), x)
     out, acts = cap.capture_linen(model, variables, x, skip_unsupported=True)
-    assert _captured(acts) == ["attn/Dense_0"]
+    assert _captured(acts) == ["Dense_0"]
     np.testing.assert_allclose(out, model.apply(variables, x), **TIGHT)
 
 
@@ -303,7 +333,7 @@ def test_linen_mutable_batch_stats_passthrough():
     _assert_layer(acts, "Dense_0", x, _dense(variables["params"]["Dense_0"], x))
 
 
-def test_linen_called_twice_raises_with_path():
+def test_linen_called_twice_stacks_uses():
     key = jax.random.PRNGKey(0)
 
     class Repeat(nn.Module):
@@ -333,14 +363,19 @@ def test_linen_called_twice_raises_with_path():
         def __call__(self, x):
             return jnp.tanh(self.layer(x))
 
-    x = jnp.ones((2, 3))
-    for model, path in ((Outer(), "block/proj"), (Tied(), "shared")):
+    x = jax.random.normal(key, (2, 5, 3))
+    for model, path, inner in ((Outer(), "block/proj", jnp.tanh), (Tied(), "shared", jnp.tanh)):
         variables = model.init(key, x)
         assert path in _paths(variables["params"])
-        with pytest.raises(ValueError, match=f"dense layer '{path}' was called more than once"):
-            cap.capture_linen(model, variables, x)
-        with pytest.raises(ValueError, match=f"'{path}'"):
-            jax.jit(lambda v: cap.capture_linen(model, v, x))(variables)  # noqa: B023
+        layer = paths.get_by_path(variables["params"], path)
+        z1 = _dense(layer, x)
+        h = inner(z1)
+        z2 = _dense(layer, h)
+        for acts in (cap.capture_linen(model, variables, x)[1],
+                     jax.jit(lambda v: cap.capture_linen(model, v, x)[1])(variables)):  # noqa: B023
+            _assert_layer(acts, path, np.concatenate([np.reshape(x, (10, 3)),
+                                                      np.reshape(h, (10, 3))]),
+                          np.concatenate([np.reshape(z1, (10, 3)), np.reshape(z2, (10, 3))]))
 
 
 def test_linen_model_is_one_dense():
@@ -524,7 +559,7 @@ def test_nnx_optimizer_forwards_activations():
     assert int(optimizer.step[...]) == 2
 
 
-def test_nnx_called_twice_tied_and_foreign_raise():
+def test_nnx_called_twice_tied_stacks_and_foreign_raises():
     class Twice(nnx.Module):
         def __init__(self, rngs):
             self.block = nnx.Dict(proj=nnx.Linear(3, 3, rngs=rngs))
@@ -540,13 +575,17 @@ def test_nnx_called_twice_tied_and_foreign_raise():
         def __call__(self, x):
             return self.b(self.a(x))
 
-    x = jnp.ones((2, 3))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3)))
     original = nnx.Linear.__call__
-    for model, path in ((Twice(nnx.Rngs(0)), "block/proj"), (Tied(nnx.Rngs(0)), "a")):
+    for model, path, inner in ((Twice(nnx.Rngs(0)), "block/proj", jnp.tanh),
+                               (Tied(nnx.Rngs(0)), "a", lambda z: z)):
         assert path in _paths(nnx.state(model, nnx.Param))
-        with pytest.raises(ValueError, match=f"dense layer '{path}' was called more than once"):
-            cap.capture_nnx(model, x)
-        assert nnx.Linear.__call__ is original  # restored after the error
+        layer = paths.get_by_path(_pure(model), path)
+        z1 = _dense(layer, x)
+        z2 = _dense(layer, inner(z1))
+        _, acts = cap.capture_nnx(model, x)
+        _assert_layer(acts, path, np.concatenate([x, inner(z1)]), np.concatenate([z1, z2]))
+        assert nnx.Linear.__call__ is original  # restored
     # Tied but used once: keyed like its params (the first path in graph order).
     tied = Tied(nnx.Rngs(0))
     _, acts = cap.capture_nnx(tied, x, method=lambda m, x: m.a(x))

@@ -1,4 +1,4 @@
-"""Convolutional layers (SPEC §8): patches, ``conv_rfim`` against eq. (9), ``ConvLayer``.
+"""Convolutional layers (SPEC §8): patches, ``conv_rfim`` against eq. (9), the adapter, RNGD.
 
 The definition is computed independently of the library's patches: the convolution is
 ``jax.lax.conv_general_dilated`` of a kernel unpacked from the neuron-major vector
@@ -46,8 +46,9 @@ from rfim_jax import (
     conv_rfim,
     layer_rfim_from_activations,
 )
-from rfim_jax._src.layers import ConvLayer
+from rfim_jax._src.layers import DenseLayer
 from rfim_jax._src.metrics import params_to_columns
+from rfim_jax._src.rfim import resolve_kind
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -516,49 +517,50 @@ def test_conv_patches_errors():
         conv_patches(jnp.ones((1, 5, 3)), (3,), feature_group_count=2)
 
 
-# ---------------------------------------------------------------------------- ConvLayer
+# ------------------------------------------------ the layer adapter over patches (SPEC §8)
 
 
 def _activations(name, path="block/Conv_0"):
     params, x, geom = _case_data(name)
     has_bias = "bias" in params
     z = _conv(_flat(params), x, params["kernel"].shape, has_bias, geom)
+    patches = conv_patches(x, params["kernel"].shape[:-2], **geom)
     head, tail = path.split("/")
-    return params, {head: {tail: {"inputs": x, "preacts": z}}}, geom
+    return params, {head: {tail: {"inputs": patches, "preacts": z}}}, geom
 
 
-@pytest.mark.parametrize("name", [n for n in CASES if _groups(n) == 1])
+@pytest.mark.parametrize("name", list(CASES))
 def test_conv_layer_rows_give_conv_rfim(name):
     params, acts, geom = _activations(name)
-    layer = ConvLayer.from_params("block/Conv_0", Tanh(), params, **geom)
+    layer = DenseLayer.from_params("block/Conv_0", Tanh(), params)
     k_shape = params["kernel"].shape
-    assert layer.window == k_shape[:-2] and layer.kernel_shape == k_shape
+    groups = geom.get("feature_group_count", 1)
+    assert layer.kernel_shape == k_shape and layer.out_shape == k_shape[-1:]
     assert layer.d_in == math.prod(k_shape[:-1]) and layer.m == k_shape[-1]
     assert layer.d == layer.d_in + ("bias" in params)
-    assert layer.num_params == layer.d * layer.m
     assert layer.layout == ParamLayout(k_shape, (k_shape[-1],) if "bias" in params else None)
-    assert not layer.is_linear and not layer.is_softmax
     hash(layer)
     x_aug, z = layer.rows(acts)
-    x = acts["block"]["Conv_0"]["inputs"]
     n_rows = acts["block"]["Conv_0"]["preacts"][..., 0].size
-    assert x_aug.shape == (n_rows, layer.d) and z.shape == (n_rows, layer.m)
-    # z = x~ @ W~ row by row, so rows and pre-activations line up.
-    np.testing.assert_allclose(x_aug @ layer.columns(params, jnp.float64), z, **TOL)
-    patches = conv_patches(x, layer.window, **geom).reshape(n_rows, layer.d_in)
-    np.testing.assert_allclose(x_aug[:, : layer.d_in], patches, **TOL)
+    assert z.shape == (n_rows, layer.m)
+    assert x_aug.shape == ((n_rows, layer.d) if groups == 1 else (n_rows, groups, layer.d))
+    # Row by row, each channel's pre-activation is its group's x~ @ w~_l.
+    cols = layer.columns(params, jnp.float64)
+    grouped = x_aug.reshape(n_rows, groups, layer.d)
+    per_group = layer.m // groups
+    for l in range(layer.m):
+        np.testing.assert_allclose(grouped[:, l // per_group] @ cols[:, l], z[:, l], **TOL)
     metric = layer_rfim_from_activations(x_aug, z, layer.kind, has_bias=layer.has_bias,
                                          layout=layer.layout)
+    x = _case_data(name)[1]
     np.testing.assert_allclose(metric.to_dense(), conv_rfim(params, x, Tanh(), **geom).to_dense(),
                                **TOL)
-    v = _random_like(params)
-    np.testing.assert_allclose(_flat(metric.matvec(v)), metric.to_dense() @ _flat(v), **TOL)
 
 
 @pytest.mark.parametrize("name", ["2d_explicit", "1d_stride_valid_dil", "2d_depthwise"])
 def test_conv_layer_columns_round_trip(name):
-    params, _, geom = _case_data(name)
-    layer = ConvLayer.from_params("Conv_0", Linear(), params, **geom)
+    params, _, _ = _case_data(name)
+    layer = DenseLayer.from_params("Conv_0", Linear(), params)
     assert layer.is_linear
     cols = layer.columns(params, jnp.float32)
     assert cols.shape == (layer.d, layer.m) and cols.dtype == jnp.float32
@@ -581,22 +583,138 @@ def test_conv_layer_columns_round_trip(name):
 
 def test_conv_layer_errors_name_path_and_shapes():
     params, acts, geom = _activations("2d_explicit")
-    layer = ConvLayer.from_params("block/Conv_0", "relu", params, **geom)
+    layer = DenseLayer.from_params("block/Conv_0", "relu", params)
     entry = acts["block"]["Conv_0"]
-    with pytest.raises(ValueError, match=r"'block/Conv_0'.*no activations.*\(n, \*spatial, 2\)"):
+    with pytest.raises(ValueError, match=r"'block/Conv_0'.*no activations.*\(n, 12\)"):
         layer.rows({})
-    bad = {"block": {"Conv_0": {"inputs": entry["inputs"], "preacts": entry["preacts"][:, :2]}}}
-    with pytest.raises(ValueError, match=r"'block/Conv_0'.*\(2, 2, 3, 2\).*give \(2, 4, 3, 2\)"):
-        layer.rows(bad)
-    wrong = {"block": {"Conv_0": {"inputs": entry["inputs"][..., :1],
+    x = _case_data("2d_explicit")[1]
+    raw = {"block": {"Conv_0": {"inputs": x, "preacts": entry["preacts"]}}}
+    with pytest.raises(ValueError, match=r"'block/Conv_0'.*\(2, 4, 5, 2\).*d_in=12.*patches"):
+        layer.rows(raw)
+    # Channels-first patches: the width is wrong, and the message says so with the shapes.
+    moved = {"block": {"Conv_0": {"inputs": jnp.moveaxis(entry["inputs"][..., 0, :], -1, 1),
                                   "preacts": entry["preacts"]}}}
-    with pytest.raises(ValueError, match=r"'block/Conv_0'.*inputs have 1 channels.*\(2, 4, 5, 1\)"):
-        layer.rows(wrong)
-    with pytest.raises(ValueError, match=r"'Conv_1'.*unknown conv geometry.*'stride'"):
-        ConvLayer.from_params("Conv_1", "relu", params, stride=2)
-    with pytest.raises(ValueError, match=r"'Conv_1'.*\(\*window, c_in / groups, c_out\).*\(4, 3\)"):
-        ConvLayer.from_params("Conv_1", "relu", {"kernel": jnp.zeros((4, 3))})
-    gparams, gacts, ggeom = _activations("2d_groups")
-    glayer = ConvLayer.from_params("block/Conv_0", "relu", gparams, **ggeom)
-    with pytest.raises(NotImplementedError, match=r"'block/Conv_0'.*feature_group_count=2"):
-        glayer.rows(gacts)
+    with pytest.raises(ValueError, match=r"'block/Conv_0'.*inputs have shape \(2, 12, "):
+        layer.rows(moved)
+    short = {"block": {"Conv_0": {"inputs": entry["inputs"][:1], "preacts": entry["preacts"]}}}
+    with pytest.raises(ValueError, match=r"'block/Conv_0'.*inputs have \d+ samples but preacts"):
+        layer.rows(short)
+    with pytest.raises(ValueError, match=r"'Conv_1'.*bias has shape \(3,\).*\(2, 3, 2, 2\)"):
+        DenseLayer.from_params("Conv_1", "relu", {"kernel": params["kernel"],
+                                                 "bias": jnp.zeros(3)})
+    gparams, gacts, _ = _activations("2d_groups")
+    glayer = DenseLayer.from_params("block/Conv_0", "relu", gparams)
+    x_aug, _ = glayer.rows(gacts)
+    for rep, kind in (("eigen", "relu"), ("exact", "linear"), ("exact", "softmax")):
+        layer = DenseLayer.from_params("block/Conv_0", resolve_kind(kind), gparams)
+        with pytest.raises(ValueError, match=r"'block/Conv_0'.*grouped convolution.*groups=2"):
+            layer.check_rows(x_aug, rep)
+
+
+# ------------------------------------------------------------ RNGD on a conv: numpy reference
+
+
+def _np_same_pads(size, window, stride, dil):
+    out = -(-size // stride)
+    total = max((out - 1) * stride + (window - 1) * dil + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def _np_patches(x, window, strides, pads, dil, groups):
+    """Patches by explicit loops, (n, oh, ow, G, kh * kw * c_in / G), kernel order."""
+    x = np.asarray(x, np.float64)
+    n, h, w, c = x.shape
+    xp = np.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    (kh, kw), (sh, sw), (dh, dw) = window, strides, dil
+    oh = (xp.shape[1] - (kh - 1) * dh - 1) // sh + 1
+    ow = (xp.shape[2] - (kw - 1) * dw - 1) // sw + 1
+    cg = c // groups
+    out = np.zeros((n, oh, ow, groups, kh * kw * cg))
+    for i, p, q, g in itertools.product(range(n), range(oh), range(ow), range(groups)):
+        out[i, p, q, g] = [xp[i, p * sh + a * dh, q * sw + b * dw, g * cg + k]
+                           for a in range(kh) for b in range(kw) for k in range(cg)]
+    return out
+
+
+RNGD_CONV_CASES = {
+    # name: (kind, x shape, features, window, conv kwargs, numpy pads or "SAME")
+    "relu_same_stride": ("relu", (3, 6, 5, 2), 4, (3, 3), dict(strides=(2, 1)), "SAME"),
+    "linear_explicit_nobias": ("linear", (2, 5, 5, 3), 3, (2, 3),
+                               dict(padding=((1, 0), (2, 1)), use_bias=False,
+                                    kernel_dilation=(2, 1)), ((1, 0), (2, 1))),
+    "tanh_depthwise": ("tanh", (3, 5, 5, 3), 6, (3, 3),
+                       dict(feature_group_count=3, padding="VALID"), ((0, 0), (0, 0))),
+}
+
+
+@pytest.mark.parametrize("name", list(RNGD_CONV_CASES))
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_rngd_on_conv_matches_numpy_reference(name, api):
+    from _reference import ReferenceRNGD
+
+    from rfim_jax import capture_linen, capture_nnx, scale_by_rngd
+
+    kind, x_shape, features, window, kw, pads = RNGD_CONV_CASES[name]
+    rng = np.random.default_rng(sum(map(ord, name)))
+    x = jnp.asarray(rng.normal(size=x_shape))
+    groups = kw.get("feature_group_count", 1)
+    strides = kw.get("strides", (1, 1))
+    dil = kw.get("kernel_dilation", (1, 1))
+    if api == "linen":
+        model = nn.Conv(features, window, param_dtype=jnp.float64, **kw)
+        params = {"Conv_0": model.init(jax.random.PRNGKey(0), x)["params"]}
+
+        def capture(p):
+            return capture_linen(model, {"params": p["Conv_0"]}, x)
+    else:
+        conv = nnx.Conv(x_shape[-1], features, window, param_dtype=jnp.float64,
+                        rngs=nnx.Rngs(0), **kw)
+        model = nnx.Dict(Conv_0=conv)
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+        def capture(p):
+            return capture_nnx(model, x, method=lambda m, x: m["Conv_0"](x))
+    out, acts = capture(params)
+    if api == "linen":
+        acts = {"Conv_0": acts}
+    has_bias = kw.get("use_bias", True)
+    if pads == "SAME":
+        pads = tuple(_np_same_pads(s, k, st, 1) for s, k, st in
+                     zip(x_shape[1:3], window, strides, strict=True))
+    patches = _np_patches(x, window, strides, pads, dil, groups)
+    kernel = np.asarray(params["Conv_0"]["kernel"], np.float64).reshape(-1, features)
+    per_group = features // groups
+    z = np.stack([patches[..., l // per_group, :] @ kernel[:, l] for l in range(features)], -1)
+    if has_bias:
+        z = z + np.asarray(params["Conv_0"]["bias"])
+    np.testing.assert_allclose(out, z, rtol=1e-10, atol=1e-10)  # the loops are the conv
+    rows = patches.reshape(-1, groups, patches.shape[-1])
+    z_rows = z.reshape(-1, features)
+
+    decay, every, eps0 = 0.7, 2, 1e-2
+    tx = scale_by_rngd({"Conv_0": kind}, decay=decay, inverse_every=every, damping=eps0)
+    state = tx.init(params)
+    step = jax.jit(lambda g, s, a: tx.update(g, s, activations=a))
+    # One reference per group: group g's channels see only group g's patches (SPEC §8).
+    refs = [ReferenceRNGD({"g": (kind, rows.shape[-1], per_group, has_bias)}, decay, every, eps0)
+            for _ in range(groups)]
+    for t in range(3):
+        g = {"Conv_0": {k: jnp.asarray(rng.normal(size=v.shape))
+                        for k, v in params["Conv_0"].items()}}
+        updates, state = step(g, state, acts)
+        gk = np.asarray(g["Conv_0"]["kernel"]).reshape(-1, features)
+        gb = np.asarray(g["Conv_0"]["bias"]) if has_bias else None
+        want_k, want_b = np.zeros_like(gk), np.zeros(features)
+        for grp, ref in enumerate(refs):
+            cols = slice(grp * per_group, (grp + 1) * per_group)
+            k, b = ref.update(
+                {"g": {"kernel": gk[:, cols], **({"bias": gb[cols]} if has_bias else {})}},
+                {"g": {"inputs": rows[:, grp], "preacts": z_rows[:, cols]}})["g"]
+            want_k[:, cols] = k
+            if has_bias:
+                want_b[cols] = b
+        got = updates["Conv_0"]
+        np.testing.assert_allclose(np.asarray(got["kernel"]).reshape(-1, features), want_k,
+                                   rtol=1e-8, atol=1e-10, err_msg=f"step {t}")
+        if has_bias:
+            np.testing.assert_allclose(got["bias"], want_b, rtol=1e-8, atol=1e-10)

@@ -232,19 +232,20 @@ def _cnn_grads(params, x, y):
     return grads, acts
 
 
-def test_linen_cnn_layers_none_preconditions_dense_and_passes_conv_through():
+def test_linen_cnn_unlisted_conv_passes_through():
     rng = np.random.default_rng(6)
     x = jnp.asarray(rng.normal(size=(5, 6, 6, 2)))
     y = jnp.asarray(rng.integers(0, 3, size=5))
     params = CNN().init(jax.random.PRNGKey(0), x)["params"]
     assert params["Conv_0"]["kernel"].shape == (3, 3, 2, 4)
-    assert paths.layer_paths(params) == ["Dense_0", "Dense_1"]
-    assert not paths.is_dense_layer(params["Conv_0"])
+    # layers=None covers every layer with a kernel, the conv included (SPEC §8).
+    assert paths.layer_paths(params) == ["Conv_0", "Dense_0", "Dense_1"]
     plan = rfim_jax.rngd_plan(jax.eval_shape(lambda: params), None)  # ShapeDtypeStruct leaves
-    assert list(plan) == ["Dense_0", "Dense_1"]
+    assert list(plan) == ["Conv_0", "Dense_0", "Dense_1"]
+    assert plan["Conv_0"].shape == (3 * 3 * 2 + 1, 4)
 
     lr = 0.05
-    tx = rfim_jax.rngd(lr, None)
+    tx = rfim_jax.rngd(lr, {"Dense_0": "linear", "Dense_1": "linear"})
     sgd = optax.sgd(lr, momentum=0.9)
     state, sgd_state = tx.init(params), sgd.init(params)
     assert sorted(state[0].metrics) == ["Dense_0", "Dense_1"]
@@ -270,9 +271,12 @@ def test_linen_cnn_layers_none_preconditions_dense_and_passes_conv_through():
 
 
 @pytest.mark.parametrize("make", [rfim_jax.rngd, rfim_jax.scale_by_rngd])
-def test_naming_a_conv_layer_says_what_it_is(make):
+def test_a_conv_given_raw_inputs_is_told_about_patches(make):
     params = CNN().init(jax.random.PRNGKey(0), jnp.ones((1, 6, 6, 2)))["params"]
     args = (0.05, {"Conv_0": "relu"}) if make is rfim_jax.rngd else ({"Conv_0": "relu"},)
-    with pytest.raises(ValueError, match=r"layer 'Conv_0'.*shape \(3, 3, 2, 4\).*"
-                                         r"not yet supported by scale_by_rngd.*conv_rfim"):
-        make(*args).init(params)
+    tx = make(*args)
+    state = tx.init(params)
+    raw = {"Conv_0": {"inputs": jnp.ones((1, 6, 6, 2)), "preacts": jnp.ones((1, 6, 6, 4))}}
+    with pytest.raises(ValueError, match=r"layer 'Conv_0'.*\(1, 6, 6, 2\).*d_in=18.*patches"
+                                         r".*conv_patches"):
+        tx.update(jax.tree.map(jnp.zeros_like, params), state, params, activations=raw)

@@ -1,4 +1,4 @@
-"""Capture of each dense layer's inputs and pre-activations (paper Sec. 5, eqs. 31-33).
+"""Capture of each layer's inputs and pre-activations (paper Sec. 5, eqs. 31-33; SPEC §8).
 
 RNGD estimates layer l's RFIM from the batch that also gives the gradient: neuron l of a dense
 layer needs the layer's inputs ``x`` (for ``x~ = [x, 1]``) and its pre-activations
@@ -25,20 +25,27 @@ keys by ``str``.
 
 Sources
 -------
-* flax.linen: :func:`capture_linen`, built on ``nn.intercept_methods``; records ``nn.Dense`` and
-  single-output-axis ``nn.DenseGeneral``, keyed by the module's scope path (which is its key path
+* flax.linen: :func:`capture_linen`, built on ``nn.intercept_methods``; records ``nn.Dense``,
+  ``nn.DenseGeneral`` and ``nn.Conv``, keyed by the module's scope path (which is its key path
   in ``variables["params"]``).
-* flax.nnx: :func:`capture_nnx`, which wraps ``nnx.Linear.__call__`` for the duration of the call
-  and keys each layer by its graph path (``nnx.iter_modules``).
-* plain JAX: build the dict yourself with :func:`record`.
+* flax.nnx: :func:`capture_nnx`, which wraps the ``__call__`` of ``nnx.Linear``,
+  ``nnx.LinearGeneral``, ``nnx.Einsum`` and ``nnx.Conv`` for the duration of the call and keys
+  each layer by its graph path (``nnx.iter_modules``).
+* plain JAX: build the dict yourself with :func:`record` (and :func:`rfim_jax.conv_patches`
+  for a convolution).
+
+Layer types (the format of :mod:`rfim_jax._src.layers.dense`): a multi-axis dense layer's
+contracted input axes are moved last and flattened, and its feature axes flattened; a
+convolution's inputs are its patches, ``(n, *out_spatial, d_in)`` (``(..., G, d_in)`` with
+``feature_group_count`` G > 1).
 
 Both Flax helpers run in Python at trace time only: they add no operations to the compiled
 program, and the recorded arrays are the very values the forward pass used, so gradients through
 ``jax.value_and_grad(..., has_aux=True)`` are unchanged. A dense layer applied more than once in
-one pass (a tied or shared layer, a layer in a Python loop) has no single (inputs, preacts) pair
-and raises ``ValueError`` naming its path. Dense layers inside lifted transforms of the model
-(``nn.scan``/``nn.vmap``/``nn.remat``, ``nnx.scan``/``nnx.vmap``/``nnx.remat``) would be recorded
-as tracers of the inner transform and leak; they are not supported.
+one pass (a tied or shared layer, a layer in a Python loop) contributes every use: the uses
+are stacked as extra rows (SPEC §8). Layers inside lifted transforms of the model
+(``nn.scan``/``nn.vmap``/``nn.remat``, ``nnx.scan``/``nnx.vmap``/``nnx.remat``) would be
+recorded as tracers of the inner transform and leak; they are not supported.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ import jax
 import jax.numpy as jnp
 
 from rfim_jax._src import paths as paths_lib
+from rfim_jax._src.layers import conv as conv_lib
 
 LayerActivations = dict[str, jax.Array]
 
@@ -83,7 +91,7 @@ def record(
     inputs: jax.Array,
     preacts: jax.Array,
 ) -> dict:
-    """Returns ``activations`` with layer ``path`` set to ``{"inputs", "preacts"}`` (plain JAX).
+    """Returns ``activations`` with layer ``path``'s ``{"inputs", "preacts"}`` added (plain JAX).
 
     Functional, for hand-written models whose params are nested dicts::
 
@@ -98,23 +106,56 @@ def record(
 
     ``path`` is the layer's params keys joined by "/" (``"block/Dense_0"``); missing levels are
     created as dicts. ``inputs`` is the layer's input ``x``, shape (n..., d_in), and ``preacts``
-    is ``z = x @ kernel + bias``, shape (n..., m). Raises ``ValueError`` if the layer is already
-    recorded or the leading (batch) axes differ.
+    is ``z = x @ kernel + bias``, shape (n..., m). For a convolution, ``inputs`` are its
+    patches, :func:`rfim_jax.conv_patches` (``(n..., d_in)``, or ``(n..., G, d_in)`` grouped).
+
+    Recording a layer again (a tied layer, a block applied twice) adds the new use's rows as
+    extra samples (SPEC §8): both uses are flattened to rows and concatenated.
+
+    Raises:
+      ValueError: if the leading (batch) axes of inputs and preacts differ, a repeated use
+        has another width, or ``path`` already holds entries that are not a layer's.
     """
     inputs = jnp.asarray(inputs)
     preacts = jnp.asarray(preacts)
-    if inputs.ndim < 1 or preacts.ndim < 1 or inputs.shape[:-1] != preacts.shape[:-1]:
+    lead = preacts.ndim - 1
+    if (preacts.ndim < 1 or inputs.ndim not in (preacts.ndim, preacts.ndim + 1)
+            or inputs.shape[:lead] != preacts.shape[:lead]):
         raise ValueError(
             f"record: layer {path!r}: inputs {tuple(inputs.shape)} and preacts "
             f"{tuple(preacts.shape)} must share their leading (batch) axes."
         )
     existing = paths_lib.get_by_path(activations, path) if activations else None
     if isinstance(existing, Mapping) and INPUTS in existing:
-        raise ValueError(f"record: layer {path!r} is already recorded.")
-    if existing is not None and not (isinstance(existing, Mapping) and not existing):
+        inputs, preacts = _stack_uses(
+            [(existing[INPUTS], existing[PREACTS]), (inputs, preacts)], f"record: layer {path!r}"
+        )
+    elif existing is not None and not (isinstance(existing, Mapping) and not existing):
         raise ValueError(f"record: {path!r} already holds other entries; it cannot be a layer.")
     parts = path.split(paths_lib.SEP) if path else []
     return _set(activations, parts, {INPUTS: inputs, PREACTS: preacts})
+
+
+def _stack_uses(uses: Sequence[tuple[Any, Any]], where: str) -> tuple[jax.Array, jax.Array]:
+    """Several uses of one layer as one batch of rows: (N, *tail) inputs and (N, m) preacts.
+
+    A use's rows are its preacts' leading axes; the inputs keep their trailing feature axes
+    (one, or two for grouped patches).
+    """
+    xs, zs = [], []
+    for x, z in uses:
+        x, z = jnp.asarray(x), jnp.asarray(z)
+        lead = z.ndim - 1
+        xs.append(x.reshape((-1,) + x.shape[lead:]))
+        zs.append(z.reshape(-1, z.shape[-1]))
+    for name, arrays in (("inputs", xs), ("preacts", zs)):
+        tails = {a.shape[1:] for a in arrays}
+        if len(tails) > 1:
+            raise ValueError(
+                f"{where}: the uses of this layer have {name} of different widths "
+                f"{sorted(tails)}; every use of one layer must have the same shapes per row."
+            )
+    return jnp.concatenate(xs), jnp.concatenate(zs)
 
 
 def activation_paths(activations: Any) -> list[str]:
@@ -142,28 +183,26 @@ def activation_paths(activations: Any) -> list[str]:
 
 
 class _Recorder:
-    """Per-call bookkeeping: one (inputs, preacts) pair per layer path."""
+    """Per-call bookkeeping: every use of every layer, keyed by its path."""
 
     def __init__(self, source: str):
         self.source = source
-        self.layers: dict[tuple, LayerActivations] = {}
+        self.layers: dict[tuple, list[tuple[jax.Array, jax.Array]]] = {}
 
     def add(self, keys: tuple, inputs: Any, preacts: Any) -> None:
-        if keys in self.layers:
-            name = paths_lib.SEP.join(map(str, keys)) or "<root>"
-            raise ValueError(
-                f"{self.source}: dense layer {name!r} was called more than once in one forward "
-                "pass (a shared or tied layer, or a layer applied in a loop), so its inputs and "
-                "pre-activations are ambiguous. Give each use its own layer, or build the "
-                "activations yourself with rfim_jax.record()."
-            )
-        self.layers[keys] = {INPUTS: jnp.asarray(inputs), PREACTS: preacts}
+        self.layers.setdefault(keys, []).append((jnp.asarray(inputs), preacts))
 
     def tree(self) -> dict:
         out: dict = {}
-        for keys, acts in self.layers.items():
+        for keys, uses in self.layers.items():
+            if len(uses) == 1:
+                inputs, preacts = uses[0]
+            else:
+                name = paths_lib.SEP.join(map(str, keys)) or "<root>"
+                inputs, preacts = _stack_uses(uses, f"{self.source}: layer {name!r}")
+            acts = {INPUTS: inputs, PREACTS: preacts}
             if not keys:
-                return dict(acts)  # the model is itself one dense layer
+                return acts  # the model is itself one layer
             node = out
             for k in keys[:-1]:
                 node = node.setdefault(k, {})
@@ -172,27 +211,159 @@ class _Recorder:
 
 
 # --------------------------------------------------------------------------------------------
+# What each layer type records, shared by linen and nnx: (inputs, preacts) in the format of
+# rfim_jax._src.layers.dense (inputs (n..., d_in) or grouped patches, preacts (n..., m)).
+
+
+class Unsupported(ValueError):
+    """A layer the capture cannot record: raised, or skipped with ``skip_unsupported``."""
+
+
+def _tuple(value) -> tuple:
+    return tuple(value) if isinstance(value, Sequence) and not isinstance(value, str) else (value,)
+
+
+def _unsupported(source: str, kind: str, name: str, why: str) -> Unsupported:
+    return Unsupported(
+        f"{source}: layer {name!r} is {kind}, which RNGD cannot precondition ({why}). Pass "
+        f"skip_unsupported=True to leave it out of the activations; its params then pass "
+        f"through scale_by_rngd unchanged when not named in `layers` (or give them to another "
+        f"optimiser with optax.partition)."
+    )
+
+
+def _contract_last(x: jax.Array, axes: Sequence[int]) -> jax.Array:
+    """``x`` with ``axes`` moved last, in the given order, and flattened into one."""
+    lead = x.ndim - len(axes)
+    x = jnp.moveaxis(x, list(axes), list(range(lead, x.ndim)))
+    return x.reshape(x.shape[:lead] + (-1,))
+
+
+def general_rows(inputs, out, axis, n_out: int, batch_axes, source: str, name: str):
+    """A multi-axis dense layer's rows (``DenseGeneral``, ``LinearGeneral``).
+
+    Flax's kernel is ``(*inputs.shape[sorted(axis)], *features)``, so the contracted axes go
+    last in sorted order and are flattened; the ``n_out`` feature axes of ``out`` are
+    flattened into m.
+    """
+    if batch_axes:
+        raise _unsupported(source, "a multi-axis dense layer with batch axes", name,
+                           f"batch axes {tuple(batch_axes)} give each batch index its own "
+                           f"kernel")
+    x = jnp.asarray(inputs)
+    x = _contract_last(x, sorted(a % x.ndim for a in _tuple(axis)))
+    return x, out.reshape(out.shape[: out.ndim - n_out] + (-1,))
+
+
+def conv_rows(inputs, out, module, source: str, name: str):
+    """A convolution's rows: its patches (:func:`rfim_jax.conv_patches`) and its outputs.
+
+    ``module`` is an ``nn.Conv`` or ``nnx.Conv``; its geometry is read from it.
+    """
+    dilation = module.input_dilation
+    if any(v != 1 for v in _tuple(1 if dilation is None else dilation)):
+        raise _unsupported(source, f"a convolution with input_dilation={dilation}", name,
+                           "its patches are not windows of the input")
+    kernel_size = _tuple(module.kernel_size)
+    x = jnp.asarray(inputs)
+    if x.ndim == len(kernel_size) + 1:  # Flax adds the batch axis of an unbatched input
+        x, out = x[None], out[None]
+    groups = module.feature_group_count
+    patches = conv_lib.conv_patches(
+        x, kernel_size, strides=module.strides, padding=module.padding,
+        kernel_dilation=module.kernel_dilation, feature_group_count=groups,
+    )
+    if groups == 1:
+        patches = patches[..., 0, :]
+    return patches, out
+
+
+def einsum_rows(inputs, out, einsum_str: str, has_bias: bool, source: str, name: str):
+    """``nnx.Einsum`` rows, where it contracts input axes against a kernel (SPEC §8).
+
+    Supported: ``"<inputs>,<kernel>-><outputs>"`` without an ellipsis, where the kernel's
+    letters are its contracted letters then its output letters, and the outputs are the
+    inputs' other letters (in order) then the kernel's output letters (in order).
+    """
+    spec = einsum_str.replace(" ", "")
+    ins, _, res = spec.partition("->")
+    operands = ins.split(",")
+    problem = None
+    if "." in spec or len(operands) != 2 or not res:
+        problem = "it is not of the form '<inputs>,<kernel>-><outputs>' without an ellipsis"
+        xs = ks = ""
+    else:
+        xs, ks = operands
+    contracted = [c for c in ks if c in xs and c not in res]
+    produced = [c for c in ks if c in res and c not in xs]
+    if problem is None:
+        if list(ks) != contracted + produced:
+            problem = "the kernel's letters must be its contracted ones, then its output ones"
+        elif res != "".join(c for c in xs if c not in contracted) + "".join(produced):
+            problem = ("the outputs must be the inputs' other letters in their order, then "
+                       "the kernel's output letters in its order")
+        elif not has_bias and len(produced) > 1:
+            problem = ("without a bias a kernel's output axes are read as its last axis only, "
+                       "but this one has several")
+    if problem:
+        raise _unsupported(source, f"an einsum {einsum_str!r}", name, problem)
+    x = _contract_last(jnp.asarray(inputs), [xs.index(c) for c in contracted])
+    return x, out.reshape(out.shape[: out.ndim - len(produced)] + (-1,))
+
+
+# --------------------------------------------------------------------------------------------
 # flax.linen.
 
 
-def _dense_general_error(module: Any, name: str, ndim: int) -> str | None:
-    """None if this DenseGeneral has a (d_in, m) kernel, else why not."""
-    features = module.features
-    features = tuple(features) if isinstance(features, Sequence) else (features,)
-    axis = module.axis
-    axis = tuple(axis) if isinstance(axis, Sequence) else (axis,)
-    batch_dims = (
-        tuple(module.batch_dims)
-        if isinstance(module.batch_dims, Sequence)
-        else (module.batch_dims,)
-    )
-    if len(features) == 1 and axis in ((-1,), (ndim - 1,)) and batch_dims == ():
-        return None
-    return (
-        f"capture_linen: DenseGeneral layer {name!r} has features={module.features}, "
-        f"axis={module.axis}, batch_dims={module.batch_dims}; only a single output axis "
-        "contracted over the last input axis (kernel (d_in, m)) is supported. Use nn.Dense, or "
-        "pass skip_unsupported=True to leave this layer out of the activations."
+def _linen_rows(module: Any, inputs: Any, out: Any, name: str):
+    """(inputs, preacts) of a linen layer, or None for a module that is not a layer.
+
+    Raises:
+      Unsupported: for a layer type or configuration RNGD cannot precondition.
+    """
+    import flax.linen as nn
+
+    src = "capture_linen"
+    if isinstance(module, nn.Dense):
+        return inputs, out
+    if isinstance(module, nn.DenseGeneral):
+        features = _tuple(module.features)
+        if not module.use_bias and len(features) > 1:
+            raise _unsupported(src, "a DenseGeneral without bias and with several feature axes",
+                               name, f"features={module.features}: a bias-free kernel's last "
+                               f"axis is read as its only output axis; use use_bias=True")
+        batch = _tuple(module.batch_dims) if module.batch_dims != () else ()
+        return general_rows(inputs, out, module.axis, len(features), batch, src, name)
+    if isinstance(module, nn.Conv):
+        return conv_rows(inputs, out, module, src, name)
+    if isinstance(module, nn.ConvTranspose):
+        raise _unsupported(src, "an nn.ConvTranspose", name,
+                           "a transposed convolution's kernel is not applied to windows of its "
+                           "input")
+    if isinstance(module, nn.ConvLocal):
+        raise _unsupported(src, "an nn.ConvLocal", name,
+                           "a locally connected layer has one kernel per position, not shared "
+                           "weights")
+    return None
+
+
+def _linen_module(model: Any) -> Any:
+    """The linen Module of ``model``: the module itself, or the owner of a bound ``.apply``.
+
+    Raises:
+      TypeError: for anything else, saying what to pass.
+    """
+    import flax.linen as nn
+
+    if isinstance(model, nn.Module):
+        return model
+    owner = getattr(model, "__self__", None)
+    if isinstance(owner, nn.Module) and getattr(model, "__name__", "") == "apply":
+        return owner  # e.g. a TrainState's apply_fn, which is model.apply
+    raise TypeError(
+        f"capture_linen: model must be a flax.linen Module or its bound `.apply` (such as a "
+        f"TrainState's apply_fn), got {type(model).__name__}. Pass the module: "
+        f"capture_linen(model, variables, x)."
     )
 
 
@@ -206,22 +377,31 @@ def capture_linen(
 ) -> tuple[Any, dict]:
     """``model.apply(variables, *args, method=method, **kwargs)``, also returning activations.
 
-    Records the inputs and outputs of every ``nn.Dense`` (and subclass) called during the
-    apply; a Dense's output is its pre-activation ``z = x @ kernel + bias``. Each layer is keyed
-    by its scope path, which is its key path in ``variables["params"]``: a ``Dense_0`` inside a
-    submodule ``block`` lands at ``activations["block"]["Dense_0"]``. Non-dense modules
-    (LayerNorm, BatchNorm, Conv, ...) are not recorded.
+    Records, for every layer that RNGD preconditions, its inputs and pre-activations (the
+    module's output) during the apply, keyed by the module's scope path, which is its key path
+    in ``variables["params"]``: a ``Dense_0`` inside a submodule ``block`` lands at
+    ``activations["block"]["Dense_0"]``.
 
-    ``nn.DenseGeneral`` is recorded when its kernel is (d_in, m): a single output feature axis,
-    ``axis=-1`` and no ``batch_dims``. Other DenseGenerals (e.g. attention projections with
-    ``features=(heads, head_dim)``) raise ``ValueError`` naming the layer, or are left out with
-    ``skip_unsupported=True``.
+    - ``nn.Dense``: ``{"inputs": x, "preacts": x @ kernel + bias}``.
+    - ``nn.DenseGeneral`` (any ``axis`` and ``features``): the contracted axes moved last and
+      flattened, inputs (n..., prod(in axes)), preacts (n..., prod(features)).
+    - ``nn.Conv`` (any number of spatial dimensions, strides, padding, dilation, groups, all
+      read from the module): the inputs are the patches, :func:`rfim_jax.conv_patches`,
+      ``(n, *out_spatial, d_in)``, or ``(n, *out_spatial, G, d_in)`` for
+      ``feature_group_count`` G > 1.  Under ``jit`` the patches of a layer that no optimiser
+      reads are dead code and are never computed.
+    - A layer applied several times in one apply (tied weights, a block used twice): every
+      use is recorded, stacked as extra rows (SPEC §8).
+    - Unsupported, with a ``ValueError`` that names the layer (or left out with
+      ``skip_unsupported=True``): ``nn.ConvTranspose``, ``nn.ConvLocal``, a conv with
+      ``input_dilation``, a DenseGeneral with ``batch_dims``, or without bias and with several
+      feature axes.
 
-    Every other keyword goes to ``model.apply`` (``rngs=``, ``mutable=``, ``train=``, ...).
+    Other modules (LayerNorm, BatchNorm, Embed, ...) are not recorded.
+
     The first return value is exactly what ``apply`` returns: with ``mutable=["batch_stats"]``
     it is ``(output, mutated_variables)``, so the call reads
     ``(out, updates), acts = capture_linen(model, variables, x, mutable=["batch_stats"])``.
-
     Use it inside the loss, under ``jax.jit`` and ``jax.value_and_grad(..., has_aux=True)``::
 
         def loss_fn(params):
@@ -230,28 +410,44 @@ def capture_linen(
 
         (loss, acts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
 
-    Recording happens at trace time in Python; the compiled program is unchanged. Raises
-    ``ValueError`` naming the layer path if a dense layer is called twice in one apply.
+    Recording happens at trace time in Python; the compiled program is unchanged.
+
+    Args:
+      model: a ``flax.linen`` Module, or its bound ``.apply`` (a ``TrainState``'s
+        ``apply_fn``).
+      variables: ``{"params": ...}`` and any other collections.
+      *args: the apply's positional arguments.
+      method: as in ``Module.apply``.
+      skip_unsupported: leave unsupported layers out instead of raising.
+      **kwargs: the apply's keyword arguments (``rngs=``, ``mutable=``, ``train=``, ...).
+
+    Returns:
+      ``(output, activations)``.
+
+    Raises:
+      ValueError: for an unsupported layer, naming it and what to do.
+      TypeError: if ``model`` is neither a linen Module nor its bound ``apply``.
     """
     import flax.linen as nn
 
+    model = _linen_module(model)
     recorder = _Recorder("capture_linen")
 
     def interceptor(next_fun, call_args, call_kwargs, context):
-        module = context.module
-        if context.method_name != "__call__" or not isinstance(module, nn.Dense | nn.DenseGeneral):
+        if context.method_name != "__call__":
             return next_fun(*call_args, **call_kwargs)
+        module = context.module
         keys = tuple(module.path)
-        inputs = call_args[0] if call_args else call_kwargs["inputs"]
-        if isinstance(module, nn.DenseGeneral):
-            name = paths_lib.SEP.join(keys) or "<root>"
-            error = _dense_general_error(module, name, jnp.ndim(inputs))
-            if error is not None:
-                if skip_unsupported:
-                    return next_fun(*call_args, **call_kwargs)
-                raise ValueError(error)
+        inputs = call_args[0] if call_args else call_kwargs.get("inputs")
         out = next_fun(*call_args, **call_kwargs)
-        recorder.add(keys, inputs, out)
+        try:
+            rows = _linen_rows(module, inputs, out, paths_lib.SEP.join(keys) or "<root>")
+        except Unsupported:
+            if skip_unsupported:
+                return out
+            raise
+        if rows is not None:
+            recorder.add(keys, *rows)
         return out
 
     with nn.intercept_methods(interceptor):
@@ -288,12 +484,18 @@ def apply_gradients(state: Any, grads: Any, **extra_args: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 # flax.nnx.
 
-# nnx.Linear has no hook for its inputs, so its ``__call__`` is wrapped while any capture_nnx is
-# running (reference-counted across threads). The wrapper only records when the *calling thread*
-# has an active capture, so other threads calling nnx.Linear meanwhile are unaffected.
+# nnx layers have no hook for their inputs, so the ``__call__`` of each recorded class is
+# wrapped while any capture_nnx is running (reference-counted across threads). A wrapper only
+# records when the *calling thread* has an active capture, so other threads are unaffected.
 _PATCH_LOCK = threading.Lock()
-_PATCH = {"depth": 0, "original": None, "wrapper": None}
+_PATCH: dict[str, Any] = {"depth": 0, "originals": {}, "wrappers": {}}
 _ACTIVE = threading.local()
+
+
+def _nnx_classes() -> tuple[type, ...]:
+    from flax import nnx
+
+    return (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.ConvTranspose)
 
 
 def _active_stack() -> list:
@@ -303,25 +505,29 @@ def _active_stack() -> list:
     return stack
 
 
-@contextlib.contextmanager
-def _linear_patched() -> Iterator[None]:
-    from flax import nnx
+def _wrap(original):
+    def recording_call(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        stack = getattr(_ACTIVE, "stack", None)
+        if stack:
+            stack[-1](self, args[0] if args else kwargs.get("inputs"), out)
+        return out
 
+    recording_call.__wrapped__ = original
+    recording_call.__doc__ = original.__doc__
+    return recording_call
+
+
+@contextlib.contextmanager
+def _nnx_patched() -> Iterator[None]:
     with _PATCH_LOCK:
         if _PATCH["depth"] == 0:
-            original = nnx.Linear.__dict__["__call__"]
-
-            def recording_call(self, *args, **kwargs):
-                out = original(self, *args, **kwargs)
-                stack = getattr(_ACTIVE, "stack", None)
-                if stack:
-                    stack[-1](self, args[0] if args else kwargs["inputs"], out)
-                return out
-
-            recording_call.__wrapped__ = original
-            recording_call.__doc__ = original.__doc__
-            _PATCH.update(original=original, wrapper=recording_call)
-            nnx.Linear.__call__ = recording_call
+            for cls in _nnx_classes():
+                original = cls.__dict__["__call__"]
+                wrapper = _wrap(original)
+                _PATCH["originals"][cls] = original
+                _PATCH["wrappers"][cls] = wrapper
+                cls.__call__ = wrapper
         _PATCH["depth"] += 1
     try:
         yield
@@ -329,27 +535,64 @@ def _linear_patched() -> Iterator[None]:
         with _PATCH_LOCK:
             _PATCH["depth"] -= 1
             if _PATCH["depth"] == 0:
-                # Leave the class alone if someone else re-patched it meanwhile.
-                if nnx.Linear.__dict__.get("__call__") is _PATCH["wrapper"]:
-                    nnx.Linear.__call__ = _PATCH["original"]
-                _PATCH.update(original=None, wrapper=None)
+                for cls, original in _PATCH["originals"].items():
+                    # Leave the class alone if someone else re-patched it meanwhile.
+                    if cls.__dict__.get("__call__") is _PATCH["wrappers"][cls]:
+                        cls.__call__ = original
+                _PATCH["originals"].clear()
+                _PATCH["wrappers"].clear()
+
+
+def _nnx_rows(module: Any, inputs: Any, out: Any, name: str):
+    """(inputs, preacts) of an nnx layer.
+
+    Raises:
+      Unsupported: for a layer type or configuration RNGD cannot precondition.
+    """
+    from flax import nnx
+
+    src = "capture_nnx"
+    if isinstance(module, nnx.Linear):
+        return inputs, out
+    if isinstance(module, nnx.LinearGeneral):
+        features = _tuple(module.out_features)
+        if module.bias is None and len(features) > 1:
+            raise _unsupported(src, "a LinearGeneral without bias and with several output axes",
+                               name, f"out_features={module.out_features}: a bias-free "
+                               f"kernel's last axis is read as its only output axis")
+        return general_rows(inputs, out, module.axis, len(features),
+                            tuple(module.batch_axis), src, name)
+    if isinstance(module, nnx.Einsum):
+        return einsum_rows(inputs, out, module.einsum_str, module.bias is not None, src, name)
+    if isinstance(module, nnx.Conv):
+        return conv_rows(inputs, out, module, src, name)
+    raise _unsupported(src, f"an nnx.{type(module).__name__}", name,
+                       "a transposed convolution's kernel is not applied to windows of its "
+                       "input")
 
 
 def capture_nnx(
     model: Any,
     *args: Any,
     method: Callable[..., Any] | str | None = None,
+    skip_unsupported: bool = False,
     **kwargs: Any,
 ) -> tuple[Any, dict]:
-    """``model(*args, **kwargs)``, also returning each ``nnx.Linear``'s inputs and pre-activations.
+    """``model(*args, **kwargs)``, also returning each layer's inputs and pre-activations.
+
+    Records ``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Einsum`` (where it contracts input
+    axes against a kernel) and ``nnx.Conv`` (and subclasses that reach their ``__call__``) in
+    the format of :func:`capture_linen`: multi-axis inputs flattened, a convolution's inputs
+    as its patches, every use of a layer called several times stacked as extra rows.
+    ``nnx.ConvTranspose`` and unsupported einsums raise ``ValueError`` naming the layer, or are
+    left out with ``skip_unsupported=True``.
 
     ``method`` calls ``getattr(model, method)(*args, **kwargs)`` for a name, or
-    ``method(model, *args, **kwargs)`` for a callable. Each ``nnx.Linear`` (and subclasses that
-    reach ``nnx.Linear.__call__``) is keyed by its graph path, which is its key path in
-    ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``: ``self.layers = nnx.List([...])`` gives
-    ``activations["layers"][0]`` (an int key, path ``"layers/0"``), ``self.linear1`` gives
-    ``activations["linear1"]``. A module reachable by two paths is keyed, like its params, by the
-    first one in graph order.
+    ``method(model, *args, **kwargs)`` for a callable. Each layer is keyed by its graph path,
+    which is its key path in ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``:
+    ``self.layers = nnx.List([...])`` gives ``activations["layers"][0]`` (an int key, path
+    ``"layers/0"``), ``self.linear1`` gives ``activations["linear1"]``. A module reachable by
+    two paths is keyed, like its params, by the first one in graph order.
 
     Use it inside the loss, under ``nnx.jit`` and ``nnx.value_and_grad(..., has_aux=True)``::
 
@@ -360,27 +603,37 @@ def capture_nnx(
         (loss, acts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         optimizer.update(model, grads, activations=acts)  # forwarded to tx.update
 
-    ``nnx.Linear.__call__`` is wrapped only while this function runs (at trace time, in Python)
-    and restored afterwards; the wrapper records only for the thread running the capture, so
-    concurrent threads are safe. Raises ``ValueError`` naming the layer path when a Linear is
-    called twice, or when a Linear that is not part of ``model`` is called.
+    The layers' ``__call__`` are wrapped only while this function runs (at trace time, in
+    Python) and restored afterwards; the wrappers record only for the thread running the
+    capture, so concurrent threads are safe.
+
+    Raises:
+      TypeError: if ``model`` is not an ``nnx.Module``.
+      ValueError: for an unsupported layer, or a layer that is not part of ``model``.
     """
     from flax import nnx
 
     if not isinstance(model, nnx.Module):
         raise TypeError(f"capture_nnx: model must be an nnx.Module, got {type(model).__name__}.")
-    paths = {id(m): tuple(p) for p, m in nnx.iter_modules(model) if isinstance(m, nnx.Linear)}
+    classes = _nnx_classes()
+    paths = {id(m): tuple(p) for p, m in nnx.iter_modules(model) if isinstance(m, classes)}
     recorder = _Recorder("capture_nnx")
 
     def on_call(module, inputs, out):
         keys = paths.get(id(module))
         if keys is None:
             raise ValueError(
-                "capture_nnx: an nnx.Linear that is not a submodule of the captured model was "
-                f"called (in_features={module.in_features}, out_features={module.out_features}); "
-                "its params are not in the model's state, so it cannot be keyed."
+                f"capture_nnx: an nnx.{type(module).__name__} that is not a submodule of the "
+                f"captured model was called (kernel shape {tuple(module.kernel.shape)}); its "
+                f"params are not in the model's state, so it cannot be keyed."
             )
-        recorder.add(keys, inputs, out)
+        try:
+            rows = _nnx_rows(module, inputs, out, paths_lib.SEP.join(map(str, keys)) or "<root>")
+        except Unsupported:
+            if skip_unsupported:
+                return
+            raise
+        recorder.add(keys, *rows)
 
     if method is None:
         fn = model
@@ -390,7 +643,7 @@ def capture_nnx(
         fn = lambda *a, **k: method(model, *a, **k)  # noqa: E731
 
     stack = _active_stack()
-    with _linear_patched():
+    with _nnx_patched():
         stack.append(on_call)
         try:
             output = fn(*args, **kwargs)

@@ -5,10 +5,12 @@ pytree container is seen: dicts, ``FrozenDict``, lists, tuples, ``flax.struct`` 
 registered dataclasses, nnx ``State``, and the wrappers a framework puts around a leaf
 (``nnx.Variable``, ``nn.Partitioned``, ...).
 
-A *dense layer* is a node with a ``"kernel"`` entry (a dict key or an attribute) whose array is
-2-D, ``(d_in, m)``: Flax's ``nn.Dense``, ``nnx.Linear``, a plain dict, or a dataclass with
-``kernel`` and ``bias`` fields.  A kernel of any other rank (a convolution's
-``(kh, kw, c_in, c_out)``, ``DenseGeneral``, ``Einsum``) is not a dense layer.
+A *layer* (called a dense layer throughout, as every one is a dense map of its inputs) is a
+node with a ``"kernel"`` entry (a dict key or an attribute) whose array has at least two axes:
+``(d_in, m)`` for Flax's ``nn.Dense``/``nnx.Linear``, a plain dict, or a dataclass with
+``kernel`` and ``bias`` fields; ``(*in_axes, *out_axes)`` for ``DenseGeneral``,
+``LinearGeneral`` and ``Einsum``; ``(*window, c_in / groups, c_out)`` for a convolution
+(:mod:`rfim_jax._src.layers.dense` says how each is read).
 
 A layer's *path* is the keys from the root down to that node, each written as ``str`` of the
 dict key, the sequence index or the attribute name, and joined by ``"/"``: ``"Dense_1"``,
@@ -111,14 +113,14 @@ def is_masked_layer(node: Any) -> bool:
 
 
 def is_dense_layer(node: Any) -> bool:
-    """Whether ``node`` is a dense layer: a ``"kernel"`` entry holding a 2-D array (or masked).
+    """Whether ``node`` is a layer: a ``"kernel"`` entry holding an array of rank >= 2 (or masked).
 
     Arrays and ``jax.ShapeDtypeStruct`` leaves both count; the kernel may sit inside a wrapper.
     """
     if is_masked_layer(node):
         return True
     shape = kernel_shape(node)
-    return shape is not None and len(shape) == 2
+    return shape is not None and len(shape) >= 2
 
 
 def _layer_candidates(tree: Any) -> list[_Parts]:
@@ -144,7 +146,7 @@ def _node_at(tree: Any, parts: _Parts) -> Any:
 
 
 def layer_paths(tree: Any) -> list[str]:
-    """Paths of every dense layer (a node with a 2-D ``"kernel"``) in ``tree``, in tree order.
+    """Paths of every layer (a node with a ``"kernel"`` of rank >= 2) in ``tree``, in tree order.
 
     Args:
       tree: a params (or gradients) pytree of any containers; leaves may be arrays,
@@ -252,7 +254,8 @@ def no_layers_error(tree: Any) -> ValueError:
     why = (
         f"every dense layer ({found}) is masked out of this transform by optax.partition / "
         f"optax.masked" if found else
-        "no node holds a 2-D 'kernel' entry (a dense layer: {'kernel': (d_in, m), 'bias': (m,)})"
+        "no node holds a 'kernel' entry of rank >= 2 (a layer: {'kernel': (d_in, m), 'bias': "
+        "(m,)}, a convolution's or a DenseGeneral's kernel)"
     )
     return ValueError(
         f"layers=None found nothing to precondition: {why}. The params' leaves are "
@@ -262,17 +265,16 @@ def no_layers_error(tree: Any) -> ValueError:
 
 
 def check_kernel_rank(path: str, node: Any) -> None:
-    """Raises for a node at ``path`` whose kernel is not 2-D (a convolution, ``DenseGeneral``).
+    """Raises for a node at ``path`` whose kernel has fewer than two axes.
 
     Raises:
       ValueError: naming the layer and its kernel shape.
     """
     shape = kernel_shape(node)
-    if shape is None or len(shape) == 2 or is_masked_layer(node):
+    if shape is None or len(shape) >= 2 or is_masked_layer(node):
         return
     raise ValueError(
-        f"layer {path!r}: kernel must be 2-D (d_in, m), got shape {shape}, so it is not a "
-        f"dense layer. scale_by_rngd preconditions dense layers only: convolutions are not yet "
-        f"supported by scale_by_rngd (their RFIM is described by rfim_jax.conv_rfim). Leave "
-        f"the layer out of `layers`; unlisted layers pass through unchanged."
+        f"layer {path!r}: kernel must have an input and an output axis, e.g. (d_in, m), got "
+        f"shape {shape}, so it is not a layer RNGD can precondition. Leave it out of `layers`; "
+        f"unlisted parameters pass through unchanged."
     )

@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import optax
 
 from rfim_jax._src import dtypes as dtypes_lib
-from rfim_jax._src import metrics as metrics_lib
 from rfim_jax._src import paths as paths_lib
 from rfim_jax._src import rfim as rfim_lib
 from rfim_jax._src.estimators import ESTIMATORS
@@ -80,9 +79,9 @@ def resolve_layers(layers, default_kind, params) -> list[DenseLayer]:
 
     Raises:
       TypeError: if ``layers`` is neither None nor a mapping.
-      ValueError: for an unknown kind, a path that is not a dense layer (a kernel that is not
-        2-D is named with its shape), a masked layer, or ``layers=None`` with no dense layer
-        to precondition.
+      ValueError: for an unknown kind, a path that is not a layer (a kernel of rank < 2 is
+        named with its shape), a masked layer, or ``layers=None`` with no layer to
+        precondition.
     """
     # optax.partition / optax.masked hand this transform MaskedNode leaves for the layers that
     # belong to another transform; those are not ours to precondition.
@@ -107,8 +106,8 @@ def resolve_layers(layers, default_kind, params) -> list[DenseLayer]:
         if node is None or not paths_lib.is_dense_layer(node):
             paths_lib.check_kernel_rank(path, node)
             raise ValueError(
-                f"layer {path!r} is not a dense layer of the params: no mapping with a 'kernel' "
-                f"at that path. Dense layers found: {available}."
+                f"layer {path!r} is not a layer of the params: no mapping with a 'kernel' "
+                f"at that path. Layers found: {available}."
             )
         if kind is None:
             continue
@@ -170,8 +169,7 @@ def plan_layers(
             )
     plans = {}
     for layer in specs:
-        node = paths_lib.get_by_path(params, layer.path)
-        kernel, bias = metrics_lib.unpack_dense(node, f"layer {layer.path!r}")
+        kernel = paths_lib.get_by_path(params, layer.path)["kernel"]
         size = _itemsize(storage_dtype(kernel, state_dtype))
         by_rep = {name: est.state_bytes(layer, size) for name, est in ESTIMATORS.items()}
         rep = _requested(representation, layer.path)

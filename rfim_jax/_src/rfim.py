@@ -118,6 +118,10 @@ def layer_rfim_from_activations(
 ) -> metrics.Metric:
     """The RFIM of one layer from its augmented inputs (n, d) and pre-activations (n, m).
 
+    Inputs of shape (n, G, d) are the rows of a grouped convolution (SPEC §8): neuron l sees
+    group ``l // (m / G)`` only; ``"exact"`` (a :class:`BlockDiagonalMetric`, also for a
+    linear kind, whose blocks then differ between groups) and ``"diagonal"`` support them.
+
     ``kind`` is ``"linear"`` (eq. 22, ``A = mean x~ x~^T / sigma^2`` with sigma=1, or a
     :class:`Linear` object for another sigma), ``"softmax"`` (eq. 25), or any other activation
     name or object (eq. 23).  This is what the optimiser and the layer adapters call.
@@ -134,8 +138,9 @@ def layer_rfim_from_activations(
     * ``"diagonal"``: :class:`DiagonalMetric`, ``diag(G_l)`` (softmax unit-wise as above).
 
     Raises:
-      ValueError: for an unknown kind or representation, or a ``basis`` that is not (d, d)
-        or given with a representation other than ``"eigen"``.
+      ValueError: for an unknown kind or representation, a ``basis`` that is not (d, d)
+        or given with a representation other than ``"eigen"``, or grouped rows with
+        ``"eigen"`` or ``"softmax"``.
     """
     check_representation(representation, where="layer_rfim_from_activations")
     kind = resolve_kind(kind)
@@ -154,6 +159,8 @@ def layer_rfim_from_activations(
         basis = jnp.asarray(basis, x_aug.dtype)
     static = {"has_bias": has_bias, "layout": layout}
     linear = isinstance(kind, act_lib.Linear)
+    if x_aug.ndim == 3:
+        return _grouped_rfim(x_aug, z, kind, representation, static)
     if representation == "exact":
         if kind == "softmax":
             return metrics.DenseMetric(
@@ -178,6 +185,27 @@ def layer_rfim_from_activations(
     return metrics.EigenDiagonalMetric(
         basis, stats.eigenbasis_moments(x_aug, weights, basis), **static
     )
+
+
+def _grouped_rfim(x_aug, z, kind, representation, static) -> metrics.Metric:
+    """Grouped rows x~ (n, G, d), z (n, m): per-neuron blocks, each from its group's rows."""
+    n, groups, d = x_aug.shape
+    if representation == "eigen" or kind == "softmax":
+        raise ValueError(
+            f"layer_rfim_from_activations: grouped rows {tuple(x_aug.shape)} (each group of "
+            f"output channels sees its own inputs) support representation 'exact' or "
+            f"'diagonal' with an activation or 'linear' kind, got representation="
+            f"{representation!r} and kind {kind if isinstance(kind, str) else kind.name!r}."
+        )
+    weights = kind.nu(z)
+    if representation == "diagonal":
+        return metrics.DiagonalMetric(stats.diagonal_moments(x_aug, weights), **static)
+    if isinstance(kind, act_lib.Linear):
+        # Eq. (22) within each group: one block per group, repeated for its channels.
+        shared = jnp.einsum("ngi,ngj->gij", x_aug, x_aug) / (n * kind.sigma**2)
+        blocks = jnp.repeat(shared, z.shape[-1] // groups, axis=0)
+        return metrics.BlockDiagonalMetric(blocks, **static)
+    return metrics.BlockDiagonalMetric(stats.second_moment(x_aug, weights), **static)
 
 
 # ------------------------------------------------------------------------ public metrics

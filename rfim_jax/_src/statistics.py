@@ -3,12 +3,62 @@
 Each kernel takes the augmented inputs ``x~`` (n, d) of a batch (SPEC §2) and, where the
 metric is per neuron, per-sample weights ``nu`` (n, m) (the Fisher coefficients of eq. 21),
 and returns a mean over the n rows.  Costs are given for n samples, m neurons, width d.
+
+**Grouped rows.**  The per-neuron kernels also take ``x~`` of shape (n, G, d) for a grouped
+convolution (SPEC §8): neuron l (of m, split into G contiguous groups of m / G) sees only row
+``x~[:, l // (m / G)]``.  G = 1 is the plain case.
+
+**Bounded memory.**  The weighted moments contract three operands (``nu``, ``x~``, ``x~``),
+which XLA lowers through an (n, m, d) product.  For the n = batch x positions rows of a
+convolution that product is large (a 3x3 conv over 64 channels on 32x32 images at batch 128:
+131072 rows, m = 64, d = 577, i.e. 19 GiB in float32).  So when ``n * m * d`` exceeds
+:data:`ROW_BUDGET` numbers the rows are processed in chunks by ``lax.scan`` and the partial
+sums added: the temporaries are then at most ``ROW_BUDGET`` numbers (128 MiB in float32),
+whatever n.  The result is the same mean, to rounding.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+#: Largest number of elements of a per-chunk (rows x m x d) temporary before the rows are
+#: processed in chunks (2**25 = 128 MiB of float32).
+ROW_BUDGET = 2**25
+
+
+def _chunked_mean(fn, rows: tuple[jax.Array, ...], per_row: int) -> jax.Array:
+    """``fn(*rows) / n`` for ``fn`` a sum over the rows (axis 0) of its arguments.
+
+    With ``n * per_row > ROW_BUDGET`` the rows are zero-padded to whole chunks and summed by a
+    ``lax.scan``; ``fn`` must be a sum of per-row terms that vanish on zero rows.
+    """
+    n = rows[0].shape[0]
+    chunk = max(1, ROW_BUDGET // max(per_row, 1))
+    if n <= chunk:
+        return fn(*rows) / n
+    steps = -(-n // chunk)
+    pad = steps * chunk - n
+
+    def split(a):
+        a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+        return a.reshape((steps, chunk) + a.shape[1:])
+
+    parts = tuple(split(a) for a in rows)
+    out = jax.eval_shape(fn, *(p[0] for p in parts))
+    total, _ = lax.scan(
+        lambda acc, xs: (acc + fn(*xs), None), jnp.zeros(out.shape, out.dtype), parts
+    )
+    return total / n
+
+
+def _grouped(x_aug: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``x~`` as (n, G, d) and ``weights`` as (n, G, m / G)."""
+    if x_aug.ndim == 2:
+        x_aug = x_aug[:, None, :]
+    n, groups, _ = x_aug.shape
+    return x_aug, weights.reshape(n, groups, weights.shape[-1] // groups)
 
 
 def second_moment(x_aug: jax.Array, weights: jax.Array | None = None) -> jax.Array:
@@ -16,11 +66,19 @@ def second_moment(x_aug: jax.Array, weights: jax.Array | None = None) -> jax.Arr
 
     This is the single einsum behind eqs. (21)-(23); with weights it computes
     ``G_l = mean_i w_il x~_i x~_i^T`` for every l in one pass, with no loop over neurons.
+    ``x_aug`` may be grouped, (n, G, d), with weights (see the module docstring).
     """
-    n = x_aug.shape[0]
     if weights is None:
-        return (x_aug.T @ x_aug) / n
-    return jnp.einsum("nl,ni,nj->lij", weights, x_aug, x_aug) / n
+        d = x_aug.shape[-1]
+        return _chunked_mean(lambda x: x.T @ x, (x_aug,), d)
+    x_aug, weights = _grouped(x_aug, weights)
+    groups, d = x_aug.shape[1:]
+    m = groups * weights.shape[-1]
+
+    def moments(w, x):
+        return jnp.einsum("ngl,ngi,ngj->glij", w, x, x).reshape(m, d, d)
+
+    return _chunked_mean(moments, (weights, x_aug), m * d)
 
 
 def softmax_coefficients(z: jax.Array) -> jax.Array:
@@ -34,10 +92,13 @@ def coupled_rfim(x_aug: jax.Array, coeffs: jax.Array) -> jax.Array:
 
     ``coeffs`` is (n, m, m). This is the shared form of eqs. (25) and (26).
     """
-    n, d = x_aug.shape
+    d = x_aug.shape[-1]
     m = coeffs.shape[-1]
-    dense = jnp.einsum("nkl,ni,nj->kilj", coeffs, x_aug, x_aug) / n
-    return dense.reshape(m * d, m * d)
+
+    def coupled(c, x):
+        return jnp.einsum("nkl,ni,nj->kilj", c, x, x).reshape(m * d, m * d)
+
+    return _chunked_mean(coupled, (coeffs, x_aug), m * m * d)
 
 
 def softmax_unit_coefficients(z: jax.Array) -> jax.Array:
@@ -51,8 +112,13 @@ def softmax_unit_coefficients(z: jax.Array) -> jax.Array:
 
 
 def diagonal_moments(x_aug: jax.Array, weights: jax.Array) -> jax.Array:
-    """``s_lj = mean_i w_il x~_ij^2``, (m, d): the diagonals of every ``G_l``, in ``2 n m d``."""
-    return (weights.T @ (x_aug * x_aug)) / x_aug.shape[0]
+    """``s_lj = mean_i w_il x~_ij^2``, (m, d): the diagonals of every ``G_l``, in ``2 n m d``.
+
+    ``x_aug`` may be grouped, (n, G, d) (see the module docstring).
+    """
+    x_aug, weights = _grouped(x_aug, weights)
+    return jnp.einsum("ngl,ngi->gli", weights, x_aug * x_aug).reshape(
+        -1, x_aug.shape[-1]) / x_aug.shape[0]
 
 
 def eigenbasis_moments(x_aug: jax.Array, weights: jax.Array, basis: jax.Array) -> jax.Array:
@@ -65,8 +131,10 @@ def eigenbasis_moments(x_aug: jax.Array, weights: jax.Array, basis: jax.Array) -
 
 
 def weighted_traces(x_aug: jax.Array, weights: jax.Array) -> jax.Array:
-    """``tr G_l = mean_i w_il |x~_i|^2`` for every l, (m,)."""
-    return (weights.T @ jnp.sum(x_aug * x_aug, axis=-1)) / x_aug.shape[0]
+    """``tr G_l = mean_i w_il |x~_i|^2`` for every l, (m,); ``x_aug`` may be grouped."""
+    x_aug, weights = _grouped(x_aug, weights)
+    return jnp.einsum("ngl,ng->gl", weights, jnp.sum(x_aug * x_aug, axis=-1)).reshape(
+        -1) / x_aug.shape[0]
 
 
 def input_eigenbasis(second: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -247,6 +247,7 @@ def scale_by_rngd(
         preconditioners = {}
         for layer, est in resolved:
             x_aug, z = layer.rows(activations)
+            layer.check_rows(x_aug, est.name)
             stored_stats, stored_factors = state.metrics[layer.path], state.inverses[layer.path]
             # Accumulate in at least float32 whatever the storage dtype (state_dtype).
             work = dtypes_lib.at_least_float32(x_aug, *jax.tree.leaves(stored_stats))

@@ -1,4 +1,4 @@
-"""Convolutional layers (SPEC §8): patches, the conv RFIM, and the :class:`ConvLayer` adapter.
+"""Convolutional layers (SPEC §8): patches and the conv RFIM.
 
 A Flax convolution (``nn.Conv``, ``nnx.Conv``) has params ``{"kernel": (*window, c_in / G,
 c_out), "bias": (c_out,)}`` (G = ``feature_group_count``, the bias optional) and channels-last
@@ -19,6 +19,9 @@ with ``x~ = [x_p, 1]`` when there is a bias.  Neuron l's vector is
 The per-image Fisher of eq. (9), with one independent response per (channel, position), is
 this metric times the number of output positions P.
 
+Under the optimiser a convolution is a :class:`~rfim_jax._src.layers.dense.DenseLayer` over
+its patches: the capture helpers record ``conv_patches(x, ...)`` as the layer's inputs.
+
 Patches are gathered with strided slices of the padded input (one per window offset),
 concatenated directly in the kernel's order, so they are exact in every dtype (no identity
 convolution whose precision a backend could lower).
@@ -28,19 +31,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from rfim_jax._src import activations as act_lib
 from rfim_jax._src import metrics as metrics_lib
-from rfim_jax._src import paths as paths_lib
 from rfim_jax._src import rfim as rfim_lib
-from rfim_jax._src.layers.base import LayerAdapter
 
 Params = dict[str, jax.Array]
 
@@ -352,10 +350,8 @@ def _layout(kernel_shape, has_bias: bool) -> metrics_lib.ParamLayout:
     return metrics_lib.ParamLayout(kernel_shape, (kernel_shape[-1],) if has_bias else None)
 
 
-def _grouped_rfim(x_aug, z, kind, *, groups, representation, static, where):
-    """Per-group statistics: x_aug (N, G, d), z (N, G, m/G) -> the layer metric."""
-    n, _, d = x_aug.shape
-    per_group = z.shape[-1]
+def _check_grouped(kind, *, groups, d, per_group, representation, where) -> None:
+    """conv_rfim's own words for what grouped rows cannot support."""
     if representation == "eigen":
         raise ValueError(
             f"{where}: representation='eigen' needs one input basis per layer, but with "
@@ -369,17 +365,6 @@ def _grouped_rfim(x_aug, z, kind, *, groups, representation, static, where):
             f"with feature_group_count={groups} each group sees different inputs; use "
             f"feature_group_count=1 or an activation kind."
         )
-    linear = isinstance(kind, act_lib.Linear)
-    if representation == "exact" and linear:
-        # Eq. (22) within each group: one block per group, repeated for its channels.
-        shared = jnp.einsum("ngi,ngj->gij", x_aug, x_aug) / (n * kind.sigma**2)
-        return metrics_lib.BlockDiagonalMetric(jnp.repeat(shared, per_group, axis=0), **static)
-    nu = kind.nu(z)  # (N, G, m/G)
-    if representation == "exact":
-        blocks = jnp.einsum("ngk,ngi,ngj->gkij", nu, x_aug, x_aug) / n
-        return metrics_lib.BlockDiagonalMetric(blocks.reshape(-1, d, d), **static)
-    scales = jnp.einsum("ngk,ngi->gki", nu, x_aug * x_aug) / n
-    return metrics_lib.DiagonalMetric(scales.reshape(-1, d), **static)
 
 
 def conv_rfim(
@@ -478,158 +463,10 @@ def conv_rfim(
         return rfim_lib.layer_rfim_from_activations(
             x_aug, x_aug @ cols, kind, representation=representation, **static
         )
+    _check_grouped(kind, groups=groups, d=d, per_group=m // groups,
+                   representation=representation, where=where)
     x_aug = patches.reshape(-1, groups, d)
-    z = jnp.einsum("ngi,igk->ngk", x_aug, cols.reshape(d, groups, m // groups))
-    return _grouped_rfim(x_aug, z, kind, groups=groups, representation=representation,
-                         static=static, where=where)
-
-
-# ------------------------------------------------------------------------------ the adapter
-
-
-@dataclasses.dataclass(frozen=True)
-class ConvLayer(LayerAdapter):
-    """Static description of one convolutional layer under an optimiser (cf. ``DenseLayer``).
-
-    Neuron l is output channel l; its vector is ``[kernel[..., l].reshape(-1), bias[l]]``.
-    Its rows are one per (sample, output position): ``rows`` extracts the patches of the
-    captured inputs (SPEC §8).
-
-    Attributes:
-      path: the layer's path in the params tree ("Conv_0", "block/Conv_1").
-      kind: ``"softmax"`` or an :class:`Activation` (``"linear"`` is ``Linear()``).
-      d_in: ``prod(window) * c_in / groups``, the length of a patch.
-      m: number of neurons (output channels).
-      has_bias: whether the layer has a bias.
-      window: the kernel's spatial shape.
-      strides: one int per spatial dimension.
-      padding: an upper-case padding string or a tuple of (low, high) pairs.
-      kernel_dilation: one int per spatial dimension.
-      feature_group_count: G.
-      kernel_shape: ``(*window, c_in / G, c_out)``.
-    """
-
-    path: str
-    kind: Any
-    d_in: int
-    m: int
-    has_bias: bool
-    window: tuple[int, ...]
-    strides: tuple[int, ...]
-    padding: Padding
-    kernel_dilation: tuple[int, ...]
-    feature_group_count: int
-    kernel_shape: tuple[int, ...]
-
-    @classmethod
-    def from_params(cls, path: str, kind: Any, node: Mapping, **geometry) -> ConvLayer:
-        """Validates a conv node (arrays or ``jax.ShapeDtypeStruct``) and describes it.
-
-        Args:
-          path: the layer's path.
-          kind: the resolved kind.
-          node: ``{"kernel": (*window, c_in / G, c_out), "bias": (c_out,)}``.
-          **geometry: ``strides``, ``padding``, ``kernel_dilation``, ``feature_group_count``
-            with Flax's meaning and defaults (1, "SAME", 1, 1).
-
-        Raises:
-          ValueError: naming the layer, for an invalid node or geometry, or an unknown
-            geometry argument.
-        """
-        where = f"layer {path!r}"
-        unknown = set(geometry) - {"strides", "padding", "kernel_dilation",
-                                   "feature_group_count"}
-        if unknown:
-            raise ValueError(
-                f"{where}: unknown conv geometry argument(s) {sorted(unknown)}; valid ones are "
-                f"strides, padding, kernel_dilation, feature_group_count."
-            )
-        kernel, bias = _unpack_conv(node, where)
-        kernel_shape = _shape(kernel)
-        geom = _geometry(
-            kernel_shape[:-2],
-            geometry.get("strides", 1),
-            geometry.get("padding", "SAME"),
-            geometry.get("kernel_dilation", 1),
-            geometry.get("feature_group_count", 1),
-            where,
-        )
-        _check_groups(kernel_shape, geom.feature_group_count, where)
-        return cls(
-            path=path,
-            kind=kind,
-            d_in=math.prod(kernel_shape[:-1]),
-            m=kernel_shape[-1],
-            has_bias=bias is not None,
-            window=geom.window,
-            strides=geom.strides,
-            padding=geom.padding,
-            kernel_dilation=geom.kernel_dilation,
-            feature_group_count=geom.feature_group_count,
-            kernel_shape=kernel_shape,
-        )
-
-    @property
-    def layout(self) -> metrics_lib.ParamLayout:
-        return _layout(self.kernel_shape, self.has_bias)
-
-    @property
-    def c_in(self) -> int:
-        return self.kernel_shape[-2] * self.feature_group_count
-
-    def _geometry(self) -> _Geometry:
-        return _Geometry(self.window, self.strides, self.padding, self.kernel_dilation,
-                         self.feature_group_count)
-
-    # -------------------------------------------------------------- param layout
-    # -------------------------------------------------------------- activations
-    def rows(self, activations: Any) -> tuple[jax.Array, jax.Array]:
-        """This layer's augmented patches ``x~`` (N, d) and pre-activations (N, m).
-
-        N = n * prod(out_spatial): one row per (sample, output position), in the order of
-        ``preacts.reshape(-1, m)``.
-
-        Raises:
-          ValueError: naming the layer, the shapes expected and the shapes got, when the
-            activations are missing, have the wrong rank or channels, preacts whose positions
-            do not match the conv geometry, or no samples.
-          NotImplementedError: for ``feature_group_count > 1``, whose rows are per group.
-        """
-        rank = len(self.window)
-        where = f"layer {self.path!r}"
-        expected = (
-            f"expected activations[{self.path!r}] = {{'inputs': (n, *spatial, {self.c_in}), "
-            f"'preacts': (n, *out_spatial, {self.m})}} with {rank} spatial dimension(s)"
-        )
-        entry = None if activations is None else paths_lib.get_by_path(activations, self.path)
-        if not isinstance(entry, Mapping) or "inputs" not in entry or "preacts" not in entry:
-            raise ValueError(f"{where}: no activations passed; {expected}.")
-        if self.feature_group_count != 1:
-            raise NotImplementedError(
-                f"{where}: rows of a grouped convolution (feature_group_count="
-                f"{self.feature_group_count}) differ per group and are not supported by the "
-                f"layer adapter yet; use rfim_jax.conv_rfim for its metric."
-            )
-        x, z = jnp.asarray(entry["inputs"]), jnp.asarray(entry["preacts"])
-        _check_inputs(_shape(x), self.kernel_shape, 1, where, what="inputs")
-        if z.ndim != x.ndim or z.shape[-1] != self.m:
-            raise ValueError(
-                f"{where}: preacts have shape {_shape(z)}, inputs {_shape(x)}; {expected}."
-            )
-        geom = self._geometry()
-        batch_rank = x.ndim - rank - 1
-        out = _out_spatial(geom, _shape(x)[batch_rank:-1], where)
-        want = _shape(x)[:batch_rank] + out + (self.m,)
-        if _shape(z) != want:
-            raise ValueError(
-                f"{where}: preacts have shape {_shape(z)}, but inputs {_shape(x)} with window "
-                f"{self.window}, strides {self.strides}, padding {self.padding!r} and dilation "
-                f"{self.kernel_dilation} give {want}; {expected}."
-            )
-        if x.size == 0:
-            raise ValueError(
-                f"{where}: the batch is empty (inputs {_shape(x)}, preacts {_shape(z)})."
-            )
-        dtype = rfim_lib.stats_dtype(x, z)
-        patches = _patches(x.astype(dtype), geom, ones=self.has_bias, where=where)
-        return patches.reshape(-1, self.d), z.reshape(-1, self.m).astype(dtype)
+    z = jnp.einsum("ngi,igk->ngk", x_aug, cols.reshape(d, groups, m // groups)).reshape(-1, m)
+    return rfim_lib.layer_rfim_from_activations(
+        x_aug, z, kind, representation=representation, **static
+    )

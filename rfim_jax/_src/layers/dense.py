@@ -1,8 +1,30 @@
-"""The dense layer adapter: ``{"kernel": (d_in, m), "bias": (m,)}``, ``z = x @ kernel + bias``."""
+"""The dense layer adapter: any layer ``z = x . kernel + bias`` that contracts input axes.
+
+This one adapter serves every layer type of SPEC §8 whose neurons are the output units of a
+kernel:
+
+* ``nn.Dense`` / ``nnx.Linear``: kernel ``(d_in, m)``, bias ``(m,)``;
+* multi-axis dense (``nn.DenseGeneral``, ``nnx.LinearGeneral``, ``nnx.Einsum``): kernel
+  ``(*in_axes, *out_axes)``, bias ``out_axes``, read as ``(prod(in_axes), prod(out_axes))``;
+* convolutions (``nn.Conv``, ``nnx.Conv``): kernel ``(*window, c_in / G, c_out)``, bias
+  ``(c_out,)``, a dense layer over the *patches* (:func:`rfim_jax.conv_patches`) with
+  ``d_in = prod(window) c_in / G``.
+
+**Input and output axes.**  The bias shape is the output axes: a kernel of rank k with a bias
+of rank r has ``k - r`` input axes.  Without a bias the last kernel axis is the only output
+axis (Dense, Conv, a single-feature DenseGeneral).  Neuron l's vector is column l of
+``kernel.reshape(d_in, m)`` with ``bias.reshape(-1)[l]`` appended (:class:`ParamLayout`).
+
+**Activations.**  ``{"inputs": (n..., d_in) or (n..., *in_axes), "preacts": (n..., m) or
+(n..., *out_axes)}``; every leading index is a row.  A grouped convolution's patches are
+``(n..., G, d_in)`` (what :func:`rfim_jax.conv_patches` returns): neuron l sees group
+``l // (m / G)``.  The capture helpers record this format for every supported layer.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,16 +44,55 @@ def kind_name(kind: Any) -> str:
     return kind if isinstance(kind, str) else kind.name
 
 
+def _shape(a) -> tuple[int, ...]:
+    return tuple(int(s) for s in a.shape)
+
+
+def unpack_layer(node: Mapping, where: str) -> tuple[Any, Any, tuple[int, ...] | None]:
+    """(kernel, bias, bias_shape) of a layer node, with the bias checked against the kernel.
+
+    Raises:
+      ValueError: naming ``where`` and the shapes, for a missing kernel, a kernel of rank < 2,
+        or a bias that is not the kernel's trailing (output) axes.
+    """
+    if not isinstance(node, Mapping) or "kernel" not in node:
+        got = f"keys {sorted(node)}" if isinstance(node, Mapping) else type(node).__name__
+        raise ValueError(f"{where}: expected a dict with a 'kernel' entry, got {got}.")
+    kernel = node["kernel"]
+    if not hasattr(kernel, "shape"):
+        kernel = jnp.asarray(kernel)
+    shape = _shape(kernel)
+    if len(shape) < 2:
+        raise ValueError(
+            f"{where}: a kernel has at least an input and an output axis, e.g. (d_in, m), "
+            f"got shape {shape}."
+        )
+    bias = node.get("bias")
+    if bias is None:
+        return kernel, None, None
+    if not hasattr(bias, "shape"):
+        bias = jnp.asarray(bias)
+    bshape = _shape(bias)
+    if not bshape or len(bshape) >= len(shape) or shape[len(shape) - len(bshape):] != bshape:
+        raise ValueError(
+            f"{where}: bias has shape {bshape}, but the kernel {shape} needs a bias of its "
+            f"output axes, i.e. a trailing part of its shape such as ({shape[-1]},)."
+        )
+    return kernel, bias, bshape
+
+
 @dataclasses.dataclass(frozen=True)
 class DenseLayer(LayerAdapter):
-    """Static description of one dense layer under an optimiser.
+    """Static description of one layer under an optimiser (see the module docstring).
 
     Attributes:
-      path: the layer's path in the params tree ("Dense_1", "block/Dense_0").
+      path: the layer's path in the params tree ("Dense_1", "block/Conv_0").
       kind: ``"softmax"`` or an :class:`Activation` (``"linear"`` is ``Linear()``).
-      d_in: input width.
-      m: number of neurons (output width).
+      d_in: length of one neuron's input (product of the kernel's input axes).
+      m: number of neurons (product of the kernel's output axes).
       has_bias: whether the layer has a bias.
+      kernel_shape: the kernel's own shape.
+      bias_shape: the bias's own shape (the output axes), or None.
     """
 
     path: str
@@ -39,60 +100,147 @@ class DenseLayer(LayerAdapter):
     d_in: int
     m: int
     has_bias: bool
+    kernel_shape: tuple[int, ...] = ()
+    bias_shape: tuple[int, ...] | None = None
 
     @classmethod
     def from_params(cls, path: str, kind: Any, node: Mapping) -> DenseLayer:
-        """Validates a dense node (arrays or ``jax.ShapeDtypeStruct``) and describes it."""
-        kernel, bias = metrics_lib.unpack_dense(node, f"layer {path!r}")
+        """Validates a layer node (arrays or ``jax.ShapeDtypeStruct``) and describes it.
+
+        Raises:
+          ValueError: naming the layer, for a kernel of rank < 2 or a bias that does not match.
+          TypeError: for complex params.
+        """
+        where = f"layer {path!r}"
+        kernel, bias, bias_shape = unpack_layer(node, where)
         for leaf in (kernel, bias):
             if leaf is not None:
-                dtypes_lib.reject_complex(leaf.dtype, f"layer {path!r}")
-        return cls(path, kind, int(kernel.shape[0]), int(kernel.shape[1]), bias is not None)
+                dtypes_lib.reject_complex(leaf.dtype, where)
+        shape = _shape(kernel)
+        m = math.prod(bias_shape) if bias_shape else shape[-1]
+        return cls(path, kind, math.prod(shape) // m, m, bias is not None, shape, bias_shape)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        """The kernel's output axes."""
+        return self.bias_shape or self.kernel_shape[-1:]
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        """The kernel's input axes."""
+        return self.kernel_shape[: len(self.kernel_shape) - len(self.out_shape)]
+
+    @property
+    def layout(self) -> metrics_lib.ParamLayout | None:
+        if len(self.kernel_shape) <= 2:
+            return None
+        return metrics_lib.ParamLayout(self.kernel_shape, self.bias_shape)
 
     # -------------------------------------------------------------- activations
+    def _expected(self) -> str:
+        inputs = f"(n, {self.d_in})"
+        preacts = f"(n, {self.m})"
+        if len(self.in_shape) > 1:
+            inputs += f" or (n, *{self.in_shape})"
+        if len(self.out_shape) > 1:
+            preacts += f" or (n, *{self.out_shape})"
+        return f"expected activations[{self.path!r}] = {{'inputs': {inputs}, 'preacts': {preacts}}}"
+
+    def _width_error(self, x_shape, z_shape) -> ValueError:
+        hint = ""
+        if len(self.kernel_shape) > 2 and len(self.out_shape) == 1:
+            hint = (
+                f" If this is a convolution (kernel (*window, c_in / groups, c_out) = "
+                f"{self.kernel_shape}), its inputs are its patches, (n, *out_spatial, "
+                f"{self.d_in}) or (n, *out_spatial, groups, {self.d_in}): capture_linen and "
+                f"capture_nnx record them, and rfim_jax.conv_patches(x, window, strides=..., "
+                f"padding=..., kernel_dilation=..., feature_group_count=...) builds them."
+            )
+        return ValueError(
+            f"layer {self.path!r}: inputs have shape {x_shape} and preacts {z_shape}, but the "
+            f"kernel {self.kernel_shape} reads inputs of width d_in={self.d_in} and gives "
+            f"m={self.m} outputs; {self._expected()}.{hint}"
+        )
+
     def rows(self, activations: Any) -> tuple[jax.Array, jax.Array]:
         """This layer's augmented inputs ``x~`` (N, d) and pre-activations (N, m).
+
+        A grouped convolution's rows are ``x~`` (N, G, d) (see the module docstring).
 
         Raises:
           ValueError: naming the layer, the shapes expected and the shapes got, when the
             activations are missing, have the wrong width, no sample axis, mismatched sample
             counts, or no samples.
         """
-        expected = (
-            f"expected activations[{self.path!r}] = {{'inputs': (n, {self.d_in}), "
-            f"'preacts': (n, {self.m})}}"
-        )
+        where = f"layer {self.path!r}"
         entry = None if activations is None else paths_lib.get_by_path(activations, self.path)
         if not isinstance(entry, Mapping) or "inputs" not in entry or "preacts" not in entry:
-            raise ValueError(f"layer {self.path!r}: no activations passed; {expected}.")
+            raise ValueError(f"{where}: no activations passed; {self._expected()}.")
         x, z = jnp.asarray(entry["inputs"]), jnp.asarray(entry["preacts"])
         for arr in (x, z):
-            dtypes_lib.reject_complex(arr.dtype, f"layer {self.path!r}")
-        for name, arr, width, label in (("inputs", x, self.d_in, "d_in"),
-                                        ("preacts", z, self.m, "m")):
+            dtypes_lib.reject_complex(arr.dtype, where)
+        for name, arr, width in (("inputs", x, self.d_in), ("preacts", z, self.m)):
             if arr.ndim < 2:
                 raise ValueError(
-                    f"layer {self.path!r}: {name} have shape {tuple(arr.shape)} with no sample "
-                    f"axis; a single example needs one, shape (1, {width}); {expected}."
+                    f"{where}: {name} have shape {_shape(arr)} with no sample axis; a single "
+                    f"example needs one, shape (1, {width}); {self._expected()}."
                 )
-            if arr.shape[-1] != width:
+        x_shape, z_shape = _shape(x), _shape(z)
+        # Multi-axis outputs and inputs may come unflattened.
+        k = len(self.out_shape)
+        if k > 1 and z.ndim > k and z_shape[-k:] == self.out_shape:
+            z = z.reshape(z_shape[:-k] + (self.m,))
+        k = len(self.in_shape)
+        if k > 1 and x.ndim > k and x_shape[-k:] == self.in_shape:
+            x = x.reshape(x_shape[:-k] + (self.d_in,))
+        if x.shape[-1] != self.d_in or z.shape[-1] != self.m:
+            raise self._width_error(x_shape, z_shape)
+        groups = 1
+        if x.ndim == z.ndim + 1 and x.shape[:-2] == z.shape[:-1]:
+            groups = int(x.shape[-2])
+            if groups < 1 or self.m % groups:
                 raise ValueError(
-                    f"layer {self.path!r}: {name} have shape {tuple(arr.shape)}, but the kernel "
-                    f"({self.d_in}, {self.m}) expects width {label}={width}; {expected}."
+                    f"{where}: inputs {x_shape} look like grouped patches (n..., groups, d_in) "
+                    f"with groups={groups}, which does not divide the m={self.m} outputs."
                 )
-        x = rfim_lib.flatten_batch(x)
+        x = x.reshape((-1, groups, self.d_in)) if groups > 1 else rfim_lib.flatten_batch(x)
         z = rfim_lib.flatten_batch(z)
         if x.shape[0] != z.shape[0]:
             raise ValueError(
-                f"layer {self.path!r}: inputs have {x.shape[0]} samples but preacts have "
-                f"{z.shape[0]} (shapes {tuple(entry['inputs'].shape)} and "
-                f"{tuple(entry['preacts'].shape)})."
+                f"{where}: inputs have {x.shape[0]} samples but preacts have {z.shape[0]} "
+                f"(shapes {x_shape} and {z_shape}); {self._expected()}."
             )
         if x.shape[0] == 0:
             raise ValueError(
-                f"layer {self.path!r}: the batch is empty (inputs {tuple(x.shape)}, preacts "
-                f"{tuple(z.shape)})."
+                f"{where}: the batch is empty (inputs {x_shape}, preacts {z_shape})."
             )
         dtype = rfim_lib.stats_dtype(x, z)
         x = sharding_lib.replicate_last_axis(x.astype(dtype))
         return rfim_lib.augment(x, self.has_bias), z.astype(dtype)
+
+    def check_rows(self, x_aug: jax.Array, representation: str) -> None:
+        """Refuses grouped rows (a grouped convolution) where the state cannot hold them.
+
+        Raises:
+          ValueError: naming the layer, for grouped rows with the ``"eigen"`` representation
+            (one input basis per layer), the ``"linear"`` kind (one shared block) or
+            ``"softmax"`` (channels of different groups coupled).
+        """
+        if x_aug.ndim != 3:
+            return
+        groups = x_aug.shape[1]
+        why = None
+        if representation == "eigen":
+            why = "the eigen representation keeps one input basis per layer"
+        elif self.is_linear:
+            why = "the 'linear' kind keeps one block shared by all neurons"
+        elif self.is_softmax:
+            why = "'softmax' couples channels that see different inputs"
+        if why:
+            raise ValueError(
+                f"layer {self.path!r}: a grouped convolution (groups={groups}, patches "
+                f"{tuple(x_aug.shape)}) gives each group of output channels its own inputs, "
+                f"but {why}. Give the layer an activation kind with "
+                f"representation={{{self.path!r}: 'exact'}} (grouped blocks are small, "
+                f"d={x_aug.shape[-1]}) or 'diagonal'."
+            )
