@@ -628,3 +628,60 @@ def test_nnx_other_threads_unaffected():
     _, outer = cap.capture_nnx(model, x, method=nested)
     assert _captured(outer) == ["layers/0"]
     assert set(inner_acts["acts"]) == {"inputs", "preacts"}  # the inner model is one Linear
+
+
+def test_nnx_multi_axis_layers_and_unsupported():
+    rngs = nnx.Rngs(0)
+
+    class Attn(nnx.Module):
+        def __init__(self, rngs):
+            self.query = nnx.LinearGeneral(5, (2, 3), rngs=rngs)
+            self.out = nnx.LinearGeneral((2, 3), 4, axis=(-2, -1), rngs=rngs)
+            self.ein = nnx.Einsum("btd,dnh->btnh", (5, 2, 3), (2, 3), rngs=rngs)
+
+        def __call__(self, x):
+            return self.out(self.query(x)), self.ein(x)
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 7, 5)))
+    model = Attn(rngs)
+    (o, e), acts = cap.capture_nnx(model, x)
+    p = _pure(model)
+    q = np.einsum("ntd,dhk->nthk", x, p["query"]["kernel"]) + p["query"]["bias"]
+    _assert_layer(acts, "query", x, q.reshape(3, 7, 6))
+    _assert_layer(acts, "out", q.reshape(3, 7, 6), o)
+    _assert_layer(acts, "ein", x, np.reshape(e, (3, 7, 6)))
+    np.testing.assert_allclose(
+        e, np.einsum("btd,dnh->btnh", x, p["ein"]["kernel"]) + p["ein"]["bias"], **TIGHT)
+
+    class Bad(nnx.Module):
+        def __init__(self, rngs):
+            self.up = nnx.ConvTranspose(2, 3, (2, 2), rngs=rngs)
+            self.swap = nnx.Einsum("bd,nd->bn", (4, 3), rngs=rngs)  # kernel (out, in)
+            self.head = nnx.Linear(3, 2, rngs=rngs)
+
+        def __call__(self, x):
+            h = self.up(x)
+            return self.head(h.mean((1, 2))), self.swap(jnp.ones((2, 3)))
+
+    bad = Bad(rngs)
+    xi = jnp.ones((2, 4, 4, 2))
+    with pytest.raises(ValueError, match=r"'up' is an nnx.ConvTranspose.*skip_unsupported"):
+        cap.capture_nnx(bad, xi)
+    with pytest.raises(ValueError, match=r"'swap'.*einsum 'bd,nd->bn'.*contracted ones"):
+        cap.capture_nnx(bad, xi, method=lambda m, x: m.swap(jnp.ones((2, 3))))
+    _, acts = cap.capture_nnx(bad, xi, skip_unsupported=True)
+    assert _captured(acts) == ["head"]
+
+
+def test_capture_linen_accepts_bound_apply():
+    key = jax.random.PRNGKey(0)
+    x = jax.random.normal(key, (4, 3))
+    model = nn.Dense(2)
+    variables = _init_linen(model, key, x)
+    state = train_state.TrainState.create(apply_fn=model.apply, params=variables["params"],
+                                          tx=optax.sgd(0.1))
+    out, acts = cap.capture_linen(state.apply_fn, {"params": state.params}, x)
+    _assert_layer(acts, "", x, _dense(variables["params"], x))
+    np.testing.assert_allclose(out, model.apply(variables, x), **TIGHT)
+    with pytest.raises(TypeError, match=r"linen Module or its bound `.apply`.*function"):
+        cap.capture_linen(lambda v, x: x, variables, x)

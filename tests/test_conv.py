@@ -718,3 +718,109 @@ def test_rngd_on_conv_matches_numpy_reference(name, api):
                                    rtol=1e-8, atol=1e-10, err_msg=f"step {t}")
         if has_bias:
             np.testing.assert_allclose(got["bias"], want_b, rtol=1e-8, atol=1e-10)
+
+
+# ------------------------------------------------------------- CNNs trained on the 8x8 digits
+
+# Measured (seeds 0, 1, 2; 200 steps of batch 32; full-data training loss): RNGD 0.046, 0.058,
+# 0.046 against SGD with momentum 0.068, 0.141, 0.069, so RNGD / SGD <= 0.67.  The test asks
+# for 0.85 on seed 0.
+CNN_STEPS, CNN_BATCH, CNN_MARGIN = 200, 32, 0.85
+CNN_RNGD = dict(decay=0.99, damping=0.1, inverse_every=10)
+
+
+def _digits_images():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return (d.data / 16.0).reshape(-1, 8, 8, 1).astype(np.float32), d.target
+
+
+class _LinenCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(8, (3, 3))(x))
+        x = nn.relu(nn.Conv(16, (3, 3), strides=2)(x))
+        return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+class _NnxCNN(nnx.Module):
+    def __init__(self, rngs):
+        self.conv0 = nnx.Conv(1, 8, (3, 3), rngs=rngs)
+        self.conv1 = nnx.Conv(8, 16, (3, 3), strides=2, rngs=rngs)
+        self.head = nnx.Linear(16 * 4 * 4, 10, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.conv1(nnx.relu(self.conv0(x))))
+        return self.head(x.reshape(x.shape[0], -1))
+
+
+def _ce(logits, y):
+    import optax
+
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def _train_linen(tx_for, seed=0):
+    import optax
+
+    from rfim_jax import capture_linen
+
+    x, y = _digits_images()
+    model = _LinenCNN()
+    params = model.init(jax.random.PRNGKey(seed), jnp.asarray(x[:1]))["params"]
+    tx = tx_for({"Conv_0": "relu", "Conv_1": "relu", "Dense_0": "linear"})
+    state = tx.init(params)
+
+    @jax.jit
+    def step(p, s, xb, yb):
+        def loss(p):
+            logits, acts = capture_linen(model, {"params": p}, xb)
+            return _ce(logits, yb), acts
+
+        (_, acts), g = jax.value_and_grad(loss, has_aux=True)(p)
+        u, s = tx.update(g, s, p, activations=acts)
+        return optax.apply_updates(p, u), s
+
+    rng = np.random.default_rng(seed)
+    for _ in range(CNN_STEPS):
+        i = rng.choice(len(x), CNN_BATCH, replace=False)
+        params, state = step(params, state, jnp.asarray(x[i]), jnp.asarray(y[i]))
+    return float(_ce(model.apply({"params": params}, jnp.asarray(x)), jnp.asarray(y)))
+
+
+def _train_nnx(tx_for, seed=0):
+    from rfim_jax import capture_nnx
+
+    x, y = _digits_images()
+    model = _NnxCNN(nnx.Rngs(seed))
+    tx = tx_for({"conv0": "relu", "conv1": "relu", "head": "linear"})
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, xb, yb):
+        def loss(model):
+            logits, acts = capture_nnx(model, xb)
+            return _ce(logits, yb), acts
+
+        (_, acts), g = nnx.value_and_grad(loss, has_aux=True)(model)
+        optimizer.update(model, g, activations=acts)
+
+    rng = np.random.default_rng(seed)
+    for _ in range(CNN_STEPS):
+        i = rng.choice(len(x), CNN_BATCH, replace=False)
+        step(model, optimizer, jnp.asarray(x[i]), jnp.asarray(y[i]))
+    return float(_ce(model(jnp.asarray(x)), jnp.asarray(y)))
+
+
+@pytest.mark.parametrize("train", [_train_linen, _train_nnx], ids=["linen", "nnx"])
+def test_cnn_rngd_beats_sgd_momentum_on_digits(train):
+    import optax
+
+    from rfim_jax import rngd
+
+    rngd_loss = train(lambda layers: rngd(0.05, layers, **CNN_RNGD))
+    sgd_loss = train(lambda layers: optax.with_extra_args_support(
+        optax.sgd(0.05, momentum=0.9)))
+    assert np.isfinite(rngd_loss) and np.isfinite(sgd_loss)
+    assert rngd_loss < CNN_MARGIN * sgd_loss, (rngd_loss, sgd_loss)
