@@ -89,11 +89,16 @@ def load():
 def describe(method) -> str:
     """One line of the configuration of ``method``."""
     return (f"kfac_jax.Optimizer (adaptive lr, momentum and damping, initial damping "
-            f"{method.damping:g}, l2_reg 0, no burn-in; Python loop over its jitted step)")
+            f"{method.damping:g}, inverses every {method.inverse_every} steps, l2_reg 0, "
+            f"no burn-in; Python loop over its jitted step)")
 
 
-def make_kfac_optimizer(kfac_jax, *, initial_damping: float = 1.0):
-    """kfac-jax's optimiser for the relu MLP, its loss registered as softmax cross-entropy."""
+def make_kfac_optimizer(kfac_jax, *, initial_damping: float = 1.0,
+                        inverse_update_period: int = 5):
+    """kfac-jax's optimiser for the relu MLP, its loss registered as softmax cross-entropy.
+
+    ``inverse_update_period`` 5 is kfac-jax's default.
+    """
 
     def loss_fn(params, batch):
         x, y = batch
@@ -108,6 +113,7 @@ def make_kfac_optimizer(kfac_jax, *, initial_damping: float = 1.0):
         use_adaptive_momentum=True,
         use_adaptive_damping=True,
         initial_damping=initial_damping,
+        inverse_update_period=inverse_update_period,
         multi_device=False,
         num_burnin_steps=0,
     )
@@ -128,7 +134,8 @@ class KFACJaxTrainer:
     def __init__(self, method, sizes: Sequence[int], params0, x_all: jax.Array,
                  y_all: jax.Array, *, chunk: int, batch: int, seed: int = 0):
         del sizes, chunk
-        self.opt = make_kfac_optimizer(load(), initial_damping=method.damping)
+        self.opt = make_kfac_optimizer(load(), initial_damping=method.damping,
+                                       inverse_update_period=method.inverse_every)
         self.x_all, self.y_all = x_all, y_all
         key = jax.random.PRNGKey(seed)
         rows = np.random.default_rng(seed + 999).integers(

@@ -1,0 +1,47 @@
+"""The statistics kernels: grouped rows and row chunking against numpy loops."""
+
+import numpy as np
+import pytest
+
+from rfim_jax._src import statistics as stats
+
+TOL = dict(rtol=1e-10, atol=1e-12)
+
+
+def _data(n=37, groups=3, per_group=2, d=5, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, groups, d)), rng.random(size=(n, groups * per_group))
+
+
+def _np_blocks(x, w):
+    """G_l = mean_i w_il x_{i, g(l)} x_{i, g(l)}^T by loops."""
+    n, groups, d = x.shape
+    m = w.shape[1]
+    per = m // groups
+    out = np.zeros((m, d, d))
+    for l in range(m):
+        for i in range(n):
+            out[l] += w[i, l] * np.outer(x[i, l // per], x[i, l // per])
+    return out / n
+
+
+@pytest.mark.parametrize("budget", [None, 40, 1])
+def test_moments_grouped_and_chunked(monkeypatch, budget):
+    if budget is not None:  # force the lax.scan over row chunks (and a ragged last chunk)
+        monkeypatch.setattr(stats, "ROW_BUDGET", budget)
+    x, w = _data()
+    blocks = _np_blocks(x, w)
+    np.testing.assert_allclose(stats.second_moment(x, w), blocks, **TOL)
+    np.testing.assert_allclose(stats.diagonal_moments(x, w),
+                               np.stack([np.diag(b) for b in blocks]), **TOL)
+    np.testing.assert_allclose(stats.weighted_traces(x, w),
+                               np.array([np.trace(b) for b in blocks]), **TOL)
+    flat = x[:, 0]
+    np.testing.assert_allclose(stats.second_moment(flat), flat.T @ flat / len(flat), **TOL)
+    np.testing.assert_allclose(stats.second_moment(flat, w[:, :2]),
+                               _np_blocks(flat[:, None], w[:, :2]), **TOL)
+    coeffs = np.einsum("nk,nl->nkl", w, w)
+    dense = np.zeros((6 * 5, 6 * 5))
+    for i in range(len(flat)):
+        dense += np.kron(coeffs[i], np.outer(flat[i], flat[i]))
+    np.testing.assert_allclose(stats.coupled_rfim(flat, coeffs), dense / len(flat), **TOL)
