@@ -3,7 +3,7 @@
 Run from the repository root::
 
     python -m benchmarks.speed              # paper MLP 10 epochs + wide MLP 2 epochs, all methods
-    python -m benchmarks.speed --quick      # paper MLP 5 epochs + wide MLP 0.5 epoch, fewer
+    python -m benchmarks.speed --quick      # paper MLP 5 epochs + wide MLP 1/3 epoch, fewer
     python -m benchmarks.speed --workloads paper --methods adam,muon,rngd_white_k10
 
 Workloads (:data:`WORKLOADS`): the paper's 784-64-64-64-10 relu MLP and the same MLP at width
@@ -40,6 +40,9 @@ import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import jax
+
+import rfim_jax
 from benchmarks import cost, harness, peers, report
 from benchmarks.cost import (  # noqa: F401 - re-exported for scripts and tests
     flop_model,
@@ -77,6 +80,7 @@ from benchmarks.peers.kfac_ref import (  # noqa: F401 - re-exported for scripts 
     scale_by_kfac_ref,
 )
 from experiments import common
+from experiments import models as mlp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +106,8 @@ class Workload:
 
 WORKLOADS = {
     "paper": Workload("paper", PAPER_SIZES, 10, 5, profile=True),  # Fashion-MNIST
-    "wide": Workload("wide", (784, 1024, 1024, 1024, 10), 2, 0.5),
+    # quick: 2 chunks of 100 steps; Muon, PSGD and kfac-jax take ~0.5 s a step here on 2 cores
+    "wide": Workload("wide", (784, 1024, 1024, 1024, 10), 2, 1 / 3),
 }
 
 #: learning rates, from the grids of :data:`LR_GRIDS` (``--tune``: lowest training-subset loss
@@ -225,7 +230,10 @@ def run_workload(w: Workload, methods: Sequence[Method], data: Data, *, epochs: 
     out = rec.results.setdefault("workloads", {}).setdefault(w.name, {})
     out |= {"title": w.title, "sizes": w.sizes, "epochs": epochs}
     steps_per_epoch = data.num_train // w.batch
-    rec.print(f"== {w.name}: {w.title}, {epochs:g} epochs")
+    out["rngd_plans"] = _rngd_plans(methods, w.sizes)
+    rec.print(f"== {w.name}: {w.title}, {epochs:g} epochs; RNGD representations: "
+              + "; ".join(f"{n}: {', '.join(f'{p} {r}' for p, r in plan.items())}"
+                          for n, plan in out["rngd_plans"].items()))
 
     def on_round(c, total, runs):
         losses = "  ".join(f"{n} {r['eval_loss'][-1]:.3f}" for n, r in runs.items()
@@ -245,6 +253,19 @@ def run_workload(w: Workload, methods: Sequence[Method], data: Data, *, epochs: 
     if w.profile:
         _profile(methods, out["methods"], data, quick=quick, seed=seed, rec=rec, out=out)
     return out
+
+
+def _rngd_plans(methods: Sequence[Method], sizes: Sequence[int]) -> dict:
+    """Per RNGD method, the representation :func:`rfim_jax.rngd_plan` picks for each layer."""
+    params = jax.eval_shape(lambda: mlp.init_mlp(jax.random.PRNGKey(0), sizes))
+    plans = {}
+    for m in methods:
+        if m.family == "rngd":
+            kinds = {p: k for p, k in rngd_layer_kinds(sizes, m.whiten, m.output_kind).items()
+                     if k is not None}
+            plan = rfim_jax.rngd_plan(params, kinds, representation=m.representation)
+            plans[m.name] = {p: v.representation for p, v in plan.items()}
+    return plans
 
 
 def _curves(runs: Mapping) -> dict:
@@ -267,8 +288,9 @@ def run(args: argparse.Namespace) -> dict:
               "whiten_damping": WHITEN_DAMPING,
               "epochs_override": args.epochs}
     rec = harness.Recorder(out / "speed.json", config)
-    rec.set("versions", harness.versions(),
-            text="versions: " + ", ".join(f"{k} {v}" for k, v in harness.versions().items()))
+    versions = harness.versions()
+    rec.set("versions", versions,
+            text="versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     avail = {f: dataclasses.asdict(peers.availability(f)) for f in peers.FAMILIES}
     rec.set("peers", avail, text="\n".join(
         f"peer {f}: " + (f"available (version {a['version'] or 'built in'}"

@@ -64,9 +64,9 @@ class CNNConfig:
         "kfac": 0.0})
     eigen_update_every: int = 5  # statistics every k steps in "rngd_eigen"
     head_adam_lr: float = 3e-3  # Adam's rate for the convolutions in "rngd_head"
-    rngd_decay: float = 0.95
-    rngd_inverse_every: int = 20
-    rngd_damping: float = 1e-2
+    rngd_decay: float = 0.99
+    rngd_inverse_every: int = 10
+    rngd_damping: float = 0.1
     timing_rounds: int = 15
     timing_steps: int = 5
     seed: int = 0
@@ -78,8 +78,8 @@ class CNNConfig:
 
 def full_config(**overrides) -> CNNConfig:
     """The ``--full`` configuration: Fashion-MNIST, three conv layers."""
-    cfg = dict(dataset="fashion", channels=(16, 32, 32), strides=(1, 2, 2), steps=1500,
-               batch_size=100, eval_every=50, target_losses=(0.5, 0.35))
+    cfg = dict(dataset="fashion", channels=(8, 16, 16), strides=(1, 2, 2), steps=800,
+               batch_size=100, eval_every=50, target_losses=(0.6, 0.45))
     cfg.update(overrides)
     return CNNConfig(**cfg)
 

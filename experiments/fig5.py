@@ -258,6 +258,10 @@ def train_one(method: str, lr: float, cfg: Fig5Config, compiled, opt, arrays, *,
         if not np.all(np.isfinite(c)):
             diverged = True
             if bar is not None:
+                # Say it: a bar ending on cost=nan reads like a finished run.
+                bar.set_postfix(method=method, lr=lr, cost="diverged")
+                bar.write(f"{method} at lr={lr} diverged in epoch {e + 1} (non-finite cost); "
+                          f"this grid point is excluded from the learning-rate choice.")
                 bar.update(cfg.epochs - e - 1)
             break
     costs = np.concatenate(costs).astype(np.float64)

@@ -47,3 +47,41 @@ def test_whitening_refuses_a_non_linear_kind():
                                          r"'softmax', but whitening is the 'linear' kind"):
         rfim_jax.scale_by_whitening({"Dense_0": "softmax"})
     rfim_jax.scale_by_whitening({"Dense_0": "linear"})  # accepted
+
+
+METRIC_METHODS = ("to_dense", "matvec", "solve", "inverse", "damped", "trace", "diagonal",
+                  "eigvalsh", "max_eigenvalue")
+
+
+@pytest.mark.parametrize("cls", [rfim_jax.SharedBlockMetric, rfim_jax.BlockDiagonalMetric,
+                                 rfim_jax.DenseMetric, rfim_jax.EigenDiagonalMetric,
+                                 rfim_jax.DiagonalMetric])
+def test_every_metric_method_has_a_docstring(cls):
+    missing = [n for n in METRIC_METHODS if not (getattr(cls, n).__doc__ or "").strip()]
+    assert not missing, f"{cls.__name__}: no docstring on {missing}"
+    assert "relative" in cls.solve.__doc__ and "damping" in cls.damped.__doc__
+
+
+def test_solver_docstrings_name_the_public_methods_tuple():
+    for fn in (rfim_jax.spd_inverse, rfim_jax.spd_solve, rfim_jax.spd_inverse_and_status):
+        doc = fn.__doc__ or ""
+        assert "METHODS" not in doc.replace("SOLVER_METHODS", ""), fn.__name__
+
+
+@pytest.mark.parametrize("damping", [-1.0, float("nan")])
+def test_negative_or_nan_damping_is_refused_everywhere(damping):
+    blocks = jnp.eye(3)[None] * 2.0
+    metrics = [
+        rfim_jax.BlockDiagonalMetric(blocks, has_bias=False),
+        rfim_jax.SharedBlockMetric(blocks[0], num_neurons=2, has_bias=False),
+        rfim_jax.DiagonalMetric(jnp.ones((2, 3)), has_bias=False),
+        rfim_jax.EigenDiagonalMetric(jnp.eye(3), jnp.ones((2, 3)), has_bias=False),
+    ]
+    v = {"kernel": jnp.ones((3, 2))}
+    for metric in metrics:
+        for call in (lambda m: m.damped(damping), lambda m: m.inverse(damping),
+                     lambda m: m.solve(v, damping)):
+            with pytest.raises(ValueError, match=r"damping must be >= 0, got"):
+                call(metric)
+    with pytest.raises(ValueError, match=r"damping must be >= 0"):
+        rfim_jax.add_damping(blocks, damping)

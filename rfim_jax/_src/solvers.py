@@ -578,13 +578,30 @@ def _lapack(a: jax.Array, rhs: jax.Array | None, mapped: bool):
 # ------------------------------------------------------------------------------ public
 
 
+def check_damping(damping) -> None:
+    """Refuses a Python-number damping that is negative or NaN (arrays are left to the caller).
+
+    Raises:
+      ValueError: naming the value and the valid range.
+    """
+    if isinstance(damping, (int, float)) and not isinstance(damping, bool) and not (
+            damping >= 0):
+        raise ValueError(f"damping must be >= 0, got {damping}.")
+
+
 def add_damping(blocks: ArrayLike, damping: ArrayLike, *, relative: bool = False) -> jax.Array:
     """Damps each block: ``G + eps I``.
 
     Absolute: ``eps = damping``.  Relative (eq. 30): ``eps = damping * tr(G) / d`` per block,
     so that the damping scales with the block's mean eigenvalue.  ``damping`` may be a scalar
-    or an array broadcastable to the batch shape ``blocks.shape[:-2]``.
+    or an array broadcastable to the batch shape ``blocks.shape[:-2]``.  Note the default is
+    *absolute*, while :func:`rfim_jax.rngd`'s ``damping`` is relative.
+
+    Raises:
+      ValueError: for a ``damping`` given as a Python number that is negative or NaN (it
+        would make the blocks indefinite).
     """
+    check_damping(damping)
     blocks = _as_blocks(blocks, promote=False)
     d = blocks.shape[-1]
     damping = jnp.asarray(damping, blocks.dtype)
@@ -607,7 +624,7 @@ def spd_inverse_and_status(
 
     Args:
       blocks: (..., d, d); only the symmetric part is used.
-      method: one of :data:`METHODS` (see the module docstring).
+      method: one of ``rfim_jax.SOLVER_METHODS`` (see the module docstring).
       previous: optional (..., d, d), the last inverses: the Newton-Schulz warm start, and
         the first fallback for blocks that fail (module docstring, "Failure and fallback").
       max_iters, tol: Newton-Schulz only (see :func:`newton_schulz_inverse`).
@@ -663,7 +680,7 @@ def spd_solve(
       blocks: (..., d, d) SPD stack (symmetric part used).
       rhs: (..., d) for one right-hand side per block, or (..., d, k) for k of them; the
         batch axes broadcast against the blocks'.
-      method: one of :data:`METHODS`.  ``"cholesky"``, ``"lapack"`` and ``"lapack_map"``
+      method: one of ``rfim_jax.SOLVER_METHODS``.  ``"cholesky"``, ``"lapack"`` and ``"lapack_map"``
         factor and substitute; the others multiply by the inverse.
       previous: optional last inverses, used as for :func:`spd_inverse_and_status`.
 

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from rfim_jax._src import dtypes as dtypes_lib
+from rfim_jax._src import solvers
 
 Params = dict[str, jax.Array]
 
@@ -188,6 +189,18 @@ class AbstractMetric:
     num_neurons: int
     block_size: int
 
+    def __init_subclass__(cls, **kwargs):
+        # A representation's methods are documented once, here: an override without a
+        # docstring of its own gets this one, so help() and IDEs show it on every class.
+        super().__init_subclass__(**kwargs)
+        for name in dir(cls):
+            member, base = getattr(cls, name, None), vars(AbstractMetric).get(name)
+            if callable(member) and not getattr(member, "__doc__", None) and base is not None:
+                try:
+                    member.__doc__ = base.__doc__
+                except AttributeError:  # a builtin or slot wrapper
+                    pass
+
     @property
     def dim(self) -> int:
         return self.num_neurons * self.block_size
@@ -225,6 +238,18 @@ class AbstractMetric:
         where = f"{type(self).__name__}.matvec"
         cols = self._columns(v, where)
         return self._params(self._in_dtype(cols.dtype).matvec_columns(cols))
+
+    def damped(self, damping, *, relative: bool = False) -> AbstractMetric:
+        """The metric with ``damping`` added on the diagonal of every stored block.
+
+        Absolute by default (``B + damping I``); with ``relative=True`` each block gets
+        ``damping tr(B)/d I`` (eq. 30), which is what :func:`rfim_jax.rngd`'s ``damping``
+        means.  ``solve`` and ``inverse`` take the same two arguments.
+
+        Raises:
+          ValueError: for a negative or non-finite Python-number ``damping``.
+        """
+        raise NotImplementedError
 
     def solve(self, v: Params, damping=0.0, *, relative: bool = False, method: str = "auto"):
         """``(G + damping I)^-1 v`` for ``v`` in param layout; returns param layout.
@@ -294,6 +319,7 @@ class PerNeuronScales:
         Adding to every scale adds to each block ``U diag(s_l) U^T``'s eigenvalues, so the
         result stays in the same representation.
         """
+        solvers.check_damping(damping)
         damping = jnp.asarray(damping).astype(self.scales.dtype)
         if relative:
             damping = damping * jnp.mean(self.scales, axis=-1, keepdims=True)

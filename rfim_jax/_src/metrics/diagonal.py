@@ -42,7 +42,15 @@ class DiagonalMetric(PerNeuronScales, AbstractMetric, Arithmetic):
         return cols * self.scales.T
 
     def solve(self, v: Params, damping=0.0, *, relative: bool = False, method: str = "auto"):
-        """``V / (S^T + damping)`` for V the (d, m) columns of ``v``; ``method`` is ignored."""
+        """``V / (S^T + damping)`` for V the (d, m) columns of ``v``; ``method`` is ignored.
+
+        ``damping`` is absolute by default; with ``relative=True`` neuron l gets
+        ``damping * mean(s_l)`` (eq. 30's ``tr(G_l)/d``), as in :func:`rfim_jax.rngd`.
+
+        Raises:
+          ValueError: for a negative or NaN Python-number ``damping``, or ``v`` of the wrong
+            shapes.
+        """
         del method
         cols = self._columns(v, "DiagonalMetric.solve")
         scales = self._in_dtype(cols.dtype).damped(damping, relative=relative).scales

@@ -71,6 +71,8 @@ class EigenDiagonalMetric(PerNeuronScales, AbstractMetric):
         """``U ((U^T V) / (S^T + damping)) `` for V the (d, m) columns of ``v`` (SPEC §7).
 
         ``method`` is accepted for protocol compatibility and ignored (closed form).
+        ``damping`` is absolute by default; with ``relative=True`` neuron l gets
+        ``damping * mean(s_l)`` (eq. 30's ``tr(G_l)/d``), as in :func:`rfim_jax.rngd`.
         """
         del method
         cols = self._columns(v, "EigenDiagonalMetric.solve")

@@ -14,6 +14,7 @@ They are the ``representation="exact"`` of the constructors.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
 
 import jax
@@ -38,9 +39,12 @@ def _compiled(method):
     outer ``jit`` the inner one is inlined, so this costs nothing there.
     """
     jitted = jax.jit(method, static_argnames=("relative", "method"))
+    signature = inspect.signature(method)
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
+        # Validated here: inside the jit a Python-number damping is already a tracer.
+        solvers.check_damping(signature.bind(self, *args, **kwargs).arguments.get("damping"))
         return jitted(self, *args, **kwargs)
 
     return wrapper
