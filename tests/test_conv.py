@@ -599,7 +599,8 @@ def test_conv_layer_errors_name_path_and_shapes():
     short = {"block": {"Conv_0": {"inputs": entry["inputs"][:1], "preacts": entry["preacts"]}}}
     with pytest.raises(ValueError, match=r"'block/Conv_0'.*inputs have \d+ samples but preacts"):
         layer.rows(short)
-    with pytest.raises(ValueError, match=r"'Conv_1'.*bias has shape \(3,\).*\(2, 3, 2, 2\)"):
+    with pytest.raises(ValueError, match=r"'Conv_1'.*bias must have shape \(2,\).*\(2, 3, 2, 2\)"
+                                         r", got \(3,\)"):
         DenseLayer.from_params("Conv_1", "relu", {"kernel": params["kernel"],
                                                  "bias": jnp.zeros(3)})
     gparams, gacts, _ = _activations("2d_groups")

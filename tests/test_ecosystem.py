@@ -586,9 +586,10 @@ def test_update_without_activations_names_the_layer():
         ),
         ({"out": "swish"}, None, r"layer 'out': unknown kind 'swish'. A kind is an activation"),
         (
-            {"conv": "relu"},
-            lambda p: {**p, "conv": {"kernel": jnp.zeros((3, 3, 2, 4)), "bias": jnp.zeros(4)}},
-            r"layer 'conv': kernel must be 2-D \(d_in, m\), got shape \(3, 3, 2, 4\)",
+            {"vec": "relu"},
+            lambda p: {**p, "vec": {"kernel": jnp.zeros((4,)), "bias": jnp.zeros(4)}},
+            r"layer 'vec': kernel must have an input and an output axis, e.g. \(d_in, m\), got "
+            r"shape \(4,\)",
         ),
         (
             {"out": "relu"},
@@ -596,7 +597,7 @@ def test_update_without_activations_names_the_layer():
             r"layer 'out': bias must have shape \(3,\) to match kernel \(\d+, 3\), got \(5,\)",
         ),
     ],
-    ids=["missing_path", "not_dense", "unknown_kind", "kernel_4d", "bias_shape"],
+    ids=["missing_path", "not_dense", "unknown_kind", "kernel_1d", "bias_shape"],
 )
 def test_init_errors_name_the_layer(layers, params_fn, match):
     params = init_mlp(jax.random.PRNGKey(0))

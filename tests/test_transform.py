@@ -367,3 +367,26 @@ def test_eigen_as_metric_diagonal_in_basis_is_exact_average():
     for l in range(g.shape[0]):
         want = (p * p) @ np.diag(g[l])
         np.testing.assert_allclose(s_eigen.metrics["Dense_0"]["S"][l], want, rtol=1e-10)
+
+
+def test_a_nan_batch_cannot_make_the_params_nan():
+    """Robustness item 7: plain rngd's default zeroes a non-finite update and counts it."""
+    rng = np.random.default_rng(3)
+    params, specs = _make_problem(rng, ["relu", "linear"])
+    params["other"] = jnp.ones(3)  # a pass-through param
+    acts = _random_acts(rng, specs, n=5)
+    for skip, expect_finite in ((True, True), (False, False)):
+        tx = rfim_jax.rngd(0.1, {p: k for p, (k, *_) in specs.items()}, skip_nonfinite=skip)
+        state = tx.init(params)
+        p = params
+        for t in range(4):
+            g = _random_grads(rng, params)
+            if t == 1:  # one NaN entry in a pass-through gradient
+                g["other"] = g["other"].at[0].set(jnp.nan)
+            u, state = tx.update(g, state, p, activations=acts)
+            p = optax.apply_updates(p, u)
+        finite = all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(p))
+        assert finite is expect_finite
+        assert int(state[0].rejected_updates) == (1 if skip else 0)
+        assert int(state[0].count) == 4
+        assert rfim_jax.diagnostics(state)["rejected_updates"] == (1 if skip else 0)

@@ -34,6 +34,7 @@ def rngd(
     max_state_bytes: int | None = None,
     state_dtype: Any = None,
     axis_name: str | None = None,
+    skip_nonfinite: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """Relative natural gradient descent: ``chain(scale_by_rngd, trace, -learning_rate)``.
 
@@ -48,7 +49,7 @@ def rngd(
       nesterov: Nesterov momentum.
       decay, inverse_every, damping, update_every, normalize_max_eigenvalue, solver,
         default_kind, representation, exact_budget_bytes, max_state_bytes, state_dtype,
-        axis_name:
+        axis_name, skip_nonfinite:
         those of :func:`scale_by_rngd`.  ``damping`` is *relative* here (``eps0 tr(G)/d``),
         whereas the metrics' ``solve`` and :func:`rfim_jax.add_damping` take absolute
         damping unless told ``relative=True``.
@@ -79,6 +80,7 @@ def rngd(
             max_state_bytes=max_state_bytes,
             state_dtype=state_dtype,
             axis_name=axis_name,
+            skip_nonfinite=skip_nonfinite,
         )
     ]
     if momentum is not None:

@@ -137,7 +137,8 @@ def diagnostics(
     * ``step_to_grad_norm`` (with ``grads`` and ``updates``): ``|update| / |grad|`` over the
       layer's kernel and bias, e.g. the output of ``scale_by_rngd`` against its input.
 
-    Plus ``count``, the number of updates.  Everything is a jnp scalar, so the function can run
+    Plus ``count``, the number of updates, and ``rejected_updates``, the steps whose update
+    was not finite and was replaced by zeros.  Everything is a jnp scalar, so the function can run
     inside a jitted step; the dict's keys depend only on the state's structure, so calling it
     every step does not recompile.
 
@@ -156,7 +157,8 @@ def diagnostics(
       ValueError: if the state holds no (or several) ``ScaleByRNGDState``.
     """
     rngd_state = _find_state(state)
-    out: dict[str, jax.Array] = {"count": rngd_state.count}
+    out: dict[str, jax.Array] = {"count": rngd_state.count,
+                                 "rejected_updates": rngd_state.rejected_updates}
     metrics = layer_metrics(rngd_state, params) if params is not None else {}
     for path in rngd_state.metrics:
         out[f"{path}/skipped"] = rngd_state.skipped[path]

@@ -106,8 +106,8 @@ def resolve_layers(layers, default_kind, params) -> list[DenseLayer]:
         if node is None or not paths_lib.is_dense_layer(node):
             paths_lib.check_kernel_rank(path, node)
             raise ValueError(
-                f"layer {path!r} is not a layer of the params: no mapping with a 'kernel' "
-                f"at that path. Layers found: {available}."
+                f"layer {path!r} is not a dense layer of the params: no mapping with a "
+                f"'kernel' at that path. Dense layers found: {available}."
             )
         if kind is None:
             continue

@@ -81,6 +81,7 @@ def state_shardings(opt_state: Any, param_shardings: Any) -> Any:
                 inverses={p: layer(p, t) for p, t in node.inverses.items()},
                 skipped=jax.tree.map(lambda _: replicated, node.skipped),
                 fallbacks=jax.tree.map(lambda _: replicated, node.fallbacks),
+                rejected_updates=replicated,
             )
         if jax.tree.structure(node) == params_def:
             return param_shardings

@@ -57,6 +57,9 @@ class ScaleByRNGDState(NamedTuple):
         ``optax.apply_if_finite`` (README, "Guards").
       fallbacks: layer path -> number of blocks whose inverse (or eigendecomposition) fell
         back at the last refresh (see :mod:`rfim_jax._src.solvers`).
+      rejected_updates: number of steps whose update (over all params) was not finite and
+        was replaced by zeros (with ``skip_nonfinite=True``, the default), so that the params
+        and the later stages (momentum) stay finite.
     """
 
     count: jax.Array
@@ -64,6 +67,7 @@ class ScaleByRNGDState(NamedTuple):
     inverses: dict[str, jax.Array]
     skipped: dict[str, jax.Array]
     fallbacks: dict[str, jax.Array]
+    rejected_updates: jax.Array
 
 
 
@@ -126,6 +130,7 @@ def scale_by_rngd(
     max_state_bytes: int | None = None,
     state_dtype: Any = None,
     axis_name: str | None = None,
+    skip_nonfinite: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """Preconditions each layer's gradient by its inverse RFIM (paper Sec. 5, eqs. 31-33).
 
@@ -181,6 +186,12 @@ def scale_by_rngd(
         are averaged (``lax.pmean``), as K-FAC implementations do, so that replicas stay
         identical and equal one device on the global batch.  Not needed under ``jax.jit``
         with shardings, where the statistics are already global.
+      skip_nonfinite: if any entry of this step's update (over all params, the pass-through
+        ones included) is not finite, return zeros instead and count the step in
+        ``state.rejected_updates``, so that one NaN batch cannot make the params NaN.  The
+        moving averages of that step are kept as computed (their own non-finite guard is
+        ``state.skipped``).  ``optax.apply_if_finite`` around the whole chain additionally
+        drops the momentum's step.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose update is
@@ -227,7 +238,8 @@ def scale_by_rngd(
             inverses[layer.path] = sharding_lib.shard_like_kernel(factors, factors_axes, kernel)
             skipped[layer.path] = jnp.zeros([], jnp.int32)
             fallbacks[layer.path] = jnp.zeros([], jnp.int32)
-        return ScaleByRNGDState(jnp.zeros([], jnp.int32), metrics, inverses, skipped, fallbacks)
+        zero = jnp.zeros([], jnp.int32)
+        return ScaleByRNGDState(zero, metrics, inverses, skipped, fallbacks, zero)
 
     def update_fn(updates, state, params=None, *, activations=None, **extra_args):
         del params, extra_args
@@ -298,12 +310,20 @@ def scale_by_rngd(
         new_updates = jax.tree.unflatten(
             jax.tree.structure(updates), jax.tree.leaves(new_updates)
         )
+        rejected = state.rejected_updates
+        if skip_nonfinite:
+            finite = jnp.all(jnp.stack(
+                [jnp.all(jnp.isfinite(u)) for u in jax.tree.leaves(new_updates)]))
+            new_updates = jax.tree.map(
+                lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
+            rejected = rejected + (~finite).astype(jnp.int32)
         new_state = ScaleByRNGDState(
             count=optax.safe_increment(count),
             metrics=new_metrics,
             inverses=new_inverses,
             skipped=new_skipped,
             fallbacks=new_fallbacks,
+            rejected_updates=rejected,
         )
         return new_updates, new_state
 

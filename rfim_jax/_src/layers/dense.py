@@ -75,8 +75,8 @@ def unpack_layer(node: Mapping, where: str) -> tuple[Any, Any, tuple[int, ...] |
     bshape = _shape(bias)
     if not bshape or len(bshape) >= len(shape) or shape[len(shape) - len(bshape):] != bshape:
         raise ValueError(
-            f"{where}: bias has shape {bshape}, but the kernel {shape} needs a bias of its "
-            f"output axes, i.e. a trailing part of its shape such as ({shape[-1]},)."
+            f"{where}: bias must have shape ({shape[-1]},) to match kernel {shape}, got "
+            f"{bshape} (a bias holds the kernel's output axes, a trailing part of its shape)."
         )
     return kernel, bias, bshape
 
@@ -146,9 +146,9 @@ class DenseLayer(LayerAdapter):
             preacts += f" or (n, *{self.out_shape})"
         return f"expected activations[{self.path!r}] = {{'inputs': {inputs}, 'preacts': {preacts}}}"
 
-    def _width_error(self, x_shape, z_shape) -> ValueError:
+    def _width_error(self, name: str, shape, width: int, label: str) -> ValueError:
         hint = ""
-        if len(self.kernel_shape) > 2 and len(self.out_shape) == 1:
+        if name == "inputs" and len(self.kernel_shape) > 2 and len(self.out_shape) == 1:
             hint = (
                 f" If this is a convolution (kernel (*window, c_in / groups, c_out) = "
                 f"{self.kernel_shape}), its inputs are its patches, (n, *out_spatial, "
@@ -157,9 +157,8 @@ class DenseLayer(LayerAdapter):
                 f"padding=..., kernel_dilation=..., feature_group_count=...) builds them."
             )
         return ValueError(
-            f"layer {self.path!r}: inputs have shape {x_shape} and preacts {z_shape}, but the "
-            f"kernel {self.kernel_shape} reads inputs of width d_in={self.d_in} and gives "
-            f"m={self.m} outputs; {self._expected()}.{hint}"
+            f"layer {self.path!r}: {name} have shape {shape}, but the kernel "
+            f"{self.kernel_shape} expects width {label}={width}; {self._expected()}.{hint}"
         )
 
     def rows(self, activations: Any) -> tuple[jax.Array, jax.Array]:
@@ -193,8 +192,10 @@ class DenseLayer(LayerAdapter):
         k = len(self.in_shape)
         if k > 1 and x.ndim > k and x_shape[-k:] == self.in_shape:
             x = x.reshape(x_shape[:-k] + (self.d_in,))
-        if x.shape[-1] != self.d_in or z.shape[-1] != self.m:
-            raise self._width_error(x_shape, z_shape)
+        if x.shape[-1] != self.d_in:
+            raise self._width_error("inputs", x_shape, self.d_in, "d_in")
+        if z.shape[-1] != self.m:
+            raise self._width_error("preacts", z_shape, self.m, "m")
         groups = 1
         if x.ndim == z.ndim + 1 and x.shape[:-2] == z.shape[:-1]:
             groups = int(x.shape[-2])
