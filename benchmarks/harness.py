@@ -71,7 +71,7 @@ class Method:
       name: the name in tables and JSON.
       family: "adam", "adamw", "sgd", "rngd", or a peer family of :mod:`benchmarks.peers`
         ("kfac_ref", "kfac_jax", "psgd_kron", "muon").
-      learning_rate: the step size (None for a peer that adapts its own, kfac-jax).
+      learning_rate: the step size.
       momentum: heavy-ball momentum (SGD, RNGD, K-FAC reference; Muon's beta).
       update_every: RNGD: statistics every k-th step.
       inverse_every: RNGD and the K-FAC reference: steps between inverse refreshes (T).

@@ -36,6 +36,8 @@ from rfim_jax._src.fisher import (
 )
 from rfim_jax._src.fisher_rao import fisher_rao_norm
 from rfim_jax._src.layers.conv import conv_patches, conv_rfim
+from rfim_jax._src.layers.embed import embedding_rfim
+from rfim_jax._src.layers.norm import scale_shift_rfim
 from rfim_jax._src.metrics import (
     AbstractMetric,
     BlockDiagonalMetric,
@@ -114,6 +116,8 @@ __all__ = [
     "layer_paths",
     "conv_patches",
     "conv_rfim",
+    "embedding_rfim",
+    "scale_shift_rfim",
     "layer_rfim_from_activations",
     "linear_rfim",
     "neuron_rfim",

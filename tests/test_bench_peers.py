@@ -91,8 +91,8 @@ def test_kfac_jax_trains(toy_data):
     # kfac-jax 0.0.8 builds float64 factors under jax_enable_x64 (which the suite turns on)
     # next to float32 ones, and its lax.cond rejects the mix; the benchmark runs in float32.
     with jax.enable_x64(False):
-        _check_trains(speed.Method("kfac_jax", "kfac_jax", None, damping=1.0,
-                                   inverse_every=5), toy_data)
+        _check_trains(speed.Method("kfac_jax", "kfac_jax", 0.05, damping=0.1,
+                                   inverse_every=2), toy_data)
 
 
 def test_kfac_jax_shim_accepts_both_bind_param_forms():
@@ -128,7 +128,7 @@ def test_missing_peer_is_reported_with_reason(monkeypatch, toy_data):
     avail = peers.availability("kfac_jax")
     assert not avail.available and "kfac_jax" in avail.reason
     methods = [speed.Method("adam", "adam", 1e-2, momentum=0.0),
-               speed.Method("kfac_jax", "kfac_jax", None, damping=1.0)]
+               speed.Method("kfac_jax", "kfac_jax", 0.01, damping=0.1)]
     runs = harness.train_interleaved(methods, toy_data, sizes=SIZES, epochs=1, batch=BATCH,
                                      chunk=BATCH, progress=False)
     assert set(runs) == {"adam", "kfac_jax"}

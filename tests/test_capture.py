@@ -200,11 +200,16 @@ def test_linen_nested_layernorm_and_sequence_axes(key):
     p = variables["params"]
     out, acts = cap.capture_linen(model, variables, x)
     assert _paths(p) == ["block/Dense_0", "inp", "layers_0", "layers_1"]
-    assert _captured(acts) == _paths(p)
-    assert "LayerNorm_0" in p["block"] and set(acts["block"]) == {"Dense_0"}
+    # The LayerNorm's scale and shift are recorded too (SPEC §8): its normalised input u.
+    assert _captured(acts) == ["block/Dense_0", "block/LayerNorm_0", "inp", "layers_0",
+                               "layers_1"]
     h0 = np.maximum(_dense(p["inp"], x), 0.0)
     _assert_layer(acts, "inp", x, _dense(p["inp"], x))
     ln = nn.LayerNorm().apply({"params": p["block"]["LayerNorm_0"]}, h0)
+    centred = h0 - h0.mean(-1, keepdims=True)
+    u = centred / np.sqrt((centred**2).mean(-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(acts["block"]["LayerNorm_0"]["inputs"], u, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(acts["block"]["LayerNorm_0"]["preacts"], ln, **TIGHT)
     _assert_layer(acts, "block/Dense_0", ln, _dense(p["block"]["Dense_0"], ln))
     h1 = np.tanh(_dense(p["block"]["Dense_0"], ln))
     z2 = _dense(p["layers_0"], h1)
@@ -475,16 +480,20 @@ def test_nnx_mlp_matches_manual(seed):
     assert nnx.Linear.__call__.__name__ == "__call__"  # the class is restored
 
 
-def test_nnx_layernorm_not_captured():
+def test_nnx_layernorm_captured_as_scale_and_shift():
     key = jax.random.PRNGKey(0)
     model = NnxNorm(nnx.Rngs(int(key[-1])))
     x = jax.random.normal(key, (3, 2, 4))
     out, acts = cap.capture_nnx(model, x)
     p = _pure(model)
     assert _paths(p) == ["linear1", "linear2"] and "norm" in p
-    assert set(acts) == {"linear1", "linear2"}
+    assert set(acts) == {"linear1", "linear2", "norm"}
     z1 = _dense(p["linear1"], x)
     _assert_layer(acts, "linear1", x, z1)
+    centred = z1 - z1.mean(-1, keepdims=True)
+    u = centred / np.sqrt((centred**2).mean(-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(acts["norm"]["inputs"], u, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(acts["norm"]["preacts"], model.norm(jnp.asarray(z1)), **TIGHT)
     h = np.tanh(np.asarray(model.norm(jnp.asarray(z1))))
     _assert_layer(acts, "linear2", h, _dense(p["linear2"], h))
     np.testing.assert_allclose(out, model(x), **TIGHT)
@@ -555,7 +564,7 @@ def test_nnx_optimizer_forwards_activations():
     _, acts_jit = train_step(model, optimizer)
     assert set(log[0]) == {"activations"}
     assert jax.tree.structure(log[0]["activations"]) == jax.tree.structure(acts_jit)
-    assert _captured(log[0]["activations"]) == ["linear1", "linear2"]
+    assert _captured(log[0]["activations"]) == ["linear1", "linear2", "norm"]
     assert int(optimizer.step[...]) == 2
 
 

@@ -582,7 +582,8 @@ def test_update_without_activations_names_the_layer():
         ),
         (
             {"LayerNorm_0": "relu"}, None,
-            r"layer 'LayerNorm_0' is not a dense layer of the params",
+            r"layer 'LayerNorm_0': kind 'relu' does not fit a LayerNorm/RMSNorm scale and "
+            r"shift.*'linear'",
         ),
         ({"out": "swish"}, None, r"layer 'out': unknown kind 'swish'. A kind is an activation"),
         (
@@ -597,7 +598,7 @@ def test_update_without_activations_names_the_layer():
             r"layer 'out': bias must have shape \(3,\) to match kernel \(\d+, 3\), got \(5,\)",
         ),
     ],
-    ids=["missing_path", "not_dense", "unknown_kind", "kernel_1d", "bias_shape"],
+    ids=["missing_path", "norm_kind", "unknown_kind", "kernel_1d", "bias_shape"],
 )
 def test_init_errors_name_the_layer(layers, params_fn, match):
     params = init_mlp(jax.random.PRNGKey(0))

@@ -60,6 +60,7 @@ import jax.numpy as jnp
 
 from rfim_jax._src import paths as paths_lib
 from rfim_jax._src.layers import conv as conv_lib
+from rfim_jax._src.layers.embed import ATTEND_INPUTS, ATTEND_PREACTS
 
 LayerActivations = dict[str, jax.Array]
 
@@ -188,19 +189,29 @@ class _Recorder:
     def __init__(self, source: str):
         self.source = source
         self.layers: dict[tuple, list[tuple[jax.Array, jax.Array]]] = {}
+        self.attends: dict[tuple, list[tuple[jax.Array, jax.Array]]] = {}
 
     def add(self, keys: tuple, inputs: Any, preacts: Any) -> None:
         self.layers.setdefault(keys, []).append((jnp.asarray(inputs), preacts))
 
+    def add_attend(self, keys: tuple, inputs: Any, logits: Any) -> None:
+        """An embedding table used as an output head (``Embed.attend``, tied weights)."""
+        self.attends.setdefault(keys, []).append((jnp.asarray(inputs), logits))
+
+    def _stacked(self, keys, uses):
+        if len(uses) == 1:
+            return uses[0]
+        name = paths_lib.SEP.join(map(str, keys)) or "<root>"
+        return _stack_uses(uses, f"{self.source}: layer {name!r}")
+
     def tree(self) -> dict:
         out: dict = {}
         for keys, uses in self.layers.items():
-            if len(uses) == 1:
-                inputs, preacts = uses[0]
-            else:
-                name = paths_lib.SEP.join(map(str, keys)) or "<root>"
-                inputs, preacts = _stack_uses(uses, f"{self.source}: layer {name!r}")
+            inputs, preacts = self._stacked(keys, uses)
             acts = {INPUTS: inputs, PREACTS: preacts}
+            if keys in self.attends:
+                acts[ATTEND_INPUTS], acts[ATTEND_PREACTS] = self._stacked(
+                    keys, self.attends[keys])
             if not keys:
                 return acts  # the model is itself one layer
             node = out
@@ -311,6 +322,29 @@ def einsum_rows(inputs, out, einsum_str: str, has_bias: bool, source: str, name:
     return x, out.reshape(out.shape[: out.ndim - len(produced)] + (-1,))
 
 
+def norm_rows(inputs, out, module, kind: str, source: str, name: str):
+    """A LayerNorm's or RMSNorm's rows: the normalised input ``u`` and the output.
+
+    ``u`` is recomputed from the input with the module's epsilon (SPEC §8: the response is
+    ``scale u + bias``); only the last axis may be reduced and scaled.
+    """
+    ndim = jnp.ndim(inputs)
+    for attr in ("reduction_axes", "feature_axes"):
+        axes = {a % ndim for a in _tuple(getattr(module, attr))}
+        if axes != {ndim - 1}:
+            raise _unsupported(source, f"a {kind} with {attr}={getattr(module, attr)}", name,
+                               "only the last axis reduced and scaled is supported")
+    if getattr(module, "axis_name", None) is not None:
+        raise _unsupported(source, f"a {kind} with axis_name={module.axis_name!r}", name,
+                           "its statistics span devices")
+    x = jnp.asarray(inputs)
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    if kind == "LayerNorm":
+        x = x - jnp.mean(x, axis=-1, keepdims=True)
+    u = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + module.epsilon)
+    return u, out
+
+
 # --------------------------------------------------------------------------------------------
 # flax.linen.
 
@@ -336,6 +370,12 @@ def _linen_rows(module: Any, inputs: Any, out: Any, name: str):
         return general_rows(inputs, out, module.axis, len(features), batch, src, name)
     if isinstance(module, nn.Conv):
         return conv_rows(inputs, out, module, src, name)
+    if isinstance(module, nn.Embed):
+        return inputs, out
+    if isinstance(module, nn.LayerNorm | nn.RMSNorm):
+        if not module.use_scale:
+            return None  # no scale: a bias alone is not a scale-and-shift layer
+        return norm_rows(inputs, out, module, type(module).__name__, src, name)
     if isinstance(module, nn.ConvTranspose):
         raise _unsupported(src, "an nn.ConvTranspose", name,
                            "a transposed convolution's kernel is not applied to windows of its "
@@ -434,9 +474,14 @@ def capture_linen(
     recorder = _Recorder("capture_linen")
 
     def interceptor(next_fun, call_args, call_kwargs, context):
+        module = context.module
+        if context.method_name == "attend" and isinstance(module, nn.Embed):
+            out = next_fun(*call_args, **call_kwargs)
+            query = call_args[0] if call_args else call_kwargs.get("query")
+            recorder.add_attend(tuple(module.path), query, out)
+            return out
         if context.method_name != "__call__":
             return next_fun(*call_args, **call_kwargs)
-        module = context.module
         keys = tuple(module.path)
         inputs = call_args[0] if call_args else call_kwargs.get("inputs")
         out = next_fun(*call_args, **call_kwargs)
@@ -495,7 +540,15 @@ _ACTIVE = threading.local()
 def _nnx_classes() -> tuple[type, ...]:
     from flax import nnx
 
-    return (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.ConvTranspose)
+    return (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.ConvTranspose, nnx.Embed,
+            nnx.LayerNorm, nnx.RMSNorm)
+
+
+def _nnx_methods() -> list[tuple[type, str]]:
+    """Every (class, method) whose calls capture_nnx records."""
+    from flax import nnx
+
+    return [(cls, "__call__") for cls in _nnx_classes()] + [(nnx.Embed, "attend")]
 
 
 def _active_stack() -> list:
@@ -505,12 +558,13 @@ def _active_stack() -> list:
     return stack
 
 
-def _wrap(original):
+def _wrap(original, method: str):
     def recording_call(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
         stack = getattr(_ACTIVE, "stack", None)
         if stack:
-            stack[-1](self, args[0] if args else kwargs.get("inputs"), out)
+            first = args[0] if args else next(iter(kwargs.values()), None)
+            stack[-1](self, first, out, method)
         return out
 
     recording_call.__wrapped__ = original
@@ -522,12 +576,12 @@ def _wrap(original):
 def _nnx_patched() -> Iterator[None]:
     with _PATCH_LOCK:
         if _PATCH["depth"] == 0:
-            for cls in _nnx_classes():
-                original = cls.__dict__["__call__"]
-                wrapper = _wrap(original)
-                _PATCH["originals"][cls] = original
-                _PATCH["wrappers"][cls] = wrapper
-                cls.__call__ = wrapper
+            for cls, method in _nnx_methods():
+                original = cls.__dict__[method]
+                wrapper = _wrap(original, method)
+                _PATCH["originals"][cls, method] = original
+                _PATCH["wrappers"][cls, method] = wrapper
+                setattr(cls, method, wrapper)
         _PATCH["depth"] += 1
     try:
         yield
@@ -535,10 +589,10 @@ def _nnx_patched() -> Iterator[None]:
         with _PATCH_LOCK:
             _PATCH["depth"] -= 1
             if _PATCH["depth"] == 0:
-                for cls, original in _PATCH["originals"].items():
+                for (cls, method), original in _PATCH["originals"].items():
                     # Leave the class alone if someone else re-patched it meanwhile.
-                    if cls.__dict__.get("__call__") is _PATCH["wrappers"][cls]:
-                        cls.__call__ = original
+                    if cls.__dict__.get(method) is _PATCH["wrappers"][cls, method]:
+                        setattr(cls, method, original)
                 _PATCH["originals"].clear()
                 _PATCH["wrappers"].clear()
 
@@ -566,6 +620,12 @@ def _nnx_rows(module: Any, inputs: Any, out: Any, name: str):
         return einsum_rows(inputs, out, module.einsum_str, module.bias is not None, src, name)
     if isinstance(module, nnx.Conv):
         return conv_rows(inputs, out, module, src, name)
+    if isinstance(module, nnx.Embed):
+        return inputs, out
+    if isinstance(module, nnx.LayerNorm | nnx.RMSNorm):
+        if module.scale is None:
+            return None  # no scale: a bias alone is not a scale-and-shift layer
+        return norm_rows(inputs, out, module, type(module).__name__, src, name)
     raise _unsupported(src, f"an nnx.{type(module).__name__}", name,
                        "a transposed convolution's kernel is not applied to windows of its "
                        "input")
@@ -619,21 +679,25 @@ def capture_nnx(
     paths = {id(m): tuple(p) for p, m in nnx.iter_modules(model) if isinstance(m, classes)}
     recorder = _Recorder("capture_nnx")
 
-    def on_call(module, inputs, out):
+    def on_call(module, inputs, out, method):
         keys = paths.get(id(module))
         if keys is None:
             raise ValueError(
                 f"capture_nnx: an nnx.{type(module).__name__} that is not a submodule of the "
-                f"captured model was called (kernel shape {tuple(module.kernel.shape)}); its "
-                f"params are not in the model's state, so it cannot be keyed."
+                f"captured model was called; its params are not in the model's state, so it "
+                f"cannot be keyed."
             )
+        if method == "attend":
+            recorder.add_attend(keys, inputs, out)
+            return
         try:
             rows = _nnx_rows(module, inputs, out, paths_lib.SEP.join(map(str, keys)) or "<root>")
         except Unsupported:
             if skip_unsupported:
                 return
             raise
-        recorder.add(keys, *rows)
+        if rows is not None:
+            recorder.add(keys, *rows)
 
     if method is None:
         fn = model

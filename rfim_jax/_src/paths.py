@@ -123,6 +123,34 @@ def is_dense_layer(node: Any) -> bool:
     return shape is not None and len(shape) >= 2
 
 
+#: The entries that make a node a layer of another type than a kernel layer: an embedding
+#: table (``nn.Embed``) and a normalisation's scale (``LayerNorm``, ``RMSNorm``).  Such layers
+#: are preconditioned only when named in ``layers`` (SPEC §8).
+OTHER_LAYER_KEYS = ("embedding", "scale")
+
+
+def layer_key(node: Any) -> str | None:
+    """The entry that holds ``node``'s weights: ``"kernel"``, ``"embedding"``, ``"scale"``."""
+    entries = _entries(node)
+    if not entries:
+        return None
+    for key in (KERNEL, *OTHER_LAYER_KEYS):
+        if key in entries:
+            return key
+    return None
+
+
+def is_layer(node: Any) -> bool:
+    """A kernel layer (:func:`is_dense_layer`), an embedding table or a normalisation scale."""
+    if is_dense_layer(node):
+        return True
+    key = layer_key(node)
+    if key not in OTHER_LAYER_KEYS:
+        return False
+    shape = getattr(_unwrap(_entries(node)[key]), "shape", None)
+    return shape is not None and len(shape) == (2 if key == "embedding" else 1)
+
+
 def _layer_candidates(tree: Any) -> list[_Parts]:
     """Paths (as parts) of every node holding a "kernel" entry, in tree order."""
     seen: dict[_Parts, None] = {}
@@ -168,7 +196,7 @@ def get_by_path(tree: Any, path: str, default: Any = None) -> Any:
     are compared by ``str``, so the int keys of nnx lists and list indices match ``"0"``.  A
     flat mapping keyed by the whole path (``{"block/Dense_0": ...}``) is accepted too.
 
-    A dense layer (:func:`is_dense_layer`) comes back as a plain dict of its entries
+    A layer (:func:`is_layer`) comes back as a plain dict of its entries
     (``{"kernel": ..., "bias": ...}``) with each framework wrapper removed, whatever its
     container (an nnx ``State``, a dataclass, a ``FrozenDict``); any other node as it is.
 
@@ -186,7 +214,7 @@ def get_by_path(tree: Any, path: str, default: Any = None) -> Any:
         node = _node_at(tree, tuple(path.split(SEP)) if path else ())
         if node is None:
             return default
-    if is_dense_layer(node):
+    if is_layer(node):
         return {name: _unwrap(child) for name, child in _entries(node).items()}
     return node
 

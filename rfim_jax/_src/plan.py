@@ -30,7 +30,7 @@ from rfim_jax._src import dtypes as dtypes_lib
 from rfim_jax._src import paths as paths_lib
 from rfim_jax._src import rfim as rfim_lib
 from rfim_jax._src.estimators import ESTIMATORS
-from rfim_jax._src.layers import DenseLayer
+from rfim_jax._src.layers import DenseLayer, EmbedLayer, ScaleShiftLayer
 from rfim_jax._src.layers.dense import kind_name
 
 #: ``exact_budget_bytes`` default of ``representation="auto"``: 256 MiB of exact state per layer
@@ -74,7 +74,7 @@ def _itemsize(dtype) -> int:
     return jnp.dtype(dtype).itemsize
 
 
-def resolve_layers(layers, default_kind, params) -> list[DenseLayer]:
+def resolve_layers(layers, default_kind, params) -> list:
     """Checks ``layers`` against the params tree and returns the layer adapters.
 
     Raises:
@@ -103,7 +103,7 @@ def resolve_layers(layers, default_kind, params) -> list[DenseLayer]:
         if kind is not None:
             kind = rfim_lib.resolve_kind(kind, where=f"layer {path!r}")
         node = paths_lib.get_by_path(params, path)
-        if node is None or not paths_lib.is_dense_layer(node):
+        if node is None or not paths_lib.is_layer(node):
             paths_lib.check_kernel_rank(path, node)
             raise ValueError(
                 f"layer {path!r} is not a dense layer of the params: no mapping with a "
@@ -111,14 +111,20 @@ def resolve_layers(layers, default_kind, params) -> list[DenseLayer]:
             )
         if kind is None:
             continue
-        if isinstance(node["kernel"], optax.MaskedNode):
+        if isinstance(node[paths_lib.layer_key(node)], optax.MaskedNode):
             raise ValueError(
                 f"layer {path!r} is masked out of this transform (optax.partition or "
                 f"optax.masked gives its params to another one); remove it from `layers`. "
                 f"Layers this transform sees: {available}."
             )
-        out.append(DenseLayer.from_params(path, kind, node))
+        out.append(adapter_for(node).from_params(path, kind, node))
     return out
+
+
+def adapter_for(node) -> type:
+    """The layer adapter of a layer node: by the entry that holds its weights (SPEC §8)."""
+    return {"kernel": DenseLayer, "embedding": EmbedLayer, "scale": ScaleShiftLayer}[
+        paths_lib.layer_key(node)]
 
 
 def _requested(representation: Representation, path: str) -> str:
@@ -152,7 +158,7 @@ def concrete_bytes(name: str, value) -> int | None:
 
 
 def plan_layers(
-    specs: list[DenseLayer],
+    specs: list,
     params,
     representation: Representation,
     exact_budget_bytes: int,
@@ -169,12 +175,10 @@ def plan_layers(
             )
     plans = {}
     for layer in specs:
-        kernel = paths_lib.get_by_path(params, layer.path)["kernel"]
+        kernel = paths_lib.get_by_path(params, layer.path)[layer.weights_key]
         size = _itemsize(storage_dtype(kernel, state_dtype))
         by_rep = {name: est.state_bytes(layer, size) for name, est in ESTIMATORS.items()}
-        rep = _requested(representation, layer.path)
-        if rep == "auto":
-            rep = "exact" if by_rep["exact"] <= exact_budget_bytes else "eigen"
+        rep = layer.choose(_requested(representation, layer.path), by_rep, exact_budget_bytes)
         params_bytes = layer.num_params * _itemsize(kernel.dtype)
         plans[layer.path] = LayerPlan(
             layer.path, kind_name(layer.kind), rep, by_rep[rep], by_rep["exact"], params_bytes,

@@ -230,7 +230,7 @@ def scale_by_rngd(
         resolved = [(layer, ESTIMATORS[plans[layer.path].representation]) for layer in specs]
         metrics, inverses, skipped, fallbacks = {}, {}, {}, {}
         for layer, est in resolved:
-            kernel = paths_lib.get_by_path(params, layer.path)["kernel"]
+            kernel = paths_lib.get_by_path(params, layer.path)[layer.weights_key]
             dtype = plan_lib.storage_dtype(kernel, state_dtype)
             stats, factors = est.init(layer, dtype)
             stats_axes, factors_axes = est.neuron_axes(layer)

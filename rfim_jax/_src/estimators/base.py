@@ -26,7 +26,6 @@ import jax.numpy as jnp
 
 from rfim_jax._src import metrics as metrics_lib
 from rfim_jax._src import sharding as sharding_lib
-from rfim_jax._src import statistics as stats_lib
 
 Stats = Any
 Factors = Any
@@ -100,19 +99,6 @@ def moving_average(old, fresh, rate, axis_name=None):
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(f)) for f in jax.tree.leaves(fresh)]))
     avg = jax.tree.map(lambda o, f: jnp.where(finite, rate * o + (1.0 - rate) * f, o), old, fresh)
     return avg, (~finite).astype(jnp.int32)
-
-
-def unit_weights(layer, z: jax.Array) -> jax.Array:
-    """Per-sample, per-neuron Fisher coefficients (N, m) for the eigen and diagonal forms.
-
-    An activation's ``nu(z)``; unit-wise ``eta (1 - eta)`` for softmax; and a single column
-    of ``1/sigma^2`` for the linear kind, whose rows are all equal (SPEC §7).
-    """
-    if layer.is_softmax:
-        return stats_lib.softmax_unit_coefficients(z)
-    if layer.is_linear:
-        return jnp.full((z.shape[0], 1), 1.0 / layer.kind.sigma**2, z.dtype)
-    return layer.kind.nu(z)
 
 
 def num_rows(layer) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from rfim_jax._src import metrics as metrics_lib
-from rfim_jax._src.estimators.base import Estimator, moving_average, num_rows, unit_weights
+from rfim_jax._src.estimators.base import Estimator, moving_average, num_rows
 from rfim_jax._src.estimators.eigen import damped_scales
 
 
@@ -31,7 +31,7 @@ class DiagonalEstimator(Estimator):
     def update(self, layer, stats, factors, x_aug, z, damping, rate, axis_name=None):
         dtype = stats["S"].dtype
         x_aug = x_aug.astype(dtype)
-        weights = unit_weights(layer, z).astype(dtype)
+        weights = layer.unit_weights(z).astype(dtype)
         fresh = {"S": damped_scales(x_aug, weights, x_aug, damping)}
         return moving_average(stats, fresh, rate, axis_name)
 

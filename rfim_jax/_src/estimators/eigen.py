@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from rfim_jax._src import metrics as metrics_lib
 from rfim_jax._src import statistics as stats_lib
-from rfim_jax._src.estimators.base import Estimator, moving_average, num_rows, unit_weights
+from rfim_jax._src.estimators.base import Estimator, moving_average, num_rows
 
 
 def damped_scales(x_aug, weights, rotated, damping):
@@ -53,7 +53,7 @@ class EigenEstimator(Estimator):
         second = stats_lib.second_moment(x_aug)
         d = second.shape[-1]
         a_hat = second + (damping * jnp.trace(second) / d) * jnp.eye(d, dtype=dtype)
-        weights = unit_weights(layer, z).astype(dtype)
+        weights = layer.unit_weights(z).astype(dtype)
         s_hat = damped_scales(x_aug, weights, x_aug @ factors["U"].astype(dtype), damping)
         return moving_average(stats, {"A": a_hat, "S": s_hat}, rate, axis_name)
 

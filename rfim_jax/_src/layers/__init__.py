@@ -12,9 +12,13 @@ the optimiser and the estimators use without knowing the layer type:
 
 :mod:`.dense` holds the adapter of every kernel layer: Flax ``nn.Dense``/``nnx.Linear``,
 multi-axis dense (``DenseGeneral``, ``LinearGeneral``, ``Einsum``) and convolutions, which are
-dense layers over their patches.  :mod:`.conv` holds the patches and ``conv_rfim``.
+dense layers over their patches.  :mod:`.conv` holds the patches and ``conv_rfim``;
+:mod:`.embed` the embedding tables and :mod:`.norm` LayerNorm/RMSNorm scales and shifts,
+each with its public RFIM function.
 """
 
 from rfim_jax._src.layers.dense import DenseLayer
+from rfim_jax._src.layers.embed import EmbedLayer
+from rfim_jax._src.layers.norm import ScaleShiftLayer
 
-__all__ = ["DenseLayer"]
+__all__ = ["DenseLayer", "EmbedLayer", "ScaleShiftLayer"]

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from rfim_jax._src import activations as act_lib
 from rfim_jax._src import dtypes as dtypes_lib
 from rfim_jax._src import metrics as metrics_lib
+from rfim_jax._src import statistics as stats_lib
 
 
 class LayerAdapter:
@@ -26,9 +27,38 @@ class LayerAdapter:
     m: int
     has_bias: bool
 
+    #: The representations this layer type supports (SPEC §7); see :meth:`choose`.
+    representations: tuple[str, ...] = ("exact", "eigen", "diagonal")
+
     @property
     def layout(self) -> metrics_lib.ParamLayout | None:
         return None
+
+    @property
+    def weights_key(self) -> str:
+        """The params entry holding the weights ("kernel", "scale", "embedding")."""
+        return self.layout.kernel_key if self.layout is not None else "kernel"
+
+    def choose(self, requested: str, bytes_by_rep: Mapping[str, int], budget: int) -> str:
+        """The representation for ``requested`` ("auto" or a name) on this layer type.
+
+        ``"auto"``: exact while its state fits ``budget`` bytes, else eigen.  A layer type
+        with one representation (an embedding, whose exact metric is diagonal) always takes it.
+
+        Raises:
+          ValueError: for a representation this layer type cannot hold, naming the layer.
+        """
+        if len(self.representations) == 1:
+            return self.representations[0]
+        if requested == "auto":
+            rep = "exact" if bytes_by_rep["exact"] <= budget else "eigen"
+            return rep if rep in self.representations else self.representations[0]
+        if requested not in self.representations:
+            raise ValueError(
+                f"layer {self.path!r} ({type(self).__name__}) supports the representations "
+                f"{self.representations}, got {requested!r}."
+            )
+        return requested
 
     @property
     def d(self) -> int:
@@ -43,6 +73,18 @@ class LayerAdapter:
     def is_softmax(self) -> bool:
         return isinstance(self.kind, str) and self.kind == "softmax"
 
+    def unit_weights(self, z: jax.Array) -> jax.Array:
+        """Per-sample, per-neuron Fisher coefficients (N, m) for the eigen and diagonal forms.
+
+        An activation's ``nu(z)``; unit-wise ``eta (1 - eta)`` for softmax; and a single column
+        of ``1/sigma^2`` for the linear kind, whose rows are all equal (SPEC §7).
+        """
+        if self.is_softmax:
+            return stats_lib.softmax_unit_coefficients(z)
+        if self.is_linear:
+            return jnp.full((z.shape[0], 1), 1.0 / self.kind.sigma**2, z.dtype)
+        return self.kind.nu(z)
+
     @property
     def num_params(self) -> int:
         return self.d * self.m
@@ -54,7 +96,8 @@ class LayerAdapter:
           TypeError: for a complex node.
           ValueError: for shapes that do not match the layer.
         """
-        v = {"kernel": node["kernel"]}
+        key = self.weights_key
+        v = {key: node[key]}
         if self.has_bias:
             v["bias"] = node["bias"]
         for leaf in v.values():

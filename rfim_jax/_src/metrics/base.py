@@ -51,13 +51,21 @@ class ParamLayout:
         output axes, the rest are read as ``d_in = prod(kernel_shape) / m`` input coordinates
         in the kernel's own (C) order.
       bias_shape: the bias's own shape (product ``m``), or None for a layer without bias.
+      kernel_key: the params entry that holds the kernel: ``"kernel"``, ``"scale"`` for a
+        LayerNorm/RMSNorm (d_in = 1), ``"embedding"`` for an embedding table.
+      transposed: the kernel's *leading* axis indexes the neurons (an embedding table
+        ``(V, D)``: row v is neuron v's vector), so it is read as ``kernel.reshape(m, d_in).T``.
     """
 
     kernel_shape: tuple[int, ...]
     bias_shape: tuple[int, ...] | None
+    kernel_key: str = "kernel"
+    transposed: bool = False
 
     @property
     def m(self) -> int:
+        if self.transposed:
+            return self.kernel_shape[0]
         if self.bias_shape is not None:
             return math.prod(self.bias_shape)
         return self.kernel_shape[-1]
@@ -116,14 +124,18 @@ def params_to_columns(
       ValueError: if the vector's shapes or its bias do not match, naming both shapes.
     """
     if layout is not None:
-        if not isinstance(v, Mapping) or "kernel" not in v:
-            raise ValueError(f"{name}: expected a dict with a 'kernel' entry.")
-        kernel = jnp.asarray(v["kernel"])
+        key = layout.kernel_key
+        if not isinstance(v, Mapping) or key not in v:
+            raise ValueError(f"{name}: expected a dict with a {key!r} entry.")
+        kernel = jnp.asarray(v[key])
         if _shape(kernel) != layout.kernel_shape:
             raise ValueError(
-                f"{name}: kernel has shape {_shape(kernel)}, expected {layout.kernel_shape}."
+                f"{name}: {key} has shape {_shape(kernel)}, expected {layout.kernel_shape}."
             )
-        kernel = kernel.reshape(layout.d_in, layout.m)
+        if layout.transposed:
+            kernel = kernel.reshape(layout.m, layout.d_in).T
+        else:
+            kernel = kernel.reshape(layout.d_in, layout.m)
         bias = v.get("bias")
         if bias is not None:
             bias = jnp.asarray(bias)
@@ -150,11 +162,13 @@ def columns_to_params(
 ) -> Params:
     """Inverse of :func:`params_to_columns`: (d, m) columns back to param layout."""
     kernel, bias = (cols[:-1], cols[-1]) if has_bias else (cols, None)
+    key = "kernel"
     if layout is not None:
-        kernel = kernel.reshape(layout.kernel_shape)
+        key = layout.kernel_key
+        kernel = (kernel.T if layout.transposed else kernel).reshape(layout.kernel_shape)
         if bias is not None:
             bias = bias.reshape(layout.bias_shape)
-    return {"kernel": kernel, "bias": bias} if has_bias else {"kernel": kernel}
+    return {key: kernel, "bias": bias} if has_bias else {key: kernel}
 
 
 def check_columns(cols: jax.Array, d: int, m: int, name: str) -> None:
