@@ -663,7 +663,7 @@ class Recorder:
         self.digits = digits
         self.stream = stream
         self.results: dict[str, Any] = {}
-        self.environment = common.environment()
+        self.environment = common.environment() | {"loadavg_start": os.getloadavg()}
         self.write()
 
     def print(self, text: str) -> None:
@@ -698,5 +698,6 @@ class Recorder:
         return self.path
 
     def finish(self) -> Path:
-        """Marks the results complete and writes them."""
+        """Marks the results complete and writes them (with the load average at the end)."""
+        self.environment["loadavg_end"] = os.getloadavg()
         return self.write(complete=True)
