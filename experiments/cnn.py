@@ -186,13 +186,6 @@ def run_kfac(model, params, batches, cfg: CNNConfig):
         return None, f"kfac-jax: {type(e).__name__}: {e}", None
 
 
-def _time_to(times: Sequence[float], losses: Sequence[float], target: float) -> float | None:
-    for t, loss in zip(times, losses, strict=True):
-        if loss <= target:
-            return float(t)
-    return None
-
-
 def run(cfg: CNNConfig) -> dict[str, Any]:
     """Trains every method on the same batches and returns the results (see the module doc)."""
     xtr, ytr, xte, yte = load(cfg)
@@ -258,34 +251,19 @@ def run(cfg: CNNConfig) -> dict[str, Any]:
         states[method] = state
         log["diverged"] = diverged
         log["final_test_acc"] = log["test_acc"][-1]
-        log["time_to_target"] = {str(t): _time_to(log["seconds"], log["train_loss"], t)
+        log["time_to_target"] = {str(t): common.time_to_target(log["seconds"], log["train_loss"], t)
                                  for t in cfg.target_losses}
         log["iterations_to_target"] = {
-            str(t): _time_to(log["iteration"], log["train_loss"], t) for t in cfg.target_losses}
+            str(t): common.time_to_target(log["iteration"], log["train_loss"], t)
+            for t in cfg.target_losses}
         results[method].update(log)
     bar.close()
 
-    per_step = interleaved_timing(steps, states, params0, batches, cfg)
+    per_step = common.interleaved_timing(steps, states, params0, batches, cfg.timing_rounds)
     for method, ms in per_step.items():
         results[method]["ms_per_step"] = ms
         results[method]["ratio_to_adam"] = ms / per_step["adam"] if "adam" in per_step else None
     return {"plan": {p: lp._asdict() for p, lp in plan.items()}, "methods": results}
-
-
-def interleaved_timing(steps, states, params0, batches, cfg: CNNConfig) -> dict[str, float]:
-    """Median ms per step of each method, the methods interleaved round by round."""
-    times = {m: [] for m in steps}
-    carry = {m: (params0, states[m]) for m in steps}
-    for _ in range(cfg.timing_rounds):
-        for method, step in steps.items():
-            params, state = carry[method]
-            t0 = time.perf_counter()
-            for x, y in batches:
-                params, state, loss = step(params, state, x, y)
-            jax.block_until_ready(loss)
-            times[method].append((time.perf_counter() - t0) / len(batches) * 1e3)
-            carry[method] = (params, state)
-    return {m: float(np.median(t)) for m, t in times.items()}
 
 
 def plot(results: dict, cfg: CNNConfig, path) -> None:

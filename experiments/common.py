@@ -181,3 +181,38 @@ def save_figure(fig, path: str | os.PathLike, *, dpi: int = 100) -> Path:
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     pyplot().close(fig)
     return path
+
+
+# ------------------------------------------------------------------- training-curve timing
+
+
+def time_to_target(times: Sequence[float], losses: Sequence[float], target: float) -> float | None:
+    """The first ``times[i]`` with ``losses[i] <= target``, or None if never reached."""
+    for t, loss in zip(times, losses, strict=True):
+        if loss <= target:
+            return float(t)
+    return None
+
+
+def interleaved_timing(steps: dict, states: dict, params0: Any, batches: Sequence[tuple],
+                       rounds: int) -> dict[str, float]:
+    """Median milliseconds per step of each method, the methods interleaved round by round.
+
+    ``steps[m](params, state, *batch) -> (params, state, loss)`` are compiled steps; every
+    round runs each method once over ``batches`` (the same batches for all), so slow drifts of
+    the machine hit every method alike.
+    """
+    import jax
+
+    times: dict[str, list[float]] = {m: [] for m in steps}
+    carry = {m: (params0, states[m]) for m in steps}
+    for _ in range(rounds):
+        for method, step in steps.items():
+            params, state = carry[method]
+            t0 = time.perf_counter()
+            for batch in batches:
+                params, state, loss = step(params, state, *batch)
+            jax.block_until_ready(loss)
+            times[method].append((time.perf_counter() - t0) / len(batches) * 1e3)
+            carry[method] = (params, state)
+    return {m: float(np.median(t)) for m, t in times.items()}

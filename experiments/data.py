@@ -336,3 +336,42 @@ def iterate_minibatches(
         for idx in minibatch_indices(len(x), batch_size, seed=seed, epoch=epoch,
                                      drop_remainder=drop_remainder):
             yield x[idx], y[idx]
+
+
+# ---------------------------------------------------------------------------------- fortunes
+
+DEFAULT_FORTUNES_DIR = "/usr/share/games/fortunes"
+
+
+def load_text(path: str | os.PathLike | None = None) -> str:
+    """English text for a character-level model: Debian's ``fortunes`` (about 2.5 MB).
+
+    ``path`` is a text file or a directory; for a directory (default
+    ``/usr/share/games/fortunes``) every plain file is read in name order, skipping the
+    ``.dat`` indices and ``.u8`` copies.  Bytes are decoded as Latin-1 and every character
+    outside printable ASCII, newline and tab becomes a space, so the vocabulary stays small.
+
+    Raises:
+      DataNotFoundError: if there is no such file or directory, or it holds no text, naming
+        the apt command that installs the corpus.
+    """
+    path = Path(DEFAULT_FORTUNES_DIR if path is None else path)
+    hint = ("Install Debian's corpus with `sudo apt-get install fortunes` (it puts the text in "
+            f"{DEFAULT_FORTUNES_DIR}), or pass a text file or directory of your own.")
+    if not path.exists():
+        raise DataNotFoundError(f"{path}: no such file or directory. {hint}")
+    files = [path] if path.is_file() else sorted(
+        p for p in path.iterdir()
+        if p.is_file() and not p.is_symlink() and p.suffix not in (".dat", ".u8"))
+    text = "".join(p.read_bytes().decode("latin-1") for p in files)
+    text = "".join(c if (" " <= c <= "~" or c in "\n\t") else " " for c in text)
+    if not text:
+        raise DataNotFoundError(f"{path}: holds no text. {hint}")
+    return text
+
+
+def encode_text(text: str) -> tuple[np.ndarray, list[str]]:
+    """Characters as int32 ids over the sorted vocabulary; returns ``(ids, vocab)``."""
+    vocab = sorted(set(text))
+    index = {c: i for i, c in enumerate(vocab)}
+    return np.fromiter((index[c] for c in text), np.int32, len(text)), vocab
