@@ -4,6 +4,8 @@ It re-derives every step from the paper (eqs. 22, 23, 25, 30-33) with numpy loop
 samples and neurons and shares no code with rfim_jax.
 """
 
+import math
+
 import numpy as np
 
 
@@ -20,6 +22,10 @@ def _nu(kind, z):
         return _sigmoid(z) * (1.0 - _sigmoid(z))
     if kind == "elu":
         return np.where(z >= 0, 1.0, np.exp(2 * z))
+    if kind == "gelu":  # f(z) = z Phi(z): f'(z) = Phi(z) + z phi(z), sigma = 1
+        phi = np.exp(-0.5 * z**2) / np.sqrt(2 * np.pi)
+        cdf = 0.5 * (1.0 + np.vectorize(math.erf)(z / np.sqrt(2.0)))
+        return (cdf + z * phi) ** 2
     raise AssertionError(kind)
 
 

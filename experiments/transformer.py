@@ -1,0 +1,328 @@
+"""RNGD on a character-level transformer (SPEC §8) trained on Debian's ``fortunes``.
+
+    python -m experiments.transformer            # --quick (default): 2 blocks, d_model 128
+    python -m experiments.transformer --full     # 4 blocks, d_model 192, longer
+
+A small pre-LN transformer (flax.linen): token and learned position embeddings
+(``nn.Embed``), blocks of ``x + MHA(LN(x))`` (causal, ``nn.MultiHeadDotProductAttention``,
+whose projections are ``DenseGeneral`` layers) and ``x + Dense(gelu(Dense(LN(x))))``, a final
+LayerNorm and an untied ``Dense`` head, trained on next-character prediction with a linear
+warm-up and cosine decay of the learning rate.  Methods, on the same batches:
+
+- ``rngd``: :func:`rfim_jax.rngd` on every parameter: the embeddings, the LayerNorms and the
+  attention projections with the ``"linear"`` kind (input whitening for a projection), the
+  MLPs' first layer with ``"gelu"``, the MLPs' second layer and the head with ``"linear"``;
+  ``representation="auto"`` with a 4 MiB exact budget, so that the GELU layers (per-neuron
+  blocks, ``2 N m d^2`` flops per step) are eigen;
+- ``rngd_mlp``: RNGD on the MLPs only, AdamW on the rest (``optax.partition``);
+- ``adamw``;
+- ``muon``: ``optax.contrib.muon`` (Adam for the non-matrix params, as it does by default).
+
+Recorded: training loss (on fixed training batches) and validation loss, both in bits per
+character, against steps and against training seconds; the time to a target training loss;
+and the per-step time relative to AdamW from an interleaved timing loop.  Outputs (``--out``,
+default ``results/``): ``transformer.json`` and ``transformer.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import rfim_jax
+from experiments import common, data
+
+METHODS = ("rngd", "rngd_mlp", "adamw", "muon")
+BITS = 1.0 / math.log(2.0)
+
+
+@dataclasses.dataclass
+class TransformerConfig:
+    """Everything that defines a run (written to the JSON)."""
+
+    d_model: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    seq_len: int = 64
+    batch_size: int = 16
+    steps: int = 300
+    warmup: int = 30
+    eval_every: int = 25
+    eval_batches: int = 4
+    target_bits: tuple[float, ...] = (3.0, 2.6)
+    methods: tuple[str, ...] = METHODS
+    learning_rates: dict = dataclasses.field(default_factory=lambda: {
+        "rngd": 0.05, "rngd_mlp": 3e-3, "adamw": 3e-3, "muon": 0.02})
+    rngd_mlp_rngd_lr: float = 0.05  # the RNGD part's rate in "rngd_mlp"
+    weight_decay: float = 1e-4
+    rngd_decay: float = 0.99
+    rngd_damping: float = 0.1
+    rngd_inverse_every: int = 10
+    exact_budget_bytes: int = 4 * 2**20
+    timing_rounds: int = 5
+    timing_steps: int = 3
+    seed: int = 0
+    text_path: str | None = None
+    progress: bool = True
+    out: str = common.DEFAULT_OUT
+    name: str = "transformer"
+
+
+def full_config(**overrides) -> TransformerConfig:
+    """The ``--full`` configuration."""
+    cfg = dict(d_model=192, num_layers=4, num_heads=6, seq_len=128, batch_size=32, steps=1500,
+               warmup=100, eval_every=100, eval_batches=8, target_bits=(2.6, 2.2))
+    cfg.update(overrides)
+    return TransformerConfig(**cfg)
+
+
+class Block(nn.Module):
+    """A pre-LN transformer block: causal self-attention and a GELU MLP."""
+
+    d_model: int
+    num_heads: int
+
+    @nn.compact
+    def __call__(self, x, mask):
+        h = nn.LayerNorm()(x)
+        x = x + nn.MultiHeadDotProductAttention(self.num_heads)(h, mask=mask)
+        h = nn.LayerNorm()(x)
+        h = nn.gelu(nn.Dense(4 * self.d_model, name="mlp_in")(h), approximate=False)
+        return x + nn.Dense(self.d_model, name="mlp_out")(h)
+
+
+class CharTransformer(nn.Module):
+    vocab: int
+    seq_len: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+
+    @nn.compact
+    def __call__(self, ids):
+        t = ids.shape[-1]
+        x = nn.Embed(self.vocab, self.d_model, name="tok")(ids)
+        x = x + nn.Embed(self.seq_len, self.d_model, name="pos")(jnp.arange(t))
+        mask = nn.make_causal_mask(ids)
+        for i in range(self.num_layers):
+            x = Block(self.d_model, self.num_heads, name=f"block_{i}")(x, mask)
+        return nn.Dense(self.vocab, name="head")(nn.LayerNorm(name="ln_f")(x))
+
+
+def rngd_layers(params) -> dict[str, Any]:
+    """Every parameter's kind (see the module docstring)."""
+    layers: dict[str, Any] = {"tok": "linear", "pos": "linear", "ln_f": "linear",
+                              "head": "linear"}
+    for block in (k for k in params if k.startswith("block_")):
+        for name, node in params[block].items():
+            if name == "mlp_in":
+                layers[f"{block}/{name}"] = "gelu"
+            elif name == "mlp_out" or name.startswith("LayerNorm"):
+                layers[f"{block}/{name}"] = "linear"
+            else:  # the attention module: query, key, value, out
+                for proj in node:
+                    layers[f"{block}/{name}/{proj}"] = "linear"
+    return layers
+
+
+def _schedule(peak: float, cfg: TransformerConfig):
+    return optax.warmup_cosine_decay_schedule(0.0, peak, cfg.warmup, cfg.steps, peak * 0.1)
+
+
+def make_optimizer(method: str, cfg: TransformerConfig, params):
+    lr = _schedule(cfg.learning_rates[method], cfg)
+    kw = dict(decay=cfg.rngd_decay, damping=cfg.rngd_damping,
+              inverse_every=cfg.rngd_inverse_every, exact_budget_bytes=cfg.exact_budget_bytes)
+    if method == "rngd":
+        return rfim_jax.rngd(lr, rngd_layers(params), **kw)
+    if method == "rngd_mlp":
+        mlp = {p: k for p, k in rngd_layers(params).items() if "/mlp_" in p}
+
+        def label(path, _):
+            name = "/".join(str(getattr(k, "key", k)) for k in path)
+            return "rngd" if any(name.startswith(p + "/") for p in mlp) else "adamw"
+
+        labels = jax.tree_util.tree_map_with_path(label, params)
+        return optax.partition(
+            {"rngd": rfim_jax.rngd(_schedule(cfg.rngd_mlp_rngd_lr, cfg), mlp, **kw),
+             "adamw": optax.adamw(lr, weight_decay=cfg.weight_decay)}, labels)
+    if method == "adamw":
+        return optax.with_extra_args_support(optax.adamw(lr, weight_decay=cfg.weight_decay))
+    if method == "muon":
+        return optax.with_extra_args_support(optax.contrib.muon(lr))
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}.")
+
+
+def _loss(model, params, ids):
+    logits, acts = rfim_jax.capture_linen(model, {"params": params}, ids[:, :-1])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+    return ce, acts
+
+
+def make_step(model, tx):
+    @jax.jit
+    def step(params, state, ids):
+        (loss, acts), grads = jax.value_and_grad(
+            lambda p: _loss(model, p, ids), has_aux=True)(params)
+        updates, state = tx.update(grads, state, params, activations=acts)
+        return optax.apply_updates(params, updates), state, loss
+
+    return step
+
+
+def make_eval(model):
+    @jax.jit
+    def evaluate(params, ids):
+        logits = model.apply({"params": params}, ids[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+
+    return evaluate
+
+
+def _batches(ids: np.ndarray, n: int, cfg: TransformerConfig, rng) -> list[jnp.ndarray]:
+    starts = rng.integers(0, len(ids) - cfg.seq_len - 1, size=(n, cfg.batch_size))
+    return [jnp.asarray(np.stack([ids[s:s + cfg.seq_len + 1] for s in row])) for row in starts]
+
+
+def run(cfg: TransformerConfig) -> dict[str, Any]:
+    """Trains every method on the same batches; returns the results (see the module doc)."""
+    text = data.load_text(cfg.text_path)
+    ids, vocab = data.encode_text(text)
+    split = int(0.9 * len(ids))
+    train_ids, val_ids = ids[:split], ids[split:]
+    rng = np.random.default_rng(cfg.seed)
+    train_batches = _batches(train_ids, cfg.steps, cfg, rng)
+    eval_train = _batches(train_ids, cfg.eval_batches, cfg, rng)
+    eval_val = _batches(val_ids, cfg.eval_batches, cfg, rng)
+    model = CharTransformer(len(vocab), cfg.seq_len, cfg.d_model, cfg.num_layers,
+                            cfg.num_heads)
+    params0 = model.init(jax.random.PRNGKey(cfg.seed), train_batches[0][:, :-1])["params"]
+    layers = rngd_layers(params0)
+    plan = rfim_jax.rngd_plan(params0, layers, exact_budget_bytes=cfg.exact_budget_bytes)
+    evaluate = make_eval(model)
+
+    def bits(params, batches):
+        return float(np.mean([float(evaluate(params, b)) for b in batches])) * BITS
+
+    steps, states, results = {}, {}, {}
+    for method in cfg.methods:
+        tx = make_optimizer(method, cfg, params0)
+        steps[method], states[method] = make_step(model, tx), tx.init(params0)
+        results[method] = {"available": True}
+
+    bar = common.progress(total=cfg.steps * len(steps), enabled=cfg.progress,
+                          desc="transformer")
+    for method, step in steps.items():
+        params, state = params0, states[method]
+        log = {"step": [], "seconds": [], "train_bits": [], "val_bits": []}
+        elapsed, diverged = 0.0, False
+        for it in range(cfg.steps + 1):
+            if it % cfg.eval_every == 0 or it == cfg.steps:
+                tr, va = bits(params, eval_train), bits(params, eval_val)
+                for key, val in (("step", it), ("seconds", elapsed), ("train_bits", tr),
+                                 ("val_bits", va)):
+                    log[key].append(val)
+                bar.set_postfix(method=method, bits=f"{tr:.3f}")
+                if not np.isfinite(tr):
+                    diverged = True
+                    bar.write(f"{method}: diverged at step {it}; its curve stops there.")
+                    bar.update(cfg.steps - it)
+                    break
+            if it == cfg.steps:
+                break
+            t0 = time.perf_counter()
+            params, state, loss = step(params, state, train_batches[it])
+            jax.block_until_ready(loss)
+            if it > 0:  # the first step compiles
+                elapsed += time.perf_counter() - t0
+            bar.update(1)
+        states[method] = state
+        log["diverged"] = diverged
+        log["time_to_target"] = {str(t): common.time_to_target(log["seconds"],
+                                                               log["train_bits"], t)
+                                 for t in cfg.target_bits}
+        log["steps_to_target"] = {str(t): common.time_to_target(log["step"], log["train_bits"],
+                                                                t)
+                                  for t in cfg.target_bits}
+        results[method].update(log)
+    bar.close()
+    batches = [(b,) for b in train_batches[: cfg.timing_steps]]
+    per_step = common.interleaved_timing(steps, states, params0, batches, cfg.timing_rounds)
+    for method, ms in per_step.items():
+        results[method]["ms_per_step"] = ms
+        results[method]["ratio_to_adamw"] = ms / per_step["adamw"] if "adamw" in per_step \
+            else None
+    num_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params0))
+    return {"vocab": len(vocab), "num_params": num_params,
+            "plan": {p: lp._asdict() for p, lp in plan.items()}, "methods": results}
+
+
+def plot(results: dict, cfg: TransformerConfig, path) -> None:
+    plt = common.pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for method, r in results["methods"].items():
+        if not r.get("step"):
+            continue
+        label = method + (f" ({r['ratio_to_adamw']:.2f}x AdamW/step)"
+                          if r.get("ratio_to_adamw") else "")
+        axes[0].plot(r["step"], r["train_bits"], label=label)
+        axes[1].plot(r["seconds"], r["train_bits"], label=method)
+        axes[2].plot(r["step"], r["val_bits"], label=method)
+    axes[0].set(xlabel="step", ylabel="training loss (bits/char)",
+                title=f"char transformer, {cfg.num_layers} blocks, d={cfg.d_model}")
+    axes[1].set(xlabel="training seconds (2 CPU cores unless stated)",
+                ylabel="training loss (bits/char)")
+    axes[2].set(xlabel="step", ylabel="validation loss (bits/char)")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    common.save_figure(fig, path)
+
+
+def summary(results: dict, cfg: TransformerConfig) -> str:
+    head = (f"{'method':<9} {'ms/step':>8} {'x AdamW':>8} {'train':>7} {'val':>7} "
+            + " ".join(f"{'t(' + str(t) + ')':>8}" for t in cfg.target_bits))
+    lines = [head]
+    for method, r in results["methods"].items():
+        ttt = " ".join(f"{r['time_to_target'][str(t)]:8.1f}"
+                       if r["time_to_target"][str(t)] is not None else f"{'-':>8}"
+                       for t in cfg.target_bits)
+        lines.append(f"{method:<9} {r['ms_per_step']:8.1f} {r['ratio_to_adamw']:8.2f} "
+                     f"{r['train_bits'][-1]:7.3f} {r['val_bits'][-1]:7.3f} {ttt}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = common.make_parser(__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--methods", type=str, default=None,
+                        help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--text", type=str, default=None,
+                        help="a text file or directory (default: Debian's fortunes)")
+    args = parser.parse_args(argv)
+    overrides: dict[str, Any] = dict(seed=args.seed, out=args.out, text_path=args.text,
+                                     progress=not args.no_progress)
+    if args.steps is not None:
+        overrides["steps"] = args.steps
+    if args.methods:
+        overrides["methods"] = tuple(args.methods.split(","))
+    cfg = full_config(**overrides) if args.full else TransformerConfig(**overrides)
+    results = run(cfg)
+    print(summary(results, cfg))
+    name = cfg.name + ("_full" if args.full else "")
+    path = common.write_json(f"{cfg.out}/{name}.json", results, config=cfg, digits=6)
+    plot(results, cfg, f"{cfg.out}/{name}.png")
+    print(f"wrote {path} and {cfg.out}/{name}.png")
+    return results
+
+
+if __name__ == "__main__":
+    main()
