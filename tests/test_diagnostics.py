@@ -120,3 +120,24 @@ def test_relative_norm_from_a_state_matches_layer_metrics():
 def test_diagnostics_errors():
     with pytest.raises(ValueError, match="exactly one ScaleByRNGDState"):
         rfim_jax.diagnostics({"not": jnp.zeros(2)})
+
+
+def test_diagnostics_cover_every_layer_type():
+    """At init every metric is the identity, so each layer's relative Fisher-Rao norm is its
+    params' squared L2 norm: conv, multi-axis dense, LayerNorm and embedding alike."""
+    rng = np.random.default_rng(0)
+    params = {"conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 2, 4))),
+                       "bias": jnp.asarray(rng.normal(size=4))},
+              "ln": {"scale": jnp.asarray(rng.normal(size=4)), "bias": jnp.ones(4)},
+              "emb": {"embedding": jnp.asarray(rng.normal(size=(5, 4)))},
+              "dg": {"kernel": jnp.asarray(rng.normal(size=(4, 2, 3))),
+                     "bias": jnp.asarray(rng.normal(size=(2, 3)))}}
+    layers = {"conv": "relu", "ln": "linear", "emb": "linear", "dg": "linear"}
+    for rep in ("auto", "diagonal"):
+        tx = rfim_jax.scale_by_rngd(layers, representation=rep)
+        out = rfim_jax.diagnostics(tx.init(params), params, grads=params, updates=params)
+        for path in layers:
+            want = sum(float(np.sum(np.square(a))) for a in jax.tree.leaves(params[path]))
+            np.testing.assert_allclose(out[f"{path}/relative_fisher_rao_norm"], want, rtol=1e-10)
+            assert float(out[f"{path}/step_to_grad_norm"]) == 1.0
+            np.testing.assert_allclose(out[f"{path}/min_eigenvalue"], 1.0)

@@ -8,6 +8,7 @@ logger.  Both are pure and jit-compatible.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +19,7 @@ from rfim_jax._src import activations as act_lib
 from rfim_jax._src import dtypes as dtypes_lib
 from rfim_jax._src import metrics as metrics_lib
 from rfim_jax._src import paths as paths_lib
+from rfim_jax._src import plan as plan_lib
 from rfim_jax._src.layers import DenseLayer
 from rfim_jax._src.transform import ScaleByRNGDState, _estimator_of
 
@@ -36,11 +38,16 @@ def _find_state(state: Any) -> ScaleByRNGDState:
     return found[0]
 
 
-def _layer_for(path: str, stats: Any, node: Mapping) -> DenseLayer:
-    """A layer adapter whose structure flags match the state's layout for ``path``."""
-    kernel, bias = metrics_lib.unpack_dense(node, f"layer {path!r}")
-    d_in, m = int(kernel.shape[0]), int(kernel.shape[1])
-    d = d_in + int(bias is not None)
+def _layer_for(path: str, stats: Any, node: Mapping):
+    """A layer adapter whose structure flags match the state's layout for ``path``.
+
+    The params give the layer type and its (d, m); the stats' shapes give the kind's structure
+    (shared block, per-neuron blocks or the full softmax matrix), which is all the metric needs.
+    """
+    layer = plan_lib.adapter_for(node).from_params(path, act_lib.Linear(), node)
+    if not isinstance(layer, DenseLayer):
+        return layer  # embeddings and norms: their kind is always the Gaussian "linear"
+    d, m = layer.d, layer.m
     if isinstance(stats, Mapping):
         shared = stats["S"].shape[0] == 1 and m > 1
         kind = act_lib.Linear() if shared else act_lib.ReLU()
@@ -48,7 +55,7 @@ def _layer_for(path: str, stats: Any, node: Mapping) -> DenseLayer:
         kind = act_lib.ReLU()
     else:
         kind = act_lib.Linear() if stats.shape[-1] == d else "softmax"
-    return DenseLayer(path, kind, d_in, m, bias is not None)
+    return dataclasses.replace(layer, kind=kind)
 
 
 def layer_metrics(state: Any, params: Any) -> dict[str, metrics_lib.AbstractMetric]:
@@ -93,7 +100,8 @@ def relative_fisher_rao_norm(metric_or_state: Any, params: Any) -> Any:
     """
     if isinstance(metric_or_state, metrics_lib.AbstractMetric):
         metric = metric_or_state
-        node = {k: v for k, v in params.items() if k in ("kernel", "bias")}
+        key = metric.layout.kernel_key if metric.layout is not None else "kernel"
+        node = {k: v for k, v in params.items() if k in (key, "bias")}
         if not metric.has_bias:
             node.pop("bias", None)
         cols = metric._columns(node, "relative_fisher_rao_norm")
@@ -176,7 +184,7 @@ def diagnostics(
         if grads is not None and updates is not None:
             g = paths_lib.get_by_path(grads, path)
             u = paths_lib.get_by_path(updates, path)
-            keys = [k for k in ("kernel", "bias") if k in g]
+            keys = [k for k in ("kernel", "scale", "embedding", "bias") if k in g]
             gn = jnp.sqrt(sum(jnp.sum(jnp.square(g[k])) for k in keys))
             un = jnp.sqrt(sum(jnp.sum(jnp.square(u[k])) for k in keys))
             out[f"{path}/step_to_grad_norm"] = un / gn
