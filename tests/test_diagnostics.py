@@ -141,3 +141,17 @@ def test_diagnostics_cover_every_layer_type():
             np.testing.assert_allclose(out[f"{path}/relative_fisher_rao_norm"], want, rtol=1e-10)
             assert float(out[f"{path}/step_to_grad_norm"]) == 1.0
             np.testing.assert_allclose(out[f"{path}/min_eigenvalue"], 1.0)
+
+
+def test_diagnostics_of_a_stacked_layer_are_per_slice():
+    rng = np.random.default_rng(1)
+    params = {"blk": {"kernel": jnp.asarray(rng.normal(size=(3, 4, 2))),
+                      "bias": jnp.asarray(rng.normal(size=(3, 2)))}}
+    tx = rfim_jax.scale_by_rngd({"blk": "relu"})
+    out = rfim_jax.diagnostics(tx.init(params), params)
+    for k in range(3):
+        want = float(np.sum(np.square(params["blk"]["kernel"][k]))
+                     + np.sum(np.square(params["blk"]["bias"][k])))
+        np.testing.assert_allclose(out[f"blk/{k}/relative_fisher_rao_norm"], want, rtol=1e-10)
+        assert float(out[f"blk/{k}/trace"]) == 2 * 5  # identity blocks, m = 2, d = 5
+    assert int(out["blk/skipped"]) == 0

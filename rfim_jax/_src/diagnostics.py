@@ -21,6 +21,7 @@ from rfim_jax._src import metrics as metrics_lib
 from rfim_jax._src import paths as paths_lib
 from rfim_jax._src import plan as plan_lib
 from rfim_jax._src.layers import DenseLayer
+from rfim_jax._src.layers import stacked as stacked_lib
 from rfim_jax._src.transform import ScaleByRNGDState, _estimator_of
 
 
@@ -58,6 +59,14 @@ def _layer_for(path: str, stats: Any, node: Mapping):
     return dataclasses.replace(layer, kind=kind)
 
 
+def _params_of(params: Any, key: str, paths) -> Mapping:
+    """The params of ``key``: a layer's path, or ``"<path>/<k>"`` for slice k of a stack."""
+    if key in paths:
+        return paths_lib.get_by_path(params, key)
+    path, k = key.rsplit(paths_lib.SEP, 1)
+    return {name: v[int(k)] for name, v in paths_lib.get_by_path(params, path).items()}
+
+
 def layer_metrics(state: Any, params: Any) -> dict[str, metrics_lib.AbstractMetric]:
     """The moving-average metric of every layer of an RNGD state, in its representation.
 
@@ -67,14 +76,27 @@ def layer_metrics(state: Any, params: Any) -> dict[str, metrics_lib.AbstractMetr
 
     Returns:
       ``{path: metric}``: ``SharedBlockMetric``, ``BlockDiagonalMetric``, ``DenseMetric``,
-      ``EigenDiagonalMetric`` or ``DiagonalMetric``.
+      ``EigenDiagonalMetric`` or ``DiagonalMetric``; slice k of a stacked layer (a leading
+      layer axis) is ``"<path>/<k>"``.
     """
     state = _find_state(state)
     out = {}
     for path, stats in state.metrics.items():
-        layer = _layer_for(path, stats, paths_lib.get_by_path(params, path))
-        out[path] = _estimator_of(state.metrics, path).as_metric(
-            layer, stats, state.inverses[path])
+        node = paths_lib.get_by_path(params, path)
+        inner = stacked_lib.unstacked(node)
+        if inner is None:
+            layer = _layer_for(path, stats, node)
+            out[path] = _estimator_of(state.metrics, layer).as_metric(
+                layer, stats, state.inverses[path])
+            continue
+        # A stack: one metric per slice, keyed "<path>/<k>".
+        first = jax.tree.map(lambda a: a[0], stats)
+        layer = _layer_for(path, first, inner)
+        est = _estimator_of({path: first}, layer)
+        for k in range(jax.tree.leaves(stats)[0].shape[0]):
+            out[f"{path}/{k}"] = est.as_metric(
+                layer, jax.tree.map(lambda a, k=k: a[k], stats),
+                jax.tree.map(lambda a, k=k: a[k], state.inverses[path]))
     return out
 
 
@@ -107,9 +129,10 @@ def relative_fisher_rao_norm(metric_or_state: Any, params: Any) -> Any:
         cols = metric._columns(node, "relative_fisher_rao_norm")
         cols = cols.astype(dtypes_lib.result_type(cols, *jax.tree.leaves(metric)))
         return jnp.vdot(cols, metric.matvec_columns(cols))
+    paths = _find_state(metric_or_state).metrics
     return {
-        path: relative_fisher_rao_norm(metric, paths_lib.get_by_path(params, path))
-        for path, metric in layer_metrics(metric_or_state, params).items()
+        key: relative_fisher_rao_norm(metric, _params_of(params, key, paths))
+        for key, metric in layer_metrics(metric_or_state, params).items()
     }
 
 
@@ -168,19 +191,18 @@ def diagnostics(
     out: dict[str, jax.Array] = {"count": rngd_state.count,
                                  "rejected_updates": rngd_state.rejected_updates}
     metrics = layer_metrics(rngd_state, params) if params is not None else {}
+    for key, metric in metrics.items():  # a stacked layer's slices are "<path>/<k>"
+        out[f"{key}/trace"] = metric.trace()
+        if spectrum:
+            lo, hi = _extremes(metric)
+            out[f"{key}/min_eigenvalue"] = lo
+            out[f"{key}/max_eigenvalue"] = hi
+            out[f"{key}/condition_number"] = hi / lo
+        out[f"{key}/relative_fisher_rao_norm"] = relative_fisher_rao_norm(
+            metric, _params_of(params, key, rngd_state.metrics))
     for path in rngd_state.metrics:
         out[f"{path}/skipped"] = rngd_state.skipped[path]
         out[f"{path}/fallbacks"] = rngd_state.fallbacks[path]
-        if path in metrics:
-            metric = metrics[path]
-            out[f"{path}/trace"] = metric.trace()
-            if spectrum:
-                lo, hi = _extremes(metric)
-                out[f"{path}/min_eigenvalue"] = lo
-                out[f"{path}/max_eigenvalue"] = hi
-                out[f"{path}/condition_number"] = hi / lo
-            node = paths_lib.get_by_path(params, path)
-            out[f"{path}/relative_fisher_rao_norm"] = relative_fisher_rao_norm(metric, node)
         if grads is not None and updates is not None:
             g = paths_lib.get_by_path(grads, path)
             u = paths_lib.get_by_path(updates, path)

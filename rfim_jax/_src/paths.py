@@ -148,7 +148,8 @@ def is_layer(node: Any) -> bool:
     if key not in OTHER_LAYER_KEYS:
         return False
     shape = getattr(_unwrap(_entries(node)[key]), "shape", None)
-    return shape is not None and len(shape) == (2 if key == "embedding" else 1)
+    # A scale may carry a leading layer axis (a stack of norms, rfim_jax._src.layers.stacked).
+    return shape is not None and len(shape) in ((2,) if key == "embedding" else (1, 2))
 
 
 def _layer_candidates(tree: Any) -> list[_Parts]:

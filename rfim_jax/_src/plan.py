@@ -29,9 +29,11 @@ import optax
 from rfim_jax._src import dtypes as dtypes_lib
 from rfim_jax._src import paths as paths_lib
 from rfim_jax._src import rfim as rfim_lib
-from rfim_jax._src.estimators import ESTIMATORS
+from rfim_jax._src.estimators import ESTIMATORS, for_layer
 from rfim_jax._src.layers import DenseLayer, EmbedLayer, ScaleShiftLayer
+from rfim_jax._src.layers import stacked as stacked_lib
 from rfim_jax._src.layers.dense import kind_name
+from rfim_jax._src.layers.stacked import StackedLayer
 
 #: ``exact_budget_bytes`` default of ``representation="auto"``: 256 MiB of exact state per layer
 #: keeps the paper's MLP (and any layer up to about m = d = 256) exact.
@@ -117,7 +119,12 @@ def resolve_layers(layers, default_kind, params) -> list:
                 f"optax.masked gives its params to another one); remove it from `layers`. "
                 f"Layers this transform sees: {available}."
             )
-        out.append(adapter_for(node).from_params(path, kind, node))
+        inner = stacked_lib.unstacked(node)
+        if inner is not None:
+            layer = adapter_for(inner).from_params(path, kind, inner)
+            out.append(StackedLayer(layer, int(node[paths_lib.layer_key(node)].shape[0])))
+        else:
+            out.append(adapter_for(node).from_params(path, kind, node))
     return out
 
 
@@ -177,7 +184,7 @@ def plan_layers(
     for layer in specs:
         kernel = paths_lib.get_by_path(params, layer.path)[layer.weights_key]
         size = _itemsize(storage_dtype(kernel, state_dtype))
-        by_rep = {name: est.state_bytes(layer, size) for name, est in ESTIMATORS.items()}
+        by_rep = {name: for_layer(name, layer).state_bytes(layer, size) for name in ESTIMATORS}
         rep = layer.choose(_requested(representation, layer.path), by_rep, exact_budget_bytes)
         params_bytes = layer.num_params * _itemsize(kernel.dtype)
         plans[layer.path] = LayerPlan(

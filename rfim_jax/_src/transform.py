@@ -35,7 +35,7 @@ from rfim_jax._src import dtypes as dtypes_lib
 from rfim_jax._src import paths as paths_lib
 from rfim_jax._src import plan as plan_lib
 from rfim_jax._src import sharding as sharding_lib
-from rfim_jax._src.estimators import ESTIMATORS
+from rfim_jax._src.estimators import for_layer
 
 LayerKind = Any  # str | Activation | None
 
@@ -102,8 +102,9 @@ def _check_hyper_dtype(name: str, value) -> None:
         )
 
 
-def _estimator_of(metrics, path: str):
-    """The estimator whose stats ``metrics[path]`` are (see :class:`ScaleByRNGDState`)."""
+def _estimator_of(metrics, layer):
+    """The estimator whose stats ``metrics[layer.path]`` are (see :class:`ScaleByRNGDState`)."""
+    path = layer.path
     if path not in metrics:
         raise ValueError(
             f"layer {path!r} has no RNGD state; the state was initialised for "
@@ -111,8 +112,8 @@ def _estimator_of(metrics, path: str):
         )
     stats = metrics[path]
     if not isinstance(stats, Mapping):
-        return ESTIMATORS["exact"]
-    return ESTIMATORS["eigen" if "A" in stats else "diagonal"]
+        return for_layer("exact", layer)
+    return for_layer("eigen" if "A" in stats else "diagonal", layer)
 
 
 def scale_by_rngd(
@@ -227,7 +228,8 @@ def scale_by_rngd(
             specs, params, representation, exact_budget_bytes, state_dtype
         )
         plan_lib.check_budget(plans, max_state_bytes)
-        resolved = [(layer, ESTIMATORS[plans[layer.path].representation]) for layer in specs]
+        resolved = [(layer, for_layer(plans[layer.path].representation, layer))
+                    for layer in specs]
         metrics, inverses, skipped, fallbacks = {}, {}, {}, {}
         for layer, est in resolved:
             kernel = paths_lib.get_by_path(params, layer.path)[layer.weights_key]
@@ -247,7 +249,7 @@ def scale_by_rngd(
             _check_hyper_dtype(name, val)
         specs = plan_lib.resolve_layers(layers, default_kind, updates)
         # The representation was decided at init; the state's own structure says which.
-        resolved = [(layer, _estimator_of(state.metrics, layer.path)) for layer in specs]
+        resolved = [(layer, _estimator_of(state.metrics, layer)) for layer in specs]
         count = state.count
         rate = jnp.asarray(decay)
         # The decay acts in at least float32 (a bfloat16 0.9995 is 1.0).
