@@ -104,8 +104,9 @@ def plot(workloads: Mapping[str, Mapping], path: Path, *, targets: Sequence[floa
                 ax.axhline(t, color="gray", lw=0.6, ls=":")
             ax.grid(alpha=0.3, which="both")
         ax_row[0].legend(fontsize=7)
-        ax_row[0].set_title(f"{w['title']}: loss per iteration")
-        ax_row[1].set_title("loss per second (same process, interleaved)")
+        ax_row[0].set_title(f"{w['title'].replace(' relu MLP', '')}: loss per iteration",
+                            fontsize=10)
+        ax_row[1].set_title("loss per second (one process, interleaved)", fontsize=10)
         ran = {n: s for n, s in w["methods"].items() if "median_ms_per_step" in s}
         names = list(ran)
         bars = ax_row[2].barh(names, [ran[n]["median_ms_per_step"] for n in names],
@@ -118,5 +119,5 @@ def plot(workloads: Mapping[str, Mapping], path: Path, *, targets: Sequence[floa
         ax_row[2].set_xscale("log")
         ax_row[2].set_xlabel("median ms per step (ratio to Adam)")
         ax_row[2].invert_yaxis()
-        ax_row[2].set_title("per-step time")
+        ax_row[2].set_title("per-step time", fontsize=10)
     return common.save_figure(fig, path, dpi=dpi)

@@ -56,3 +56,101 @@ def test_stacked_layer_errors():
     with pytest.raises(ValueError, match=r"layer 'scan': inputs have shape \(6, 4\), but the "
                                          r"layer is a stack of 3.*leading layer axis"):
         tx.update(jax.tree.map(jnp.zeros_like, params), state, activations=flat)
+
+
+# --------------------------------------------------------------- capture inside lifted transforms
+
+
+def test_linen_scan_capture_and_rngd_match_the_unrolled_layers():
+    import flax.linen as nn
+
+    class Body(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return jnp.tanh(nn.Dense(4)(nn.LayerNorm()(x))), None
+
+    class Model(nn.Module):
+        axes: tuple = (("params", 0), ("rfim_activations", 0))
+
+        @nn.compact
+        def __call__(self, x):
+            scan = nn.scan(Body, variable_axes=dict(self.axes), split_rngs={"params": True},
+                           length=L)
+            return scan()(x, None)[0]
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(N, 4)))
+    model = Model()
+    params = model.init(jax.random.PRNGKey(0), x)["params"]
+    (out, acts) = jax.jit(lambda p: rfim_jax.capture_linen(model, {"params": p}, x))(params)
+    body = params["ScanBody_0"]
+    assert acts["ScanBody_0"]["Dense_0"]["inputs"].shape == (L, N, 4)
+    # Unrolled by hand: slice k's rows are layer k's own inputs and outputs.
+    h = np.asarray(x)
+    for k in range(L):
+        mu, var = h.mean(-1, keepdims=True), h.var(-1, keepdims=True)
+        u = (h - mu) / np.sqrt(var + 1e-6)
+        ln = u * np.asarray(body["LayerNorm_0"]["scale"][k]) + np.asarray(
+            body["LayerNorm_0"]["bias"][k])
+        z = ln @ np.asarray(body["Dense_0"]["kernel"][k]) + np.asarray(body["Dense_0"]["bias"][k])
+        np.testing.assert_allclose(acts["ScanBody_0"]["Dense_0"]["inputs"][k], ln, rtol=1e-5,
+                                   atol=1e-5)
+        np.testing.assert_allclose(acts["ScanBody_0"]["Dense_0"]["preacts"][k], z, rtol=1e-5,
+                                   atol=1e-5)
+        np.testing.assert_allclose(acts["ScanBody_0"]["LayerNorm_0"]["inputs"][k], u,
+                                   rtol=1e-5, atol=1e-5)
+        h = np.tanh(z)
+    np.testing.assert_allclose(out, h, rtol=1e-5, atol=1e-5)
+    layers = {"ScanBody_0/Dense_0": "tanh", "ScanBody_0/LayerNorm_0": "linear"}
+    tx = rfim_jax.rngd(0.1, layers)
+    updates, _ = tx.update(params, tx.init(params), params, activations=acts)
+    assert all(np.isfinite(a).all() for a in jax.tree.leaves(updates))
+    with pytest.raises(ValueError, match=r"'ScanBody_0/Dense_0' runs inside a lifted transform.*"
+                                         r"variable_axes.*'rfim_activations': 0"):
+        rfim_jax.capture_linen(Model(axes=(("params", 0),)), {"params": params}, x)
+
+
+def test_linen_remat_capture():
+    import flax.linen as nn
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.remat(nn.Dense)(3, name="dense")(x)
+
+    x = jnp.ones((2, 4))
+    model = Model()
+    params = model.init(jax.random.PRNGKey(0), x)["params"]
+    _, acts = jax.jit(lambda p: rfim_jax.capture_linen(model, {"params": p}, x))(params)
+    np.testing.assert_allclose(acts["dense"]["preacts"],
+                               x @ params["dense"]["kernel"] + params["dense"]["bias"], rtol=1e-6)
+
+
+def test_nnx_scan_says_what_to_do():
+    from flax import nnx
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(4, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return nnx.relu(self.lin(x))
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            @nnx.split_rngs(splits=L)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def make(rngs):
+                return Block(rngs)
+
+            self.blocks = make(rngs)
+
+        def __call__(self, x):
+            @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+            def f(block, x):
+                return block(x)
+
+            return f(self.blocks, x)
+
+    with pytest.raises(ValueError, match=r"capture_nnx:.*inside a lifted transform \(nnx.scan.*"
+                                         r"Plain-JAX route"):
+        rfim_jax.capture_nnx(Model(nnx.Rngs(0)), jnp.ones((2, 4)))

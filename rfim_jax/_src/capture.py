@@ -57,6 +57,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax.core import tracers
 
 from rfim_jax._src import paths as paths_lib
 from rfim_jax._src.layers import conv as conv_lib
@@ -66,6 +67,9 @@ LayerActivations = dict[str, jax.Array]
 
 INPUTS = "inputs"
 PREACTS = "preacts"
+#: The collection through which rows recorded inside ``nn.scan``/``nn.vmap``/``nn.remat`` leave
+#: the transform (add it to the transform's ``variable_axes``).
+LIFTED_COLLECTION = "rfim_activations"
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,13 +495,63 @@ def capture_linen(
             if skip_unsupported:
                 return out
             raise
-        if rows is not None:
+        if rows is None:
+            return out
+        if tracers.current_trace() != outer[0]:
+            # Inside a lifted transform (nn.scan, nn.vmap, nn.remat): values of the inner trace
+            # must leave through a collection, which the transform stacks along its axis.
+            module.sow(LIFTED_COLLECTION, INPUTS, rows[0])
+            module.sow(LIFTED_COLLECTION, PREACTS, rows[1])
+            lifted.add(keys)
+        else:
             recorder.add(keys, *rows)
         return out
 
+    lifted: set[tuple] = set()
+    user_mutable = kwargs.pop("mutable", False)
+    if user_mutable is True:
+        mutable = True
+    else:
+        mutable = [*([user_mutable] if isinstance(user_mutable, str) else user_mutable or []),
+                   LIFTED_COLLECTION]
     with nn.intercept_methods(interceptor):
-        output = model.apply(variables, *args, method=method, **kwargs)
-    return output, recorder.tree()
+        outer = [tracers.current_trace()]
+        output, new_vars = model.apply(variables, *args, method=method, mutable=mutable,
+                                       **kwargs)
+    new_vars = dict(new_vars)
+    _add_lifted(recorder, new_vars.pop(LIFTED_COLLECTION, {}), lifted)
+    if user_mutable is False:
+        return output, recorder.tree()
+    return (output, new_vars), recorder.tree()
+
+
+def _add_lifted(recorder: _Recorder, sown: Mapping, lifted: set[tuple]) -> None:
+    """Moves the rows sown inside lifted transforms into ``recorder``.
+
+    Raises:
+      ValueError: for a layer whose rows the transform dropped (its ``variable_axes`` lack
+        the collection), or that was called more than once inside it.
+    """
+    for keys in sorted(lifted):
+        node = sown
+        for k in keys:
+            node = node.get(k, {}) if isinstance(node, Mapping) else {}
+        name = paths_lib.SEP.join(keys)
+        if not node or INPUTS not in node:
+            raise ValueError(
+                f"capture_linen: layer {name!r} runs inside a lifted transform (nn.scan, "
+                f"nn.vmap, ...) that dropped its recorded rows. Add the collection "
+                f"{LIFTED_COLLECTION!r} to the transform's variable_axes, e.g. "
+                f"nn.scan(Block, variable_axes={{'params': 0, {LIFTED_COLLECTION!r}: 0}}, ...): "
+                f"the rows then carry the layer axis, as the stacked params do. Or build the "
+                f"activations yourself with rfim_jax.record()."
+            )
+        if len(node[INPUTS]) != 1:
+            raise ValueError(
+                f"capture_linen: layer {name!r} is called {len(node[INPUTS])} times inside a "
+                f"lifted transform; only one use per step is supported there."
+            )
+        recorder.add(keys, node[INPUTS][0], node[PREACTS][0])
 
 
 def apply_gradients(state: Any, grads: Any, **extra_args: Any) -> Any:
@@ -681,6 +735,17 @@ def capture_nnx(
 
     def on_call(module, inputs, out, method):
         keys = paths.get(id(module))
+        if tracers.current_trace() != outer[0]:
+            name = "<unknown>" if keys is None else paths_lib.SEP.join(map(str, keys))
+            raise ValueError(
+                f"capture_nnx: layer {name!r} (an nnx.{type(module).__name__}) is called "
+                f"inside a lifted transform (nnx.scan, nnx.vmap, nnx.remat, ...), whose values "
+                f"would leak out of its trace; capture_nnx does not support that yet. Plain-JAX "
+                f"route: return the layer's (inputs, outputs) from the scanned function, so the "
+                f"transform stacks them along its axis, and pass {{path: {{'inputs': ..., "
+                f"'preacts': ...}}}} (leading layer axis first) as the activations; or use "
+                f"flax.linen, whose capture supports nn.scan."
+            )
         if keys is None:
             raise ValueError(
                 f"capture_nnx: an nnx.{type(module).__name__} that is not a submodule of the "
@@ -707,6 +772,7 @@ def capture_nnx(
         fn = lambda *a, **k: method(model, *a, **k)  # noqa: E731
 
     stack = _active_stack()
+    outer = [tracers.current_trace()]
     with _nnx_patched():
         stack.append(on_call)
         try:
