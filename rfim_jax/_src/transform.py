@@ -49,6 +49,7 @@ class ScaleByRNGDState(NamedTuple):
         (m, d, d) for an activation kind, (1, d, d) for "linear", (1, m d, m d) for "softmax".
         Eigen: ``{"A": (d, d), "S": (m, d)}`` (S is (1, d) for "linear").  Diagonal:
         ``{"S": (m, d)}``.
+        A stacked layer (a leading layer axis, SPEC §8) has the same with that axis first.
       inverses: layer path -> what is recomputed at a refresh.  Exact: the inverses of
         ``metrics``, same shapes.  Eigen: ``{"U": (d, d)}``.  Diagonal: ``{}``.
       skipped: layer path -> number of steps whose statistics were not finite, so the moving
@@ -155,9 +156,13 @@ def scale_by_rngd(
     Args:
       layers: maps a layer's path (params keys down to the dict holding "kernel", joined by
         "/", e.g. ``"Dense_1"`` or ``"block/Dense_0"``) to its kind: an activation name or
-        object (``"tanh"``, ``"sigmoid"``, ``"relu"``, ``"elu"``, ``rfim_jax.ReLU(...)``, ...),
-        ``"linear"``, ``"softmax"``, or ``None`` (pass-through).  ``None`` means every dense
-        layer with ``default_kind``.
+        object (``"tanh"``, ``"sigmoid"``, ``"relu"``, ``"elu"``, ``"gelu"``,
+        ``rfim_jax.ReLU(...)``, ...), ``"linear"``, ``"softmax"``, or ``None``
+        (pass-through).  Layers (SPEC §8): Dense, multi-axis dense (DenseGeneral, Einsum),
+        convolutions (over their patches), and, when named with ``"linear"``, embeddings
+        (``{"embedding"}``) and LayerNorm/RMSNorm (``{"scale", "bias"}``); any of them may be
+        stacked along a leading layer axis.  ``None`` means every kernel layer with
+        ``default_kind``.
       decay: moving-average rate lambda of eq. (32), in [0, 1).
       inverse_every: T >= 1, the number of steps between refreshes (inverses, or the eigenbasis).
       damping: relative damping eps0 >= 0: each fresh block gets ``eps0 tr(G_hat_b)/d_b`` on
