@@ -218,7 +218,8 @@ def run(cfg: CNNConfig) -> dict[str, Any]:
 
     bar = common.progress(total=cfg.steps * len(steps), enabled=cfg.progress, desc="cnn")
     for method, step in steps.items():
-        params, state = params0, states[method]
+        # A copy: a peer's step may donate its params' buffers (kfac-jax does).
+        params, state = jax.tree.map(jnp.copy, params0), states[method]
         log = {"iteration": [], "seconds": [], "train_loss": [], "test_loss": [],
                "test_acc": []}
         elapsed = 0.0

@@ -205,7 +205,8 @@ def interleaved_timing(steps: dict, states: dict, params0: Any, batches: Sequenc
     import jax
 
     times: dict[str, list[float]] = {m: [] for m in steps}
-    carry = {m: (params0, states[m]) for m in steps}
+    # Each method gets its own copy: a step may donate its params' buffers.
+    carry = {m: (jax.tree.map(lambda a: a.copy(), params0), states[m]) for m in steps}
     for _ in range(rounds):
         for method, step in steps.items():
             params, state = carry[method]

@@ -222,7 +222,7 @@ def run(cfg: TransformerConfig) -> dict[str, Any]:
     bar = common.progress(total=cfg.steps * len(steps), enabled=cfg.progress,
                           desc="transformer")
     for method, step in steps.items():
-        params, state = params0, states[method]
+        params, state = jax.tree.map(jnp.copy, params0), states[method]
         log = {"step": [], "seconds": [], "train_bits": [], "val_bits": []}
         elapsed, diverged = 0.0, False
         for it in range(cfg.steps + 1):

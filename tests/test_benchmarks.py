@@ -156,8 +156,6 @@ def test_train_interleaved_and_summary_smoke():
     assert white["median_ms_per_step"] == pytest.approx(
         np.median(sec["rngd_white_k3"]) / 10 * 1e3, rel=1e-12)
     assert summary["rngd_white_k3"]["median_ms_per_step"] > 0
-    g = speed.goals({"methods": summary})
-    assert set(g["time_to_0.2_at_most_half_kfac"]) == {"rngd_white_k3"}
 
 
 def test_rngd_split_smoke():

@@ -99,8 +99,8 @@ def describe(method) -> str:
 
 def make_kfac_optimizer(kfac_jax, *, learning_rate: float = 0.01, momentum: float = 0.9,
                         damping: float = 0.1, inverse_update_period: int = 5,
-                        adaptive: bool = False):
-    """kfac-jax's optimiser for the relu MLP, its loss registered as softmax cross-entropy.
+                        adaptive: bool = False, logits_fn=None):
+    """kfac-jax's optimiser, its loss registered as softmax cross-entropy.
 
     Args:
       kfac_jax: the imported module (:func:`load`).
@@ -108,11 +108,15 @@ def make_kfac_optimizer(kfac_jax, *, learning_rate: float = 0.01, momentum: floa
       inverse_update_period: steps between inverse refreshes (5 is kfac-jax's default).
       adaptive: kfac-jax's adaptive learning rate, momentum and damping (initial damping 1),
         as in its quickstart.
+      logits_fn: ``(params, x) -> logits`` of the model; default the relu MLP of the paper.
+        kfac-jax finds its dense and conv layers by graph matching.
     """
+    if logits_fn is None:
+        logits_fn = lambda params, x: mlp.mlp_apply(params, x)[0]  # noqa: E731
 
     def loss_fn(params, batch):
         x, y = batch
-        logits = mlp.mlp_apply(params, x)[0]
+        logits = logits_fn(params, x)
         kfac_jax.register_softmax_cross_entropy_loss(logits, y)
         return mlp.cross_entropy(logits, y)
 
@@ -188,6 +192,37 @@ def make_trainer(method, sizes, params0, x_all, y_all, *, chunk: int, batch: int
     """The trainer of ``method`` (see :class:`KFACJaxTrainer`)."""
     return KFACJaxTrainer(method, sizes, params0, x_all, y_all, chunk=chunk, batch=batch,
                           seed=seed)
+
+
+def cnn_step(model, params, batches, *, seed: int = 0, learning_rate: float = 0.01,
+             momentum: float = 0.9, damping: float = 0.1, inverse_update_period: int = 5):
+    """kfac-jax on a flax.linen model as a ``(params, state, x, y) -> (params, state, loss)``
+    step, for :mod:`experiments.cnn` (its Conv and Dense layers are K-FAC blocks).
+
+    Returns:
+      ``(step, state, version)``; ``state`` is kfac-jax's state with the step count.
+
+    Raises:
+      ImportError: when kfac-jax does not import.
+    """
+    kfac_jax = load()
+    opt = make_kfac_optimizer(
+        kfac_jax, learning_rate=learning_rate, momentum=momentum, damping=damping,
+        inverse_update_period=inverse_update_period,
+        logits_fn=lambda p, x: model.apply({"params": p}, x))
+    key = jax.random.PRNGKey(seed)
+    x0, y0 = batches[0]
+    state0 = (opt.init(_copy(params), key, (x0, y0)), 0)
+
+    def step(p, state, x, y):
+        opt_state, i = state
+        p, opt_state, stats = opt.step(p, opt_state, jax.random.fold_in(key, i), batch=(x, y),
+                                       global_step_int=i)
+        return p, (opt_state, i + 1), stats["loss"]
+
+    import importlib.metadata
+
+    return step, state0, importlib.metadata.version(DISTRIBUTION)
 
 
 def run_standalone(data, *, sizes: Sequence[int] = harness.PAPER_SIZES, steps: int = 600,
