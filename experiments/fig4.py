@@ -4,7 +4,7 @@ Model (eq. 28): ``p(y = 1) = s(theta^T z)``, ``z = [A (x - a), 1]``, trained on 
 cross-entropy (eq. 29).  Methods:
 
 - **GD**: ``A = I, a = 0``; the optimiser gets the gradient.
-- **WhiteGD**: ``(A, a)`` from :func:`rfim_jax._src.whitening.whitening_map` on the training
+- **WhiteGD**: ``(A, a)`` from :func:`rfim_jax.whitening_map` on the training
   inputs (ZCA; singular directions such as constant pixels map to 0); gradient.
 - **NGD**: ``A = I, a = 0``; the optimiser gets the relative natural gradient of eq. (30),
   ``(g + eps I)^-1 grad L`` with ``g = mean_i nu_sigmoid(theta^T z_i) z_i z_i^T`` on the
@@ -74,11 +74,7 @@ import numpy as np
 import optax
 
 from experiments import common, data
-from rfim_jax import neuron_rfim
-from rfim_jax._src.activations import Sigmoid
-from rfim_jax._src.rfim import augment
-from rfim_jax._src.solvers import add_damping, spd_solve
-from rfim_jax._src.whitening import apply_whitening, whitening_map
+from rfim_jax import Sigmoid, add_damping, apply_whitening, neuron_rfim, spd_solve, whitening_map
 
 METHODS = ("GD", "WhiteGD", "NGD", "WhiteNGD")
 METHOD_COLORS = {"GD": "C0", "WhiteGD": "C1", "NGD": "C2", "WhiteNGD": "C3"}
@@ -186,7 +182,7 @@ def natural_gradient(
         return _from_vec(spd_solve(g, v.reshape(-1, d)).reshape(s_dim, g_dim, d))
     if solver != "woodbury":
         raise ValueError(f"solver must be 'dense' or 'woodbury', got {solver!r}.")
-    xt = augment(xb, True)  # (S, B, D)
+    xt = jnp.concatenate([xb, jnp.ones(xb.shape[:-1] + (1,), xb.dtype)], -1)  # x~ (S, B, D)
     batch = xt.shape[1]
     nu = Sigmoid().nu(jnp.einsum("sbd,sgd->sgb", xt, _to_vec(params)))  # (S, G, B)
     gram = jnp.einsum("sbd,scd->sbc", xt, xt)  # shared by the G grid points

@@ -8,7 +8,7 @@ few iterations along training, on ``n`` fixed training samples (n small, so the 
 each dense layer's metric is computed three ways:
 
 - the diagonal block of the full-network FIM (eq. 5), by autodiff
-  (:func:`rfim_jax._src.fisher.full_fisher`, categorical response): for k classes,
+  (:func:`rfim_jax.full_fisher`, categorical response): for k classes,
   ``rank(block) <= rank(FIM) <= n (k - 1)``;
 - the layer's RFIM from the library on the layer's own inputs: the relu RFIM (eq. 23,
   :func:`rfim_jax.nonlinear_rfim` with ``ReLU()``, smoothed omega = 1 as in RNGD) for hidden
@@ -38,7 +38,6 @@ import optax
 import rfim_jax
 from experiments import common, data
 from experiments import models as mlp
-from rfim_jax._src import fisher
 
 
 @dataclasses.dataclass
@@ -78,7 +77,7 @@ def full_config(**overrides) -> GeometryConfig:
 def spectrum_summary(eig: np.ndarray, rtol: float | None = None) -> dict:
     """Rank and condition numbers from the eigenvalues of a symmetric PSD matrix.
 
-    Same rule as :func:`rfim_jax._src.fisher.fim_rank` and ``condition_number``: the threshold
+    Same rule as :func:`rfim_jax.fim_rank` and ``condition_number``: the threshold
     is ``rtol * max|eig|`` with ``rtol = D eps`` by default.
     """
     eig = np.sort(np.asarray(eig, np.float64))
@@ -114,7 +113,7 @@ def layer_metrics(params: dict, x: jax.Array, sizes: Sequence[int]) -> dict:
     num_layers = len(sizes) - 1
     k = sizes[-1]
     n = x.shape[0]
-    fim = fisher.full_fisher(mlp.logits_fn, params, x, "categorical")
+    fim = rfim_jax.full_fisher(mlp.logits_fn, params, x, "categorical")
     _, acts, _ = mlp.mlp_apply(params, x)
     layers = {}
     for i in range(num_layers):

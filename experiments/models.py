@@ -160,7 +160,7 @@ def mlp_apply(
 
 
 def logits_fn(params: Params, x: jax.Array, **kwargs) -> jax.Array:
-    """Just the logits of :func:`mlp_apply` (e.g. for :func:`rfim_jax._src.fisher.full_fisher`)."""
+    """Just the logits of :func:`mlp_apply` (e.g. for :func:`rfim_jax.full_fisher`)."""
     return mlp_apply(params, x, **kwargs)[0]
 
 
