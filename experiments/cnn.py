@@ -308,23 +308,14 @@ def summary(results: dict, cfg: CNNConfig) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = common.make_parser(__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=None, help="training steps per method")
-    parser.add_argument("--methods", type=str, default=None,
-                        help=f"comma-separated subset of {','.join(METHODS)}")
+    common.add_comparison_args(parser, METHODS)
     args = parser.parse_args(argv)
-    overrides: dict[str, Any] = dict(seed=args.seed, out=args.out, data_dir=args.data_dir,
-                                     progress=not args.no_progress)
-    if args.steps is not None:
-        overrides["steps"] = args.steps
-    if args.methods:
-        overrides["methods"] = tuple(args.methods.split(","))
+    overrides, lrs = common.comparison_overrides(args)
+    overrides["data_dir"] = args.data_dir
     cfg = full_config(**overrides) if args.full else CNNConfig(**overrides)
+    cfg.learning_rates.update(lrs)
     results = run(cfg)
-    print(summary(results, cfg))
-    name = cfg.name + ("_full" if args.full else "")
-    path = common.write_json(f"{cfg.out}/{name}.json", results, config=cfg, digits=6)
-    plot(results, cfg, f"{cfg.out}/{name}.png")
-    print(f"wrote {path} and {cfg.out}/{name}.png")
+    common.finish_comparison(results, cfg, args.full, summary, plot)
     return results
 
 

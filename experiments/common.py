@@ -217,3 +217,35 @@ def interleaved_timing(steps: dict, states: dict, params0: Any, batches: Sequenc
             times[method].append((time.perf_counter() - t0) / len(batches) * 1e3)
             carry[method] = (params, state)
     return {m: float(np.median(t)) for m, t in times.items()}
+
+
+# ------------------------------------------------------------------- training-comparison CLIs
+
+
+def add_comparison_args(parser: argparse.ArgumentParser, methods: Sequence[str]) -> None:
+    """``--steps``, ``--lr`` and ``--methods``, shared by the method-comparison experiments."""
+    parser.add_argument("--steps", type=int, default=None, help="training steps per method")
+    parser.add_argument("--lr", type=str, default=None,
+                        help="learning rates to override, e.g. rngd=0.02,adam=1e-3")
+    parser.add_argument("--methods", type=str, default=None,
+                        help=f"comma-separated subset of {','.join(methods)}")
+
+
+def comparison_overrides(args: argparse.Namespace) -> tuple[dict, dict[str, float]]:
+    """(config overrides, learning-rate overrides) from :func:`add_comparison_args`' flags."""
+    overrides: dict[str, Any] = dict(seed=args.seed, out=args.out, progress=not args.no_progress)
+    if args.steps is not None:
+        overrides["steps"] = args.steps
+    if args.methods:
+        overrides["methods"] = tuple(args.methods.split(","))
+    lrs = dict(item.split("=") for item in args.lr.split(",")) if args.lr else {}
+    return overrides, {k: float(v) for k, v in lrs.items()}
+
+
+def finish_comparison(results: dict, cfg: Any, full: bool, summary, plot) -> None:
+    """Prints the summary and writes ``<out>/<name>[_full].json`` and ``.png``."""
+    print(summary(results, cfg))
+    name = cfg.name + ("_full" if full else "")
+    path = write_json(f"{cfg.out}/{name}.json", results, config=cfg, digits=6)
+    plot(results, cfg, f"{cfg.out}/{name}.png")
+    print(f"wrote {path} and {cfg.out}/{name}.png")
