@@ -135,7 +135,10 @@ def rngd_layers(params) -> dict[str, Any]:
 
 
 def _schedule(peak: float, cfg: TransformerConfig):
-    return optax.warmup_cosine_decay_schedule(0.0, peak, cfg.warmup, cfg.steps, peak * 0.1)
+    """Linear warm-up to ``peak``, then cosine decay to ``peak / 10`` at the last step."""
+    warmup = min(cfg.warmup, cfg.steps // 2)
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(cfg.steps, warmup + 1),
+                                              peak * 0.1)
 
 
 def make_optimizer(method: str, cfg: TransformerConfig, params):
