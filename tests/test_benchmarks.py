@@ -296,7 +296,8 @@ def test_wide_main_smoke(tmp_path):
                                                    rel=1e-4)
         refresh = (np.median(r.get("refresh_chunk_seconds", r["chunk_seconds"]))
                    - np.median(r["chunk_seconds"])) * 1e3
-        assert r["refresh_ms"] == pytest.approx(refresh, rel=1e-4, abs=1e-6)
+        # refresh_ms is written with 4 significant digits (the JSON's rounding).
+        assert r["refresh_ms"] == pytest.approx(refresh, rel=1e-3, abs=1e-5)
         assert r["ms_per_step"] == pytest.approx(
             np.median(r["chunk_seconds"]) / 10 * 1e3 + max(refresh, 0) / 100, rel=1e-4)
     for name in ("exact", "eigen", "eigen_k10", "diagonal"):
