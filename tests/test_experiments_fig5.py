@@ -268,3 +268,18 @@ def test_lr_grid_prefers_the_method_over_its_family():
 def test_best_lrs_missing_file_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="no results file"):
         fig5.best_lrs(tmp_path / "nope.json")
+
+
+def test_progress_bar_says_a_grid_point_diverged(tmp_path, capsys):
+    """Robustness item 8: a diverged grid point is announced, not left as cost=nan."""
+    cfg = fig5.quick_config(
+        sizes=(64, 8, 10), epochs=2, batch_size=50, train_size=200, methods=("SGD-PLAIN",),
+        lrs={"SGD": (0.01, 1e30), "ADAM": (), "RNGD": ()}, timing_rounds=1,
+        out=str(tmp_path), progress=True,
+    )
+    fig5.run(cfg)
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert "SGD-PLAIN at lr=1e+30 diverged in epoch" in text
+    assert "excluded from the learning-rate choice" in text
+    assert "lr=0.01 diverged" not in text
