@@ -30,7 +30,6 @@ Outputs (``--out``, default ``results/``): ``cnn.json`` and ``cnn.png``.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -217,46 +216,22 @@ def run(cfg: CNNConfig) -> dict[str, Any]:
         steps[method], states[method] = step, state
 
     bar = common.progress(total=cfg.steps * len(steps), enabled=cfg.progress, desc="cnn")
+
+    def figures(params):
+        tr_loss, _ = evaluate(params, x_eval, y_eval)
+        te_loss, te_acc = evaluate(params, x_test, y_test)
+        return {"train_loss": tr_loss, "test_loss": te_loss, "test_acc": te_acc}
+
+    def batch(it):
+        return jnp.asarray(xtr[order[it]]), jnp.asarray(ytr[order[it]])
+
     for method, step in steps.items():
         # A copy: a peer's step may donate its params' buffers (kfac-jax does).
-        params, state = jax.tree.map(jnp.copy, params0), states[method]
-        log = {"iteration": [], "seconds": [], "train_loss": [], "test_loss": [],
-               "test_acc": []}
-        elapsed = 0.0
-        diverged = False
-        for it in range(cfg.steps + 1):
-            if it % cfg.eval_every == 0 or it == cfg.steps:
-                tr_loss, _ = evaluate(params, x_eval, y_eval)
-                te_loss, te_acc = evaluate(params, x_test, y_test)
-                log["iteration"].append(it)
-                log["seconds"].append(elapsed)
-                log["train_loss"].append(float(tr_loss))
-                log["test_loss"].append(float(te_loss))
-                log["test_acc"].append(float(te_acc))
-                bar.set_postfix(method=method, loss=f"{float(tr_loss):.3f}")
-                if not np.isfinite(float(tr_loss)):
-                    diverged = True
-                    bar.write(f"{method}: diverged (loss {float(tr_loss)}) at iteration {it}; "
-                              f"its curve stops there.")
-                    bar.update(cfg.steps - it)
-                    break
-            if it == cfg.steps:
-                break
-            x, y = jnp.asarray(xtr[order[it]]), jnp.asarray(ytr[order[it]])
-            t0 = time.perf_counter()
-            params, state, loss = step(params, state, x, y)
-            jax.block_until_ready(loss)
-            if it > 0:  # the first step compiles
-                elapsed += time.perf_counter() - t0
-            bar.update(1)
-        states[method] = state
-        log["diverged"] = diverged
+        states[method], log = common.train_logged(
+            step, jax.tree.map(jnp.copy, params0), states[method], batch, steps=cfg.steps,
+            eval_every=cfg.eval_every, evaluate=figures, targets=cfg.target_losses,
+            method=method, bar=bar)
         log["final_test_acc"] = log["test_acc"][-1]
-        log["time_to_target"] = {str(t): common.time_to_target(log["seconds"], log["train_loss"], t)
-                                 for t in cfg.target_losses}
-        log["iterations_to_target"] = {
-            str(t): common.time_to_target(log["iteration"], log["train_loss"], t)
-            for t in cfg.target_losses}
         results[method].update(log)
     bar.close()
 

@@ -249,3 +249,54 @@ def finish_comparison(results: dict, cfg: Any, full: bool, summary, plot) -> Non
     path = write_json(f"{cfg.out}/{name}.json", results, config=cfg, digits=6)
     plot(results, cfg, f"{cfg.out}/{name}.png")
     print(f"wrote {path} and {cfg.out}/{name}.png")
+
+
+def train_logged(step, params, state, batch_fn, *, steps: int, eval_every: int, evaluate,
+                 targets: Sequence[float], method: str, bar, index_key: str = "iteration"
+                 ) -> tuple[Any, dict]:
+    """One method's training run with evaluations, shared by the method comparisons.
+
+    Runs ``params, state, loss = step(params, state, *batch_fn(it))`` for ``steps`` steps,
+    timing each step (the first, which compiles, excluded) and calling ``evaluate(params)``
+    (a dict of figures whose first entry is the training loss) at every ``eval_every`` steps
+    and at the end.  A non-finite training loss ends the run, and the bar says so.
+
+    Returns:
+      ``(state, log)``; ``log`` holds ``index_key``, ``"seconds"`` and each figure as lists,
+      ``"diverged"``, ``"time_to_target"`` and ``"<index_key>s_to_target"`` (per target, of the
+      training loss).
+    """
+    import jax
+
+    log: dict[str, Any] = {index_key: [], "seconds": []}
+    elapsed, diverged, first = 0.0, False, None
+    for it in range(steps + 1):
+        if it % eval_every == 0 or it == steps:
+            figures = evaluate(params)
+            first = first or next(iter(figures))
+            log[index_key].append(it)
+            log["seconds"].append(elapsed)
+            for key, value in figures.items():
+                log.setdefault(key, []).append(float(value))
+            loss = log[first][-1]
+            bar.set_postfix(method=method, loss=f"{loss:.3f}")
+            if not math.isfinite(loss):
+                diverged = True
+                bar.write(f"{method}: diverged (loss {loss}) at {index_key} {it}; its curve "
+                          f"stops there.")
+                bar.update(steps - it)
+                break
+        if it == steps:
+            break
+        t0 = time.perf_counter()
+        params, state, loss = step(params, state, *batch_fn(it))
+        jax.block_until_ready(loss)
+        if it > 0:  # the first step compiles
+            elapsed += time.perf_counter() - t0
+        bar.update(1)
+    log["diverged"] = diverged
+    log["time_to_target"] = {str(t): time_to_target(log["seconds"], log[first], t)
+                             for t in targets}
+    log[f"{index_key}s_to_target"] = {str(t): time_to_target(log[index_key], log[first], t)
+                                      for t in targets}
+    return state, log

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -224,38 +223,16 @@ def run(cfg: TransformerConfig) -> dict[str, Any]:
 
     bar = common.progress(total=cfg.steps * len(steps), enabled=cfg.progress,
                           desc="transformer")
+
+    def figures(params):
+        return {"train_bits": bits(params, eval_train), "val_bits": bits(params, eval_val)}
+
     for method, step in steps.items():
-        params, state = jax.tree.map(jnp.copy, params0), states[method]
-        log = {"step": [], "seconds": [], "train_bits": [], "val_bits": []}
-        elapsed, diverged = 0.0, False
-        for it in range(cfg.steps + 1):
-            if it % cfg.eval_every == 0 or it == cfg.steps:
-                tr, va = bits(params, eval_train), bits(params, eval_val)
-                for key, val in (("step", it), ("seconds", elapsed), ("train_bits", tr),
-                                 ("val_bits", va)):
-                    log[key].append(val)
-                bar.set_postfix(method=method, bits=f"{tr:.3f}")
-                if not np.isfinite(tr):
-                    diverged = True
-                    bar.write(f"{method}: diverged at step {it}; its curve stops there.")
-                    bar.update(cfg.steps - it)
-                    break
-            if it == cfg.steps:
-                break
-            t0 = time.perf_counter()
-            params, state, loss = step(params, state, train_batches[it])
-            jax.block_until_ready(loss)
-            if it > 0:  # the first step compiles
-                elapsed += time.perf_counter() - t0
-            bar.update(1)
-        states[method] = state
-        log["diverged"] = diverged
-        log["time_to_target"] = {str(t): common.time_to_target(log["seconds"],
-                                                               log["train_bits"], t)
-                                 for t in cfg.target_bits}
-        log["steps_to_target"] = {str(t): common.time_to_target(log["step"], log["train_bits"],
-                                                                t)
-                                  for t in cfg.target_bits}
+        states[method], log = common.train_logged(
+            step, jax.tree.map(jnp.copy, params0), states[method],
+            lambda it: (train_batches[it],), steps=cfg.steps, eval_every=cfg.eval_every,
+            evaluate=figures, targets=cfg.target_bits, method=method, bar=bar,
+            index_key="step")
         results[method].update(log)
     bar.close()
     batches = [(b,) for b in train_batches[: cfg.timing_steps]]
