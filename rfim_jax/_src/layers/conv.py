@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +39,7 @@ from jax import lax
 
 from rfim_jax._src import metrics as metrics_lib
 from rfim_jax._src import rfim as rfim_lib
+from rfim_jax._src.layers import dense as dense_lib
 
 Params = dict[str, jax.Array]
 
@@ -281,26 +282,17 @@ def conv_patches(
 
 def _unpack_conv(params, where: str) -> tuple[jax.Array, jax.Array | None]:
     """(kernel, bias) of a conv params dict, checked: kernel rank >= 3, bias (c_out,)."""
-    if not isinstance(params, Mapping) or "kernel" not in params:
-        got = f"keys {sorted(params)}" if isinstance(params, Mapping) else type(params).__name__
-        raise ValueError(f"{where}: expected a dict with a 'kernel' entry, got {got}.")
-    kernel = params["kernel"]
-    if not hasattr(kernel, "shape"):
-        kernel = jnp.asarray(kernel)
+    kernel, bias, bias_shape = dense_lib.unpack_layer(params, where)
     if len(kernel.shape) < 3:
         raise ValueError(
             f"{where}: a conv kernel has shape (*window, c_in / groups, c_out) with at least one "
             f"spatial dimension, got shape {_shape(kernel)}."
         )
-    bias = params.get("bias")
-    if bias is not None:
-        if not hasattr(bias, "shape"):
-            bias = jnp.asarray(bias)
-        if _shape(bias) != (kernel.shape[-1],):
-            raise ValueError(
-                f"{where}: bias must have shape ({kernel.shape[-1]},) to match kernel "
-                f"{_shape(kernel)}, got {_shape(bias)}."
-            )
+    if bias is not None and len(bias_shape) != 1:
+        raise ValueError(
+            f"{where}: bias must have shape ({kernel.shape[-1]},) to match kernel "
+            f"{_shape(kernel)}, got {bias_shape}."
+        )
     return kernel, bias
 
 
