@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 #: Largest number of elements of a per-chunk (rows x m x d) temporary before the rows are
@@ -61,12 +62,39 @@ def _grouped(x_aug: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array
     return x_aug, weights.reshape(n, groups, weights.shape[-1] // groups)
 
 
+def _triangle_indices(d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row and column indices of the upper triangle (i <= j) of a (d, d) matrix, and the
+    (d * d,) map from each entry of the full matrix to its position in the triangle."""
+    rows, cols = np.triu_indices(d)
+    where = np.empty((d, d), np.int32)
+    where[rows, cols] = np.arange(rows.size)
+    where[cols, rows] = np.arange(rows.size)
+    return rows, cols, where.reshape(-1)
+
+
+def _use_triangle(m: int, d: int) -> bool:
+    """Whether the per-neuron moments go through the triangle of ``x~ x~^T`` (see below).
+
+    Its temporary, the (n, d (d + 1) / 2) row products, must not be larger than the (n, m d)
+    weighted rows of the plain contraction, so it is used when d < 2 m.
+    """
+    return d < 2 * m
+
+
 def second_moment(x_aug: jax.Array, weights: jax.Array | None = None) -> jax.Array:
     """``mean_i x~_i x~_i^T`` (d, d), or per column of ``weights`` (n, m): (m, d, d).
 
-    This is the single einsum behind eqs. (21)-(23); with weights it computes
+    This is the single contraction behind eqs. (21)-(23); with weights it computes
     ``G_l = mean_i w_il x~_i x~_i^T`` for every l in one pass, with no loop over neurons.
     ``x_aug`` may be grouped, (n, G, d), with weights (see the module docstring).
+
+    **Symmetry.**  Every ``G_l`` is symmetric, so with weights only its upper triangle is
+    computed: the products ``x~_ia x~_ib`` (a <= b) of each row form an (n, d (d + 1) / 2)
+    matrix ``P`` (the row-wise Khatri-Rao product, triangle only), and ``P^T w`` is one
+    matrix product of ``n m d (d + 1)`` flops, half of the ``2 n m d^2`` of the plain
+    contraction.  The triangle is then mirrored into the (m, d, d) blocks.  This is used
+    while ``P`` is no larger than the plain contraction's (n, m d) temporary (d < 2 m);
+    wider layers (an input layer of 785 with 64 neurons) use the plain contraction.
     """
     if weights is None:
         d = x_aug.shape[-1]
@@ -74,11 +102,23 @@ def second_moment(x_aug: jax.Array, weights: jax.Array | None = None) -> jax.Arr
     x_aug, weights = _grouped(x_aug, weights)
     groups, d = x_aug.shape[1:]
     m = groups * weights.shape[-1]
+    if not _use_triangle(m, d):
+        def moments(w, x):
+            return jnp.einsum("ngl,ngi,ngj->glij", w, x, x).reshape(m, d, d)
 
-    def moments(w, x):
-        return jnp.einsum("ngl,ngi,ngj->glij", w, x, x).reshape(m, d, d)
+        return _chunked_mean(moments, (weights, x_aug), m * d)
 
-    return _chunked_mean(moments, (weights, x_aug), m * d)
+    rows, cols, where = _triangle_indices(d)
+
+    def triangle(w, x):
+        products = x[..., rows] * x[..., cols]  # (n, G, T)
+        return jnp.einsum("ngt,ngl->gtl", products, w)
+
+    packed = _chunked_mean(triangle, (weights, x_aug), max(m, rows.size) * groups)
+    # Mirroring gathers whole (m / G)-rows of the (G, T, m / G) triangle; gathering from an
+    # (m, T) layout instead measured 15% slower on CPU, the gather then strided.
+    full = jnp.swapaxes(packed[:, where], 1, 2)  # (G, m / G, d * d)
+    return full.reshape(m, d, d)
 
 
 def softmax_coefficients(z: jax.Array) -> jax.Array:

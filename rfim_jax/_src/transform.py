@@ -262,47 +262,69 @@ def scale_by_rngd(
         do_stats = (count % update_every) == 0
         do_refresh = (count % inverse_every) == 0
 
-        new_metrics, new_inverses, new_skipped, new_fallbacks = {}, {}, {}, {}
-        preconditioners = {}
+        # Per layer: its rows, checked, and its state in the working dtype.
+        work_stats, work_factors, rows, rates = {}, {}, {}, {}
         for layer, est in resolved:
             x_aug, z = layer.rows(activations)
             layer.check_rows(x_aug, est.name)
             stored_stats, stored_factors = state.metrics[layer.path], state.inverses[layer.path]
             # Accumulate in at least float32 whatever the storage dtype (state_dtype).
             work = dtypes_lib.at_least_float32(x_aug, *jax.tree.leaves(stored_stats))
-            stats = jax.tree.map(lambda a, w=work: a.astype(w), stored_stats)
-            factors = jax.tree.map(lambda a, w=work: a.astype(w), stored_factors)
+            work_stats[layer.path] = jax.tree.map(lambda a, w=work: a.astype(w), stored_stats)
+            work_factors[layer.path] = jax.tree.map(lambda a, w=work: a.astype(w),
+                                                    stored_factors)
+            rows[layer.path] = (x_aug, z)
+            rates[layer.path] = rate.astype(work)
 
-            layer_rate = rate.astype(work)
+        # One lax.cond for the statistics of all layers and one for all refreshes, not one
+        # per layer: on a GPU each conditional costs a device-to-host read of its predicate,
+        # and on any backend each is a separate region XLA cannot fuse across.
+        def all_stats(stats):
+            out, bad = {}, {}
+            for layer, est in resolved:
+                x_aug, z = rows[layer.path]
+                out[layer.path], bad[layer.path] = est.update(
+                    layer, stats[layer.path], work_factors[layer.path], x_aug, z, damping,
+                    rates[layer.path], axis_name)
+            return out, bad
 
-            def ema(stats=stats, factors=factors, x_aug=x_aug, z=z, layer=layer, est=est,
-                    rate=layer_rate):
-                return est.update(layer, stats, factors, x_aug, z, damping, rate, axis_name)
+        def no_stats(stats):
+            return stats, {layer.path: jnp.zeros([], jnp.int32) for layer, _ in resolved}
 
-            if stats_every_step:
-                stats, bad = ema()
-            else:
-                stats, bad = jax.lax.cond(
-                    do_stats, ema, lambda stats=stats: (stats, jnp.zeros([], jnp.int32))
-                )
+        if stats_every_step:
+            stats, bad = all_stats(work_stats)
+        else:
+            stats, bad = jax.lax.cond(do_stats, all_stats, no_stats, work_stats)
 
-            def refresh(stats=stats, factors=factors, layer=layer, est=est):
-                out = est.refresh(layer, stats, factors, solver=solver,
+        def all_refresh(stats, factors, fallbacks):
+            new_stats, new_factors, new_fb = {}, {}, {}
+            for layer, est in resolved:
+                s, f = stats[layer.path], factors[layer.path]
+                out = est.refresh(layer, s, f, solver=solver,
                                   normalize=normalize_max_eigenvalue)
-                return sharding_lib.match_sharding(out[:2], (stats, factors)) + out[2:]
+                new_stats[layer.path], new_factors[layer.path] = (
+                    sharding_lib.match_sharding(out[:2], (s, f)))
+                new_fb[layer.path] = out[2]
+            return new_stats, new_factors, new_fb
 
-            def keep(stats=stats, factors=factors, fb=state.fallbacks[layer.path]):
-                return stats, factors, fb
+        def keep(stats, factors, fallbacks):
+            return stats, factors, fallbacks
 
-            stats, factors, fb = jax.lax.cond(do_refresh, refresh, keep)
-            preconditioners[layer.path] = (layer, est.preconditioner(
-                layer, stats, factors, normalize=normalize_max_eigenvalue))
-            new_metrics[layer.path] = jax.tree.map(
-                lambda a, s: a.astype(s.dtype), stats, stored_stats)
-            new_inverses[layer.path] = jax.tree.map(
-                lambda a, s: a.astype(s.dtype), factors, stored_factors)
-            new_skipped[layer.path] = state.skipped[layer.path] + bad
-            new_fallbacks[layer.path] = fb
+        stats, factors, fallbacks = jax.lax.cond(
+            do_refresh, all_refresh, keep, stats, work_factors, dict(state.fallbacks))
+
+        new_metrics, new_inverses, new_skipped, new_fallbacks = {}, {}, {}, {}
+        preconditioners = {}
+        for layer, est in resolved:
+            path = layer.path
+            preconditioners[path] = (layer, est.preconditioner(
+                layer, stats[path], factors[path], normalize=normalize_max_eigenvalue))
+            new_metrics[path] = jax.tree.map(
+                lambda a, s: a.astype(s.dtype), stats[path], state.metrics[path])
+            new_inverses[path] = jax.tree.map(
+                lambda a, s: a.astype(s.dtype), factors[path], state.inverses[path])
+            new_skipped[path] = state.skipped[path] + bad[path]
+            new_fallbacks[path] = fallbacks[path]
 
         def precondition(path, grad_layer):
             layer, pre = preconditioners[path]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from rfim_jax._src import metrics as metrics_lib
+from rfim_jax._src import solvers
 from rfim_jax._src import statistics as stats_lib
 from rfim_jax._src.estimators.base import Estimator, moving_average, num_rows
 
@@ -52,10 +53,12 @@ class EigenEstimator(Estimator):
         x_aug = x_aug.astype(dtype)
         second = stats_lib.second_moment(x_aug)
         d = second.shape[-1]
-        a_hat = second + (damping * jnp.trace(second) / d) * jnp.eye(d, dtype=dtype)
+        a_hat = second + (damping * solvers.block_traces(second) / d) * jnp.eye(d, dtype=dtype)
         weights = layer.unit_weights(z).astype(dtype)
         s_hat = damped_scales(x_aug, weights, x_aug @ factors["U"].astype(dtype), damping)
-        return moving_average(stats, {"A": a_hat, "S": s_hat}, rate, axis_name)
+        # A is PSD: its trace decides its finiteness (moving_average); S is checked whole.
+        return moving_average(stats, {"A": a_hat, "S": s_hat}, rate, axis_name,
+                              finite_of=lambda f: (solvers.block_traces(f["A"]), f["S"]))
 
     def refresh(self, layer, stats, factors, *, solver, normalize):
         del solver, normalize

@@ -54,7 +54,9 @@ class ExactEstimator(Estimator):
             x_aug, z, layer.kind, has_bias=layer.has_bias
         )
         fresh = solvers.add_damping(metric.stored_blocks(), damping, relative=True)
-        return moving_average(stats, fresh.astype(stats.dtype), rate, axis_name)
+        # The stored blocks are PSD, so their traces decide finiteness (moving_average).
+        return moving_average(stats, fresh.astype(stats.dtype), rate, axis_name,
+                              finite_of=solvers.block_traces)
 
     def refresh(self, layer, stats, factors, *, solver, normalize):
         scale = solvers.spd_max_eigenvalue(stats).max() if normalize else 1.0
