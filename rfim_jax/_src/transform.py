@@ -296,22 +296,30 @@ def scale_by_rngd(
         else:
             stats, bad = jax.lax.cond(do_stats, all_stats, no_stats, work_stats)
 
-        def all_refresh(stats, factors, fallbacks):
+        # Stats that a refresh leaves unchanged stay out of the cond (refresh_keeps_stats).
+        changed = [layer.path for layer, est in resolved if not est.refresh_keeps_stats]
+
+        def all_refresh(changing, factors, fallbacks):
             new_stats, new_factors, new_fb = {}, {}, {}
             for layer, est in resolved:
-                s, f = stats[layer.path], factors[layer.path]
-                out = est.refresh(layer, s, f, solver=solver,
+                path = layer.path
+                s = changing[path] if path in changing else stats[path]
+                out = est.refresh(layer, s, factors[path], solver=solver,
                                   normalize=normalize_max_eigenvalue)
-                new_stats[layer.path], new_factors[layer.path] = (
-                    sharding_lib.match_sharding(out[:2], (s, f)))
-                new_fb[layer.path] = out[2]
+                new_s, new_factors[path] = sharding_lib.match_sharding(
+                    out[:2], (s, factors[path]))
+                if path in changing:
+                    new_stats[path] = new_s
+                new_fb[path] = out[2]
             return new_stats, new_factors, new_fb
 
-        def keep(stats, factors, fallbacks):
-            return stats, factors, fallbacks
+        def keep(changing, factors, fallbacks):
+            return changing, factors, fallbacks
 
-        stats, factors, fallbacks = jax.lax.cond(
-            do_refresh, all_refresh, keep, stats, work_factors, dict(state.fallbacks))
+        changing, factors, fallbacks = jax.lax.cond(
+            do_refresh, all_refresh, keep, {p: stats[p] for p in changed}, work_factors,
+            dict(state.fallbacks))
+        stats = {**stats, **changing}
 
         new_metrics, new_inverses, new_skipped, new_fallbacks = {}, {}, {}, {}
         preconditioners = {}

@@ -36,6 +36,10 @@ class Estimator:
 
     #: the ``representation`` name this estimator implements.
     name: str = ""
+    #: whether :meth:`refresh` returns ``stats`` unchanged.  The optimiser then keeps them
+    #: out of the refresh ``lax.cond``, whose not-taken branch would otherwise copy them
+    #: every step.
+    refresh_keeps_stats: bool = False
 
     def stats_shapes(self, layer) -> Any:
         """Pytree of the stats' shapes."""

@@ -18,6 +18,7 @@ class DiagonalEstimator(Estimator):
     """Each neuron's block replaced by its diagonal."""
 
     name = "diagonal"
+    refresh_keeps_stats = True
 
     def stats_shapes(self, layer):
         return {"S": (num_rows(layer), layer.d)}

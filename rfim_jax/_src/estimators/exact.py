@@ -19,6 +19,7 @@ class ExactEstimator(Estimator):
     """Per-neuron (m, d, d), shared (1, d, d) or full (1, m d, m d) blocks, inverted."""
 
     name = "exact"
+    refresh_keeps_stats = True
 
     def _block_shape(self, layer) -> tuple[int, int, int]:
         if layer.is_softmax:

@@ -55,6 +55,10 @@ class StackedEstimator(Estimator):
         )(stats, factors, x_aug, z)
         return new, jnp.sum(bad).astype(jnp.int32)
 
+    @property
+    def refresh_keeps_stats(self) -> bool:
+        return self.inner.refresh_keeps_stats
+
     def refresh(self, layer, stats, factors, *, solver, normalize):
         out = jax.vmap(lambda s, f: self.inner.refresh(layer.inner, s, f, solver=solver,
                                                        normalize=normalize))(stats, factors)
