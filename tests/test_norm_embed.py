@@ -83,6 +83,35 @@ def test_embedding_rfim_is_definition(sigma):
                                want @ v["embedding"].reshape(-1), **TOL)
 
 
+def test_tied_embedding_rfim_is_diagonal_of_definition():
+    """Lookups (Gaussian, sigma) and head uses (categorical on h E^T) as samples of one
+    model: the scales are the diagonal of eq. (9)'s Fisher of both, by autodiff."""
+    rng = np.random.default_rng(3)
+    num, d, sigma = 5, 3, 0.7
+    table = jnp.asarray(rng.normal(size=(num, d)))
+    ids = jnp.asarray(rng.integers(0, num, size=(2, 3)))
+    h = jnp.asarray(rng.normal(size=(4, d)))
+    theta = table.reshape(-1)
+    lookup_jac = jax.jacfwd(lambda t: t.reshape(num, d)[ids.reshape(-1)])(theta)  # (6, d, P)
+    lookup = jnp.einsum("nka,nkb->ab", lookup_jac, lookup_jac) / sigma**2
+    head_jac = jax.jacfwd(lambda t: h @ t.reshape(num, d).T)(theta)  # (4, V, P)
+    eta = jax.nn.softmax(h @ table.T)
+    cov = jax.vmap(jnp.diag)(eta) - eta[:, :, None] * eta[:, None, :]
+    head = jnp.einsum("nua,nuv,nvb->ab", head_jac, cov, head_jac)
+    want = jnp.diag(lookup + head) / (ids.size + h.shape[0])
+    logits = (h @ table.T).reshape(2, 2, num)  # leading axes are flattened into samples
+    metric = rfim_jax.embedding_rfim({"embedding": table}, ids, sigma=sigma,
+                                     attend_inputs=h.reshape(2, 2, d), attend_logits=logits)
+    np.testing.assert_allclose(metric.diagonal(), want, **TOL)
+    with pytest.raises(ValueError, match=r"embedding_rfim: give both attend_inputs and "):
+        rfim_jax.embedding_rfim({"embedding": table}, ids, attend_inputs=h)
+    with pytest.raises(ValueError, match=r"embedding_rfim: the head uses \(Embed.attend\) have "
+                                         r"inputs of shape \(4, 3\) and logits \(4, 4\); "
+                                         r"expected \(n\.\.\., 3\) and \(n\.\.\., 5\)"):
+        rfim_jax.embedding_rfim({"embedding": table}, ids, attend_inputs=h,
+                                attend_logits=jnp.ones((4, 4)))
+
+
 def test_embedding_rfim_errors():
     params = {"embedding": jnp.ones((4, 2))}
     with pytest.raises(ValueError, match=r"embedding_rfim: ids range over \[0, 4\].*\[0, 3\]"):
@@ -200,14 +229,33 @@ def test_linen_capture_embed_and_norms(tied):
     tx = rfim_jax.rngd(0.1, layers)
     state = tx.init(params)
     grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, state, params, activations=acts)
+    assert all(np.isfinite(a).all() for a in jax.tree.leaves(updates))
     if tied:
-        assert emb["attend_inputs"].shape == (2, 7, 6)
-        with pytest.raises(ValueError, match=r"layer 'Embed_0': the embedding is also used as an "
-                                             r"output head \(Embed.attend, tied weights\)"):
-            tx.update(grads, state, params, activations=acts)
-    else:
-        updates, _ = tx.update(grads, state, params, activations=acts)
-        assert all(np.isfinite(a).all() for a in jax.tree.leaves(updates))
+        # The head's recorded inputs are the RMSNorm's output, its logits h E^T (= the model's).
+        table = np.asarray(params["Embed_0"]["embedding"], np.float64)
+        h = np.asarray(emb["attend_inputs"], np.float64)
+        np.testing.assert_allclose(h, acts["RMSNorm_0"]["preacts"], rtol=1e-6)
+        np.testing.assert_allclose(emb["attend_preacts"], out, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(out, h @ table.T, rtol=1e-4, atol=1e-5)
+        # One step of scale_by_rngd on the tied table against numpy: lookups and head rows
+        # are samples of one diagonal moment (decay 0.995, relative damping 0.01).
+        logits = np.asarray(emb["attend_preacts"], np.float64).reshape(-1, 11)
+        eta = np.exp(logits - logits.max(1, keepdims=True))
+        eta /= eta.sum(1, keepdims=True)
+        hr = h.reshape(-1, 6)
+        lookups = np.zeros((11, 6))
+        for t in np.asarray(ids).reshape(-1):
+            lookups[t] += 1.0
+        fresh = (lookups + (eta * (1 - eta)).T @ hr**2) / (ids.size + len(hr))
+        fresh = fresh + 0.01 * fresh.mean(1, keepdims=True)
+        scales = 0.995 + 0.005 * fresh
+        tx = rfim_jax.scale_by_rngd({"Embed_0": "linear"})
+        g = jax.tree.map(lambda a: jnp.asarray(
+            np.random.default_rng(1).normal(size=a.shape), jnp.float32), params)
+        upd, _ = tx.update(g, tx.init(params), activations=acts)
+        np.testing.assert_allclose(upd["Embed_0"]["embedding"],
+                                   np.asarray(g["Embed_0"]["embedding"]) / scales, rtol=1e-5)
 
 
 def test_nnx_capture_embed_and_norm():

@@ -1,7 +1,8 @@
 """A transformer block end to end (SPEC §8): every parameter captured and preconditioned.
 
 linen and nnx blocks with multi-axis attention projections (DenseGeneral / LinearGeneral), a
-GELU MLP, LayerNorms, an embedding and a head.  The captured pre-activations are checked
+GELU MLP, LayerNorms, an embedding and a head, untied or tied (``Embed.attend``), and in linen
+two blocks under ``nn.scan`` (a leading layer axis, checked slice by slice).  The captured pre-activations are checked
 against Flax's own intermediates, and one RNGD update of every layer against a numpy
 reference of SPEC §4/§8 (tests/_reference.py: loops over samples and neurons) computed from
 the recorded rows.
@@ -64,9 +65,21 @@ def _np_reference_update(kind, node, grad, entry, decay, eps0):
     """One SPEC §4 step from the identity (inverse_every=1) for any of the block's layers."""
     if "embedding" in node:
         ids = np.asarray(entry["inputs"]).reshape(-1)
-        freq = np.bincount(ids, minlength=V) / ids.size
-        s = decay + (1 - decay) * (freq + eps0 * freq)
-        return {"embedding": np.asarray(grad["embedding"]) / s[:, None]}
+        fresh = np.zeros((V, D))
+        for t in ids:
+            fresh[t] += 1.0
+        rows = ids.size
+        if "attend_inputs" in entry:  # a tied head: its rows are extra samples (SPEC §8)
+            h = np.asarray(entry["attend_inputs"]).reshape(-1, D)
+            z = np.asarray(entry["attend_preacts"]).reshape(-1, V)
+            eta = np.exp(z - z.max(1, keepdims=True))
+            eta /= eta.sum(1, keepdims=True)
+            for i in range(len(h)):
+                fresh += np.outer(eta[i] * (1 - eta[i]), h[i] ** 2)
+            rows += len(h)
+        fresh /= rows
+        s = decay + (1 - decay) * (fresh + eps0 * fresh.mean(1, keepdims=True))
+        return {"embedding": np.asarray(grad["embedding"]) / s}
     if "scale" in node:
         u = np.asarray(entry["inputs"]).reshape(-1, D)
         out = {"scale": np.zeros(D), "bias": np.zeros(D)}
@@ -89,15 +102,19 @@ def _np_reference_update(kind, node, grad, entry, decay, eps0):
     return {"kernel": k.reshape(kernel.shape), "bias": b.reshape(bias.shape)}
 
 
-def _check_update(params, grads, acts, layers, updates, decay, eps0, tol=1e-7):
+def _check_update(params, grads, acts, layers, updates, decay, eps0, tol=1e-7, stacked=()):
+    """Every layer's update against the reference; ``stacked`` paths carry a leading layer
+    axis (params, grads, rows and updates) and are checked slice by slice."""
     for path, kind in layers.items():
-        node = paths.get_by_path(params, path)
-        want = _np_reference_update(kind, node, paths.get_by_path(grads, path),
-                                    paths.get_by_path(acts, path), decay, eps0)
-        got = paths.get_by_path(updates, path)
-        for name, value in want.items():
-            np.testing.assert_allclose(got[name], value, rtol=tol, atol=tol * 1e-2,
-                                       err_msg=f"{path}/{name}")
+        node, grad = paths.get_by_path(params, path), paths.get_by_path(grads, path)
+        entry, got = paths.get_by_path(acts, path), paths.get_by_path(updates, path)
+        slices = range(len(node[next(iter(node))])) if path in stacked else [None]
+        for k in slices:
+            pick = (lambda t: t) if k is None else (lambda t, k=k: {n: a[k] for n, a in t.items()})
+            want = _np_reference_update(kind, pick(node), pick(grad), pick(entry), decay, eps0)
+            for name, value in want.items():
+                np.testing.assert_allclose(pick(got)[name], value, rtol=tol, atol=tol * 1e-2,
+                                           err_msg=f"{path}[{k}]/{name}")
 
 
 @pytest.fixture
@@ -154,3 +171,78 @@ def test_nnx_block_every_layer(ids):
     optimizer.update(model, nnx.state(model, nnx.Param), activations=acts)
     assert all(np.isfinite(a).all() for a in jax.tree.leaves(nnx.to_pure_dict(
         nnx.state(model, nnx.Param))))
+
+
+class _ScanBody(nn.Module):
+    """A pre-LN block as an nn.scan body: (x, None) -> (x, None)."""
+
+    @nn.compact
+    def __call__(self, x, _):
+        h = nn.LayerNorm(name="ln1")(x)
+        mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
+        x = x + nn.MultiHeadDotProductAttention(HEADS, name="attn")(h, mask=mask)
+        h = nn.LayerNorm(name="ln2")(x)
+        x = x + nn.Dense(D, name="mlp_out")(nn.gelu(nn.Dense(2 * D, name="mlp_in")(h),
+                                                    approximate=False))
+        return x, None
+
+
+class LinenScannedTied(nn.Module):
+    """Two blocks under nn.scan between a tied embedding and head (Embed.attend)."""
+
+    @nn.compact
+    def __call__(self, ids):
+        tok = nn.Embed(V, D, name="tok")
+        blocks = nn.scan(_ScanBody, variable_axes={"params": 0, "rfim_activations": 0},
+                         split_rngs={"params": True}, length=2)
+        x, _ = blocks(name="blocks")(tok(ids), None)
+        return tok.attend(nn.LayerNorm(name="ln_f")(x))
+
+
+def test_linen_scanned_blocks_with_tied_embedding(ids):
+    model = LinenScannedTied()
+    params = model.init(jax.random.PRNGKey(0), ids)["params"]
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+    out, acts = rfim_jax.capture_linen(model, {"params": params}, ids)
+    # The scanned layers' rows carry the layer axis; the tied head's rows sit with the table.
+    assert acts["blocks"]["attn"]["query"]["inputs"].shape == (2, B, T, D)
+    assert acts["blocks"]["mlp_in"]["preacts"].shape == (2, B, T, 2 * D)
+    assert acts["tok"]["attend_inputs"].shape == (B, T, D)
+    np.testing.assert_allclose(acts["tok"]["attend_preacts"], out, rtol=1e-12)
+    np.testing.assert_allclose(out, np.asarray(acts["ln_f"]["preacts"])
+                               @ np.asarray(params["tok"]["embedding"]).T, rtol=1e-10)
+    layers = {"tok": "linear", "ln_f": "linear", "blocks/ln1": "linear", "blocks/ln2": "linear",
+              "blocks/mlp_in": "gelu", "blocks/mlp_out": "linear"}
+    for proj in params["blocks"]["attn"]:
+        layers[f"blocks/attn/{proj}"] = "linear"
+    stacked = {p for p in layers if p.startswith("blocks/")}
+    decay, eps0 = 0.5, 0.05
+    tx = rfim_jax.scale_by_rngd(layers, decay=decay, damping=eps0, inverse_every=1)
+    grads = jax.tree.map(lambda a: jnp.asarray(np.random.default_rng(3).normal(size=a.shape)),
+                         params)
+    updates, _ = jax.jit(lambda g, s, a: tx.update(g, s, activations=a))(
+        grads, tx.init(params), acts)
+    _check_update(params, grads, acts, layers, updates, decay, eps0, stacked=stacked)
+
+
+class NnxTied(NnxBlock):
+    def __call__(self, ids):
+        x = self.tok(ids)
+        x = x + self.attn(self.ln1(x), mask=nnx.make_causal_mask(ids))
+        h = self.ln2(x)
+        x = x + self.mlp_out(nnx.gelu(self.mlp_in(h), approximate=False))
+        return self.tok.attend(x)
+
+
+def test_nnx_block_with_tied_embedding(ids):
+    model = NnxTied(nnx.Rngs(0))
+    out, acts = rfim_jax.capture_nnx(model, ids)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    layers = {k: v for k, v in _kinds(params, "attn").items() if k != "head"}
+    np.testing.assert_allclose(acts["tok"]["attend_preacts"], out, rtol=1e-6)
+    decay, eps0 = 0.5, 0.05
+    tx = rfim_jax.scale_by_rngd(layers, decay=decay, damping=eps0, inverse_every=1)
+    grads = jax.tree.map(lambda a: jnp.asarray(np.random.default_rng(4).normal(size=a.shape),
+                                               a.dtype), params)
+    updates, _ = tx.update(grads, tx.init(params), activations=acts)
+    _check_update(params, grads, acts, layers, updates, decay, eps0, tol=2e-5)  # float32
