@@ -4,8 +4,8 @@ linen and nnx blocks with multi-axis attention projections (DenseGeneral / Linea
 GELU MLP, LayerNorms, an embedding and a head, untied or tied (``Embed.attend``), and in linen
 two blocks under ``nn.scan`` (a leading layer axis, checked slice by slice).  The captured
 pre-activations are checked against Flax's own intermediates, and one RNGD update of every
-layer against a numpy reference of SPEC §4/§8 (tests/_reference.py: loops over samples and neurons) computed from
-the recorded rows.
+layer against a numpy reference of SPEC §4/§8 (tests/_reference.py: loops over samples and
+neurons) computed from the recorded rows.
 """
 
 import flax.linen as nn
