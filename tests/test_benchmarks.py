@@ -322,3 +322,20 @@ def test_wide_main_smoke(tmp_path):
         assert len(c["steps"]) == len(c["eval_loss"]) == len(c["chunk_seconds"]) + 1
         assert np.all(np.isfinite(c["eval_loss"]))
     assert set(out["goals"]) == {"eigen_reaches_target_before_adam"}
+
+
+def test_profile_lists_ops_and_one_cond_per_phase(tmp_path):
+    """benchmarks/profile.py end to end on the paper MLP (one chunk, no timing asserted).
+
+    RNGD's compiled step holds one conditional for all layers' statistics and one for all
+    refreshes (not one per layer, which on a GPU costs a host read of each predicate).
+    """
+    from benchmarks import profile
+
+    out = profile.main(["--methods", "rngd_white_k10", "--chunks", "1", "--top", "3",
+                        "--out", str(tmp_path)])
+    r = out["methods"]["rngd_white_k10"]
+    assert r["conditionals"] == 2
+    assert r["ops"] and all(row["us_per_step"] >= 0 for row in r["ops"])
+    assert any("dot" in row["op"] or "fusion" in row["op"] for row in r["ops"])
+    assert (tmp_path / "profile.json").exists()
