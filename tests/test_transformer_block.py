@@ -117,6 +117,18 @@ def _check_update(params, grads, acts, layers, updates, decay, eps0, tol=1e-7, s
                                            err_msg=f"{path}[{k}]/{name}")
 
 
+def _update_and_check(params, acts, layers, seed, *, tol=1e-7, stacked=()):
+    """One jitted scale_by_rngd update (decay 0.5, damping 0.05, refresh every step) of random
+    gradients, every layer checked against the reference."""
+    decay, eps0 = 0.5, 0.05
+    tx = rfim_jax.scale_by_rngd(layers, decay=decay, damping=eps0, inverse_every=1)
+    grads = jax.tree.map(lambda a: jnp.asarray(np.random.default_rng(seed).normal(size=a.shape),
+                                               a.dtype), params)
+    updates, _ = jax.jit(lambda g, s, a: tx.update(g, s, activations=a))(
+        grads, tx.init(params), acts)
+    _check_update(params, grads, acts, layers, updates, decay, eps0, tol, stacked)
+
+
 @pytest.fixture
 def ids():
     return jnp.asarray(np.random.default_rng(0).integers(0, V, size=(B, T)))
@@ -138,13 +150,7 @@ def test_linen_block_every_layer(ids):
     assert acts["attn"]["out"]["inputs"].shape == (B, T, D)     # (heads, head_dim) contracted
     layers = _kinds(params, "attn")
     assert set(layers) == set(rfim_jax.activation_paths(acts)) - {"attn"}
-    decay, eps0 = 0.5, 0.05
-    tx = rfim_jax.scale_by_rngd(layers, decay=decay, damping=eps0, inverse_every=1)
-    grads = jax.tree.map(lambda a: jnp.asarray(np.random.default_rng(1).normal(size=a.shape)),
-                         params)
-    updates, _ = jax.jit(lambda g, s, a: tx.update(g, s, activations=a))(
-        grads, tx.init(params), acts)
-    _check_update(params, grads, acts, layers, updates, decay, eps0)
+    _update_and_check(params, acts, layers, seed=1)
 
 
 def test_nnx_block_every_layer(ids):
@@ -216,13 +222,7 @@ def test_linen_scanned_blocks_with_tied_embedding(ids):
     for proj in params["blocks"]["attn"]:
         layers[f"blocks/attn/{proj}"] = "linear"
     stacked = {p for p in layers if p.startswith("blocks/")}
-    decay, eps0 = 0.5, 0.05
-    tx = rfim_jax.scale_by_rngd(layers, decay=decay, damping=eps0, inverse_every=1)
-    grads = jax.tree.map(lambda a: jnp.asarray(np.random.default_rng(3).normal(size=a.shape)),
-                         params)
-    updates, _ = jax.jit(lambda g, s, a: tx.update(g, s, activations=a))(
-        grads, tx.init(params), acts)
-    _check_update(params, grads, acts, layers, updates, decay, eps0, stacked=stacked)
+    _update_and_check(params, acts, layers, seed=3, stacked=stacked)
 
 
 class NnxTied(NnxBlock):
@@ -240,9 +240,4 @@ def test_nnx_block_with_tied_embedding(ids):
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     layers = {k: v for k, v in _kinds(params, "attn").items() if k != "head"}
     np.testing.assert_allclose(acts["tok"]["attend_preacts"], out, rtol=1e-6)
-    decay, eps0 = 0.5, 0.05
-    tx = rfim_jax.scale_by_rngd(layers, decay=decay, damping=eps0, inverse_every=1)
-    grads = jax.tree.map(lambda a: jnp.asarray(np.random.default_rng(4).normal(size=a.shape),
-                                               a.dtype), params)
-    updates, _ = tx.update(grads, tx.init(params), activations=acts)
-    _check_update(params, grads, acts, layers, updates, decay, eps0, tol=2e-5)  # float32
+    _update_and_check(params, acts, layers, seed=4, tol=2e-5)  # float32
