@@ -273,3 +273,21 @@ def test_nnx_capture_embed_and_norm():
     np.testing.assert_array_equal(acts["embed"]["inputs"], ids)
     assert acts["embed"]["attend_inputs"].shape == (1, 3, 4)
     assert acts["norm"]["preacts"].shape == (1, 3, 4)
+
+
+def test_rngd_tied_head_rows_are_checked():
+    params = {"emb": {"embedding": jnp.ones((5, 3))}}
+    tx = rfim_jax.scale_by_rngd({"emb": "linear"})
+    state = tx.init(params)
+    ids = jnp.array([[0, 4]])
+    base = {"inputs": ids, "preacts": jnp.ones((1, 2, 3))}
+    for extra, match in (
+        ({"attend_inputs": jnp.ones((1, 2, 3))},
+         r"layer 'emb': only one of 'attend_inputs'/'attend_preacts' given"),
+        ({"attend_inputs": jnp.ones((1, 2, 4)), "attend_preacts": jnp.ones((1, 2, 5))},
+         r"layer 'emb': the head uses \(Embed.attend\) have inputs of shape \(1, 2, 4\) and "
+         r"logits \(1, 2, 5\); expected \(n\.\.\., 3\) and \(n\.\.\., 5\)"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            tx.update(jax.tree.map(jnp.zeros_like, params), state,
+                      activations={"emb": {**base, **extra}})
