@@ -9,7 +9,8 @@ convolution (SPEC §8): neuron l (of m, split into G contiguous groups of m / G)
 ``x~[:, l // (m / G)]``.  G = 1 is the plain case.
 
 **Bounded memory.**  The weighted moments contract three operands (``nu``, ``x~``, ``x~``),
-which XLA lowers through an (n, m, d) product.  For the n = batch x positions rows of a
+which XLA lowers through an (n, m, d) product (or, on the symmetric path of
+:func:`second_moment`, an (n, d (d + 1) / 2) one).  For the n = batch x positions rows of a
 convolution that product is large (a 3x3 conv over 64 channels on 32x32 images at batch 128:
 131072 rows, m = 64, d = 577, i.e. 19 GiB in float32).  So when ``n * m * d`` exceeds
 :data:`ROW_BUDGET` numbers the rows are processed in chunks by ``lax.scan`` and the partial
