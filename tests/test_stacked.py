@@ -125,32 +125,122 @@ def test_linen_remat_capture():
                                x @ params["dense"]["kernel"] + params["dense"]["bias"], rtol=1e-6)
 
 
-def test_nnx_scan_says_what_to_do():
+class _NnxBlock:
+    """Built lazily (flax.nnx imported inside the tests): LayerNorm then a tanh Linear."""
+
+    @staticmethod
+    def make():
+        from flax import nnx
+
+        class Block(nnx.Module):
+            def __init__(self, rngs):
+                self.ln = nnx.LayerNorm(4, rngs=rngs)
+                self.lin = nnx.Linear(4, 4, rngs=rngs)
+
+            def __call__(self, x):
+                return jnp.tanh(self.lin(self.ln(x)))
+
+        class Model(nnx.Module):
+            """L blocks under nnx.scan (created by nnx.vmap), then a head outside it."""
+
+            def __init__(self, rngs):
+                @nnx.split_rngs(splits=L)
+                @nnx.vmap(in_axes=(0,), out_axes=0)
+                def make(rngs):
+                    return Block(rngs)
+
+                self.blocks = make(rngs)
+                self.head = nnx.Linear(4, 3, rngs=rngs)
+
+            def __call__(self, x):
+                @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+                def forward(x, block):
+                    return block(x)
+
+                return self.head(forward(x, self.blocks))
+
+        return Block, Model
+
+
+def test_nnx_scan_capture_and_rngd_match_the_unrolled_layers():
     from flax import nnx
 
-    class Block(nnx.Module):
+    block_cls, model_cls = _NnxBlock.make()
+    model = model_cls(nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(N, 4)))
+    y = jnp.asarray(np.random.default_rng(2).integers(0, 3, size=N))
+
+    def loss_fn(model):
+        logits, acts = rfim_jax.capture_nnx(model, x)
+        return jnp.mean(-jax.nn.log_softmax(logits)[jnp.arange(N), y]), acts
+
+    (_, acts), grads = nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True))(model)
+    assert not nnx.state(model, nnx.Intermediate)  # nothing is left on the model
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    blocks = params["blocks"]
+    # Unrolled by hand: slice k's rows are block k's own inputs and outputs.
+    h = np.asarray(x, np.float64)
+    for k in range(L):
+        mu, var = h.mean(-1, keepdims=True), h.var(-1, keepdims=True)
+        u = (h - mu) / np.sqrt(var + 1e-6)
+        ln = u * np.asarray(blocks["ln"]["scale"][k]) + np.asarray(blocks["ln"]["bias"][k])
+        z = ln @ np.asarray(blocks["lin"]["kernel"][k]) + np.asarray(blocks["lin"]["bias"][k])
+        for name, got, want in (("lin inputs", acts["blocks"]["lin"]["inputs"][k], ln),
+                                ("lin preacts", acts["blocks"]["lin"]["preacts"][k], z),
+                                ("ln inputs", acts["blocks"]["ln"]["inputs"][k], u)):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=name)
+        h = np.tanh(z)
+    np.testing.assert_allclose(acts["head"]["inputs"], h, rtol=1e-4, atol=1e-5)
+    # One RNGD step: every slice of the stacked Linear against the numpy reference.
+    layers = {"blocks/lin": "tanh", "blocks/ln": "linear", "head": "softmax"}
+    decay, eps0 = 0.6, 0.05
+    tx = rfim_jax.scale_by_rngd(layers, decay=decay, damping=eps0, inverse_every=1)
+    g = nnx.to_pure_dict(grads)
+    updates, _ = tx.update(g, tx.init(params), activations=acts)
+    for k in range(L):
+        ref = ReferenceRNGD({"l": ("tanh", 4, 4, True)}, decay, 1, eps0)
+        want_k, want_b = ref.update(
+            {"l": {n: np.asarray(g["blocks"]["lin"][n][k], np.float64)
+                   for n in ("kernel", "bias")}},
+            {"l": {n: np.asarray(acts["blocks"]["lin"][n][k], np.float64)
+                   for n in ("inputs", "preacts")}})["l"]
+        np.testing.assert_allclose(updates["blocks"]["lin"]["kernel"][k], want_k, rtol=2e-4,
+                                   atol=1e-7)
+        np.testing.assert_allclose(updates["blocks"]["lin"]["bias"][k], want_b, rtol=2e-4,
+                                   atol=1e-7)
+    # And through nnx.Optimizer, which forwards activations= to the transformation.
+    optimizer = nnx.Optimizer(model, rfim_jax.rngd(0.1, layers), wrt=nnx.Param)
+    optimizer.update(model, grads, activations=acts)
+    assert all(np.isfinite(a).all() for a in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_nnx_remat_capture_and_what_cannot_be_captured():
+    from flax import nnx
+
+    block_cls, _ = _NnxBlock.make()
+
+    class Remat(nnx.Module):
         def __init__(self, rngs):
-            self.lin = nnx.Linear(4, 4, rngs=rngs)
+            self.block = block_cls(rngs)
 
         def __call__(self, x):
-            return nnx.relu(self.lin(x))
+            return nnx.remat(lambda b, x: b(x))(self.block, x)
 
-    class Model(nnx.Module):
-        def __init__(self, rngs):
-            @nnx.split_rngs(splits=L)
-            @nnx.vmap(in_axes=(0,), out_axes=0)
-            def make(rngs):
-                return Block(rngs)
-
-            self.blocks = make(rngs)
-
+    class Closed(Remat):  # the block is closed over, not passed: its state cannot leave
         def __call__(self, x):
-            @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
-            def f(block, x):
-                return block(x)
+            return jax.lax.scan(lambda c, _: (self.block(c), None), x, None, length=2)[0]
 
-            return f(self.blocks, x)
+    class Twice(Remat):
+        def __call__(self, x):
+            return nnx.remat(lambda b, x: b(b(x)))(self.block, x)
 
-    with pytest.raises(ValueError, match=r"capture_nnx:.*inside a lifted transform \(nnx.scan.*"
-                                         r"Plain-JAX route"):
-        rfim_jax.capture_nnx(Model(nnx.Rngs(0)), jnp.ones((2, 4)))
+    x = jnp.ones((2, 4))
+    model = Remat(nnx.Rngs(0))
+    _, acts = rfim_jax.capture_nnx(model, x)
+    np.testing.assert_allclose(acts["block"]["lin"]["preacts"],
+                               model.block.lin(acts["block"]["lin"]["inputs"]), rtol=1e-6)
+    for cls, match in ((Closed, r"could not record its rows"),
+                       (Twice, r"is called more than once per step")):
+        with pytest.raises(ValueError, match=r"capture_nnx: an nnx.(Linear|LayerNorm) inside a "
+                                             r"lifted transform .*" + match + r".*plain-JAX route"):
+            rfim_jax.capture_nnx(cls(nnx.Rngs(0)), x)

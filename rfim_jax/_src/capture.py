@@ -721,9 +721,19 @@ def capture_nnx(
     Python) and restored afterwards; the wrappers record only for the thread running the
     capture, so concurrent threads are safe.
 
+    **Lifted transforms** (``nnx.scan``, ``nnx.vmap``, ``nnx.remat``): a layer called inside
+    one records its rows on the module copy the transform runs, as an ``nnx.Intermediate``
+    attribute; the transform carries it out with the module's state (stacked along its axis
+    for ``nnx.scan``/``nnx.vmap``, so the rows carry the layer axis like the stacked params),
+    and it is moved into the activations and deleted before this function returns.  The
+    modules must be arguments of the transform (``nnx.scan(f, in_axes=(nnx.Carry, 0))`` with
+    ``f(x, block)``), and a layer may be called once per step there.
+
     Raises:
       TypeError: if ``model`` is not an ``nnx.Module``.
-      ValueError: for an unsupported layer, or a layer that is not part of ``model``.
+      ValueError: for an unsupported layer, a layer that is not part of ``model``, or, inside
+        a lifted transform, a closed-over module, a second call per step or a tied head
+        (each naming the layer type and the plain-JAX route).
     """
     from flax import nnx
 
@@ -736,16 +746,9 @@ def capture_nnx(
     def on_call(module, inputs, out, method):
         keys = paths.get(id(module))
         if tracers.current_trace() != outer[0]:
-            name = "<unknown>" if keys is None else paths_lib.SEP.join(map(str, keys))
-            raise ValueError(
-                f"capture_nnx: layer {name!r} (an nnx.{type(module).__name__}) is called "
-                f"inside a lifted transform (nnx.scan, nnx.vmap, nnx.remat, ...), whose values "
-                f"would leak out of its trace; capture_nnx does not support that yet. Plain-JAX "
-                f"route: return the layer's (inputs, outputs) from the scanned function, so the "
-                f"transform stacks them along its axis, and pass {{path: {{'inputs': ..., "
-                f"'preacts': ...}}}} (leading layer axis first) as the activations; or use "
-                f"flax.linen, whose capture supports nn.scan."
-            )
+            _sow_nnx_lifted(module, inputs, out, method, skip_unsupported)
+            lifted[0] += 1
+            return
         if keys is None:
             raise ValueError(
                 f"capture_nnx: an nnx.{type(module).__name__} that is not a submodule of the "
@@ -773,10 +776,81 @@ def capture_nnx(
 
     stack = _active_stack()
     outer = [tracers.current_trace()]
+    lifted = [0]
     with _nnx_patched():
         stack.append(on_call)
         try:
             output = fn(*args, **kwargs)
         finally:
             stack.pop()
+            found = _collect_nnx_lifted(model, recorder)
+    if lifted[0] and not found:
+        raise ValueError(
+            "capture_nnx: layers ran inside a lifted transform (nnx.scan, nnx.vmap, nnx.remat) "
+            "but none of the model's modules carried their rows out: the layers were not "
+            "passed to the transform as arguments (a closed-over module's state does not "
+            "leave it). " + _NNX_PLAIN_ROUTE
+        )
     return output, recorder.tree()
+
+
+_NNX_PLAIN_ROUTE = (
+    "Pass the stacked modules to the transform (e.g. nnx.scan(f, in_axes=(nnx.Carry, 0)) "
+    "with f(x, block)), or, the plain-JAX route, return each layer's (inputs, outputs) from "
+    "the transformed function and pass {path: {'inputs': ..., 'preacts': ...}} (layer axis "
+    "first) as the activations."
+)
+
+
+def _sow_nnx_lifted(module: Any, inputs: Any, out: Any, method: str,
+                    skip_unsupported: bool) -> None:
+    """Records a layer called inside an nnx lifted transform on the module itself.
+
+    The rows are an ``nnx.Intermediate`` attribute (:data:`LIFTED_COLLECTION`) of the module
+    copy the transform runs: the transform carries the module's state out, stacked along its
+    axis for ``nnx.scan``/``nnx.vmap``, and :func:`_collect_nnx_lifted` moves it into the
+    recorder and deletes it.
+
+    Raises:
+      ValueError: for a tied head (``attend``) or a second use inside one step, naming the
+        layer type; or when the transform does not let the module be written.
+    """
+    from flax import nnx
+
+    name = f"an nnx.{type(module).__name__} inside a lifted transform"
+    if method == "attend":
+        raise ValueError(f"capture_nnx: {name} is used as an output head (attend); only "
+                         f"lookups and layer calls are recorded there. " + _NNX_PLAIN_ROUTE)
+    try:
+        rows = _nnx_rows(module, inputs, out, name)
+    except Unsupported:
+        if skip_unsupported:
+            return
+        raise
+    if rows is None:
+        return
+    if LIFTED_COLLECTION in vars(module):
+        raise ValueError(f"capture_nnx: {name} is called more than once per step; only one "
+                         f"use per step is supported there. " + _NNX_PLAIN_ROUTE)
+    try:
+        setattr(module, LIFTED_COLLECTION, nnx.Intermediate(tuple(rows)))
+    except Exception as err:  # noqa: BLE001 - nnx refuses writes it cannot carry out
+        raise ValueError(f"capture_nnx: {name} could not record its rows ({err}). "
+                         + _NNX_PLAIN_ROUTE) from err
+
+
+def _collect_nnx_lifted(model: Any, recorder: _Recorder) -> int:
+    """Moves the rows :func:`_sow_nnx_lifted` left on ``model``'s modules into ``recorder``
+    (keyed by graph path, layer axis first) and deletes them; returns how many."""
+    from flax import nnx
+
+    found = 0
+    for path, module in nnx.iter_modules(model):
+        var = vars(module).get(LIFTED_COLLECTION)
+        if var is None:
+            continue
+        delattr(module, LIFTED_COLLECTION)
+        # Variable.get_value() replaced .value in recent flax; both name the same tuple.
+        recorder.add(tuple(path), *(var.get_value() if hasattr(var, "get_value") else var.value))
+        found += 1
+    return found
