@@ -80,7 +80,8 @@ class Method:
       whiten: RNGD: whiten the inputs once and turn the input layer's RFIM off (WhiteNGD).
       representation: RNGD: "auto", "exact", "eigen" or "diagonal".
       output_kind: RNGD: the RFIM kind of the output layer ("linear" as in the paper's runs).
-      weight_decay: decoupled weight decay (AdamW, Muon, PSGD).
+      weight_decay: decoupled weight decay (AdamW, Muon, PSGD; RNGD: added after the
+        preconditioning, before the momentum).
     """
 
     name: str
@@ -111,6 +112,8 @@ class Method:
             extra += f"representation={self.representation!r}, "
         if self.output_kind != "linear":
             extra += f"output kind {self.output_kind!r}, "
+        if self.weight_decay:
+            extra += f"weight decay {self.weight_decay:g} after the preconditioning, "
         return (f"rfim_jax.rngd(lr={self.learning_rate:g}, momentum={self.momentum:g}, "
                 f"{extra}update_every={self.update_every}, T={self.inverse_every}, "
                 f"decay={self.decay:g}, damping={self.damping:g})")
@@ -149,15 +152,19 @@ def make_optimizer(method: Method, sizes: Sequence[int]) -> optax.GradientTransf
     if method.family == "sgd":
         return optax.sgd(method.learning_rate, momentum=method.momentum or None)
     if method.family == "rngd":
-        return rfim_jax.rngd(
-            method.learning_rate,
-            rngd_layer_kinds(sizes, method.whiten, method.output_kind),
-            momentum=method.momentum or None,
-            decay=method.decay,
-            inverse_every=method.inverse_every,
-            damping=method.damping,
-            update_every=method.update_every,
-            representation=method.representation,
+        kw = dict(decay=method.decay, inverse_every=method.inverse_every,
+                  damping=method.damping, update_every=method.update_every,
+                  representation=method.representation)
+        kinds = rngd_layer_kinds(sizes, method.whiten, method.output_kind)
+        if not method.weight_decay:
+            return rfim_jax.rngd(method.learning_rate, kinds, momentum=method.momentum or None,
+                                 **kw)
+        # Decoupled weight decay after the preconditioning, as AdamW adds it after Adam's.
+        return optax.chain(
+            rfim_jax.scale_by_rngd(kinds, **kw),
+            optax.add_decayed_weights(method.weight_decay),
+            *([optax.trace(method.momentum)] if method.momentum else []),
+            optax.scale_by_learning_rate(method.learning_rate),
         )
     if method.family in peers.FAMILIES:
         return peers.get(method.family).make_optimizer(method, sizes)

@@ -142,7 +142,8 @@ LR_GRIDS = {
     "psgd_kron": (3e-4, 1e-3, 3e-3),
 }
 #: methods of a full run only.
-FULL_ONLY = ("adamw", "rngd_k10", "rngd_white", "rngd_white_k20")
+FULL_ONLY = ("adamw", "rngd_k10", "rngd_white", "rngd_white_k20", "rngd_white_k10_damp",
+             "rngd_white_k10_wd")
 
 
 def default_methods(quick: bool = False, lrs: Mapping[str, float] | None = None) -> list[Method]:
@@ -163,6 +164,11 @@ def default_methods(quick: bool = False, lrs: Mapping[str, float] | None = None)
                update_every=10),
         Method("rngd_white_k20", "rngd", lr("rngd_white_k20", "rngd"), whiten=True,
                update_every=20),
+        # Regularised fast configurations: RNGD's generalisation gap (README).
+        Method("rngd_white_k10_damp", "rngd", lr("rngd_white_k10", "rngd"), whiten=True,
+               update_every=10, damping=0.1),
+        Method("rngd_white_k10_wd", "rngd", lr("rngd_white_k10", "rngd"), whiten=True,
+               update_every=10, weight_decay=1e-3),
         Method("kfac_ref", "kfac_ref", lr("kfac_ref", "kfac_ref"), decay=0.95, damping=0.1,
                inverse_every=100),
         Method("kfac_jax", "kfac_jax", lr("kfac_jax", "kfac_jax"), damping=0.1,

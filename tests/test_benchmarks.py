@@ -339,3 +339,25 @@ def test_profile_lists_ops_and_one_cond_per_phase(tmp_path):
     assert r["ops"] and all(row["us_per_step"] >= 0 for row in r["ops"])
     assert any("dot" in row["op"] or "fusion" in row["op"] for row in r["ops"])
     assert (tmp_path / "profile.json").exists()
+
+
+def test_rngd_weight_decay_is_added_after_the_preconditioning():
+    """The regularised RNGD variants: ``-lr (G^-1 g + wd w)``, the decay not preconditioned."""
+    from benchmarks import harness
+
+    params = mlp.init_mlp(jax.random.PRNGKey(0), SIZES)
+    x = jax.random.uniform(jax.random.PRNGKey(1), (20, SIZES[0]))
+    _, acts, _ = mlp.mlp_apply(params, x)
+    grads = jax.tree.map(lambda a: jnp.sin(a) + 0.1, params)
+    lr, wd = 0.05, 0.01
+    plain = harness.Method("p", "rngd", lr, momentum=0.0)
+    decayed = harness.Method("d", "rngd", lr, momentum=0.0, weight_decay=wd)
+    updates = {}
+    for m in (plain, decayed):
+        opt = harness.make_optimizer(m, SIZES)
+        updates[m.name], _ = opt.update(grads, opt.init(params), params, activations=acts)
+    for path in params:
+        for k in params[path]:
+            np.testing.assert_allclose(updates["d"][path][k] - updates["p"][path][k],
+                                       -lr * wd * params[path][k], rtol=1e-5, atol=1e-7)
+    assert "weight decay 0.01 after the preconditioning" in decayed.describe()
