@@ -390,3 +390,49 @@ def test_a_nan_batch_cannot_make_the_params_nan():
         assert int(state[0].rejected_updates) == (1 if skip else 0)
         assert int(state[0].count) == 4
         assert rfim_jax.diagnostics(state)["rejected_updates"] == (1 if skip else 0)
+
+
+_SCANNED_LAPACK_TRAINING = """
+import jax, jax.numpy as jnp
+import rfim_jax
+sizes = (784, 64, 64, 64, 10)
+keys = jax.random.split(jax.random.PRNGKey(0), 4)
+params = {f"l{i}": {"kernel": jax.random.normal(k, (a, b)) / a**0.5, "bias": jnp.zeros(b)}
+          for i, (k, a, b) in enumerate(zip(keys, sizes[:-1], sizes[1:]))}
+x = jax.random.normal(jax.random.PRNGKey(1), (100, 784))
+y = jax.random.randint(jax.random.PRNGKey(2), (100,), 0, 10)
+tx = rfim_jax.rngd(0.05, {"l1": "relu", "l2": "relu", "l3": "linear"},
+                   solver="lapack", update_every=10)
+def forward(p):
+    h, acts = x, {}
+    for i in range(4):
+        z = h @ p[f"l{i}"]["kernel"] + p[f"l{i}"]["bias"]
+        acts[f"l{i}"] = {"inputs": h, "preacts": z}
+        h = jnp.tanh(z) if i < 3 else z
+    return -jnp.mean(jax.nn.log_softmax(h)[jnp.arange(100), y]), acts
+def step(carry, _):
+    p, s = carry
+    (loss, acts), g = jax.value_and_grad(forward, has_aux=True)(p)
+    u, s = tx.update(g, s, p, activations=acts)
+    return (jax.tree.map(jnp.add, p, u), s), loss
+run = jax.jit(lambda p, s: jax.lax.scan(step, (p, s), None, length=5))
+(p, s), losses = run(params, tx.init(params))
+print("ok", float(losses[0]), float(losses[-1]))
+"""
+
+
+def test_scanned_training_with_the_lapack_solver_runs():
+    """A lax.scan over RNGD steps with solver="lapack" on the paper MLP's shapes completes.
+
+    Two independent LAPACK inverses in one while-loop body deadlock XLA's CPU runtime (jax
+    0.10.2), so scale_by_rngd chains the layers' refreshes there (solvers.needs_serial_calls);
+    without the chain this program hangs.  Run in a subprocess with a time limit, so that a
+    regression fails instead of hanging the suite.
+    """
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _SCANNED_LAPACK_TRAINING], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("ok")

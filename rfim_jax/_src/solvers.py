@@ -165,6 +165,18 @@ def resolve_method(method: str, backend: str | None = None) -> str:
     return AUTO_METHODS.get(backend, "gauss_jordan")
 
 
+def needs_serial_calls(method: str, backend: str | None = None) -> bool:
+    """Whether independent calls of ``method`` must not run concurrently inside a loop.
+
+    True for the LAPACK methods on the CPU: two independent ``potrf``/``trsm`` custom calls
+    in one while-loop body (a ``lax.scan`` over training steps) deadlock XLA's CPU runtime
+    (measured on jax 0.10.2; one call per body, or calls chained by a data dependency, run).
+    Callers that invert several stacks in one program chain them (``scale_by_rngd`` does).
+    """
+    backend = jax.default_backend() if backend is None else backend
+    return backend == "cpu" and resolve_method(method, backend) in ("lapack", "lapack_map")
+
+
 def _as_blocks(blocks: ArrayLike, name: str = "blocks", *, promote: bool = True) -> jax.Array:
     """Checks (..., d, d); ``promote``: computes in at least float32 (an inverse in bfloat16
     or float16 would be noise)."""

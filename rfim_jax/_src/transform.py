@@ -35,6 +35,7 @@ from rfim_jax._src import dtypes as dtypes_lib
 from rfim_jax._src import paths as paths_lib
 from rfim_jax._src import plan as plan_lib
 from rfim_jax._src import sharding as sharding_lib
+from rfim_jax._src import solvers as solvers_lib
 from rfim_jax._src.estimators import for_layer
 
 LayerKind = Any  # str | Activation | None
@@ -296,16 +297,24 @@ def scale_by_rngd(
         else:
             stats, bad = jax.lax.cond(do_stats, all_stats, no_stats, work_stats)
 
+        serial = solvers_lib.needs_serial_calls(solver)
         # Stats that a refresh leaves unchanged stay out of the cond (refresh_keeps_stats).
         changed = [layer.path for layer, est in resolved if not est.refresh_keeps_stats]
 
         def all_refresh(changing, factors, fallbacks):
             new_stats, new_factors, new_fb = {}, {}, {}
+            # With a solver whose calls must not run concurrently (LAPACK on the CPU, see
+            # solvers.needs_serial_calls) the layers refresh one after another: each layer's
+            # input depends on the last layer's fallback count (an exact float zero is added).
+            after = jnp.zeros([], jnp.float32)
             for layer, est in resolved:
                 path = layer.path
                 s = changing[path] if path in changing else stats[path]
+                if serial:
+                    s = jax.tree.map(lambda a, t=after: a + (0.0 * t).astype(a.dtype), s)
                 out = est.refresh(layer, s, factors[path], solver=solver,
                                   normalize=normalize_max_eigenvalue)
+                after = out[2].astype(jnp.float32)
                 new_s, new_factors[path] = sharding_lib.match_sharding(
                     out[:2], (s, factors[path]))
                 if path in changing:
