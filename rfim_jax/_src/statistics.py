@@ -73,13 +73,14 @@ def _triangle_indices(d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return rows, cols, where.reshape(-1)
 
 
-def _use_triangle(m: int, d: int) -> bool:
+def _use_triangle(per_group: int, d: int) -> bool:
     """Whether the per-neuron moments go through the triangle of ``x~ x~^T`` (see below).
 
-    Its temporary, the (n, d (d + 1) / 2) row products, must not be larger than the (n, m d)
-    weighted rows of the plain contraction, so it is used when d < 2 m.
+    Per group of ``per_group`` neurons, its temporary, the (n, d (d + 1) / 2) row products,
+    must not be larger than the (n, per_group d) weighted rows of the plain contraction, so
+    it is used when d < 2 per_group (never for a depthwise conv, one neuron per group).
     """
-    return d < 2 * m
+    return d < 2 * per_group
 
 
 def second_moment(x_aug: jax.Array, weights: jax.Array | None = None) -> jax.Array:
@@ -94,7 +95,7 @@ def second_moment(x_aug: jax.Array, weights: jax.Array | None = None) -> jax.Arr
     matrix ``P`` (the row-wise Khatri-Rao product, triangle only), and ``P^T w`` is one
     matrix product of ``n m d (d + 1)`` flops, half of the ``2 n m d^2`` of the plain
     contraction.  The triangle is then mirrored into the (m, d, d) blocks.  This is used
-    while ``P`` is no larger than the plain contraction's (n, m d) temporary (d < 2 m);
+    while ``P`` is no larger than the plain contraction's temporary (d < 2 m per group);
     wider layers (an input layer of 785 with 64 neurons) use the plain contraction.
     """
     if weights is None:
@@ -103,7 +104,7 @@ def second_moment(x_aug: jax.Array, weights: jax.Array | None = None) -> jax.Arr
     x_aug, weights = _grouped(x_aug, weights)
     groups, d = x_aug.shape[1:]
     m = groups * weights.shape[-1]
-    if not _use_triangle(m, d):
+    if not _use_triangle(m // groups, d):
         def moments(w, x):
             return jnp.einsum("ngl,ngi,ngj->glij", w, x, x).reshape(m, d, d)
 
@@ -115,7 +116,7 @@ def second_moment(x_aug: jax.Array, weights: jax.Array | None = None) -> jax.Arr
         products = x[..., rows] * x[..., cols]  # (n, G, T)
         return jnp.einsum("ngt,ngl->gtl", products, w)
 
-    packed = _chunked_mean(triangle, (weights, x_aug), max(m, rows.size) * groups)
+    packed = _chunked_mean(triangle, (weights, x_aug), groups * rows.size)
     # Mirroring gathers whole (m / G)-rows of the (G, T, m / G) triangle; gathering from an
     # (m, T) layout instead measured 15% slower on CPU, the gather then strided.
     full = jnp.swapaxes(packed[:, where], 1, 2)  # (G, m / G, d * d)
