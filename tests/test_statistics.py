@@ -47,7 +47,8 @@ def test_moments_grouped_and_chunked(monkeypatch, budget):
     np.testing.assert_allclose(stats.coupled_rfim(flat, coeffs), dense / len(flat), **TOL)
 
 
-@pytest.mark.parametrize("groups,per_group,d", [(1, 8, 9), (1, 2, 9), (3, 4, 6), (2, 1, 7), (4, 2, 5)])
+@pytest.mark.parametrize("groups,per_group,d",
+                         [(1, 8, 9), (1, 2, 9), (3, 4, 6), (2, 1, 7), (4, 2, 5)])
 def test_per_neuron_moments_both_paths(groups, per_group, d):
     """Through the triangle of x x^T (d < 2m) and the plain contraction (d >= 2m) alike."""
     x, w = _data(n=23, groups=groups, per_group=per_group, d=d, seed=d)
