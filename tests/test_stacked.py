@@ -234,7 +234,17 @@ def test_nnx_remat_capture_and_what_cannot_be_captured():
         def __call__(self, x):
             return nnx.remat(lambda b, x: b(b(x)))(self.block, x)
 
+    class AttendInside(nnx.Module):  # a tied head inside a transform
+        def __init__(self, rngs):
+            self.embed = nnx.Embed(5, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return nnx.remat(lambda e, x: e.attend(x))(self.embed, x)
+
     x = jnp.ones((2, 4))
+    with pytest.raises(ValueError, match=r"capture_nnx: an nnx.Embed inside a lifted transform is "
+                                         r"used as an output head \(attend\).*plain-JAX route"):
+        rfim_jax.capture_nnx(AttendInside(nnx.Rngs(0)), x)
     model = Remat(nnx.Rngs(0))
     _, acts = rfim_jax.capture_nnx(model, x)
     np.testing.assert_allclose(acts["block"]["lin"]["preacts"],
