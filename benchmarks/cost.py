@@ -168,17 +168,43 @@ def statistics_kernels(n: int = BATCH, m: int = 64, d: int = 65, d_input: int = 
     return out
 
 
+def layer_flops(kind: Any, representation: str, *, n: int, m: int, d: int
+                ) -> tuple[float, float, float]:
+    """(statistics, apply, refresh) flops of one RNGD layer: width m, augmented input d, batch n.
+
+    Exact: statistics 2 n m d^2 per-neuron blocks (2 n d^2 for a shared "linear" block,
+    2 n (m d)^2 for the "softmax" block), apply 2 m d^2, refresh d^3 / 3 per block (SPEC's
+    Cholesky count).  Eigen: statistics 2 n d^2 (rotation) + n d^2 (A) + 2 n r d (scales, r
+    rows), apply 4 d^2 m, refresh 9 d^3 (eigh) + 2 d^3 (rotation) + 2 r d^2 (carry).
+    Diagonal: statistics 2 n r d, apply m d.  Statistics per update, refresh per refresh.
+    """
+    rows = 1 if kind == "linear" else m  # blocks / rows of scales
+    if representation == "exact" and kind == "softmax":
+        return 2.0 * n * (m * d) ** 2, 2.0 * (m * d) ** 2, (m * d) ** 3 / 3
+    if representation == "exact":
+        return 2.0 * n * rows * d * d, 2.0 * m * d * d, rows * d**3 / 3
+    if representation == "eigen":
+        return (3.0 * n * d * d + 2.0 * n * rows * d, 4.0 * d * d * m,
+                11.0 * d**3 + 2.0 * rows * d * d)
+    if representation == "diagonal":
+        return 2.0 * n * rows * d, float(m * d), 0.0
+    raise ValueError(f"unknown representation {representation!r}")
+
+
 def flop_model(sizes: Sequence[int], batch: int, kinds: Mapping[str, Any], *,
-               update_every: int = 1, inverse_every: int = 100) -> dict:
-    """SPEC §6's cost model of exact RNGD, in flops per step (a multiply-add counts 2).
+               update_every: int = 1, inverse_every: int = 100,
+               representations: Mapping[str, str] | None = None) -> dict:
+    """SPEC §6's cost model of RNGD, in flops per step (a multiply-add counts 2).
 
     Per dense layer (input width d_in, d = d_in + 1, width m, batch n): forward + backward
-    6 n m d_in; statistics 2 n m d^2 for per-neuron blocks, 2 n d^2 for a shared linear block
-    (divided by k = update_every); apply 2 m d^2; refresh (d^3/3 per block, the SPEC's
-    Cholesky count) divided by T.  ``refresh_gauss_jordan`` is the count of a Gauss-Jordan
-    inverse (2 d^3 per block), what the CPU solver computes.  With ``kinds`` empty it is the
-    forward and backward pass alone (Adam, SGD).
+    6 n m d_in, and the RNGD terms of :func:`layer_flops` for the layer's representation
+    (``representations``: path -> "exact" / "eigen" / "diagonal", as
+    :func:`rfim_jax.rngd_plan` chose; exact where missing), statistics divided by
+    k = update_every and the refresh by T.  ``refresh_gauss_jordan`` is the count of a
+    Gauss-Jordan inverse of the exact blocks (2 d^3 per block), what the CPU solver computes.
+    With ``kinds`` empty it is the forward and backward pass alone (Adam, SGD).
     """
+    representations = dict(representations or {})
     total = {"forward_backward": 0.0, "statistics": 0.0, "apply": 0.0, "refresh": 0.0}
     refresh_gj = 0.0
     per_layer = {}
@@ -189,11 +215,12 @@ def flop_model(sizes: Sequence[int], batch: int, kinds: Mapping[str, Any], *,
         row = {"forward_backward": 6.0 * batch * m * d_in, "statistics": 0.0, "apply": 0.0,
                "refresh": 0.0}
         if kind is not None:
-            blocks = 1 if kind == "linear" else m
-            row["statistics"] = 2.0 * batch * blocks * d * d / update_every
-            row["apply"] = 2.0 * m * d * d
-            row["refresh"] = blocks * d**3 / 3.0 / inverse_every
-            refresh_gj += blocks * 2.0 * d**3 / inverse_every
+            rep = representations.get(name, "exact")
+            s, a, r = layer_flops(kind, rep, n=batch, m=m, d=d)
+            row |= {"statistics": s / update_every, "apply": a, "refresh": r / inverse_every}
+            if rep == "exact":
+                blocks = 1 if kind == "linear" else m
+                refresh_gj += blocks * 2.0 * d**3 / inverse_every
         per_layer[name] = row
         for k in total:
             total[k] += row[k]

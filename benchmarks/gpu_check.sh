@@ -17,8 +17,8 @@ echo "== speed (paper MLP, quick; every method side by side) =="
 timeout 150 python -m benchmarks.speed --quick --workloads paper --no-progress --out "$out" \
   2>&1 | tee "$out/speed.txt"
 
-echo "== profile (per-op time of rngd and the fast configuration) =="
-timeout 45 python -m benchmarks.profile --chunks 2 --top 12 --out "$out" \
+echo "== profile (per-op time of rngd and the fast configurations) =="
+timeout 60 python -m benchmarks.profile --chunks 2 --top 12 --out "$out" \
   2>&1 | tee "$out/profile.txt"
 
 echo "== block solvers =="
@@ -29,5 +29,5 @@ echo "== conv statistics memory =="
 timeout 30 python -m benchmarks.conv_memory --out "$out" 2>&1 | tee "$out/conv_memory.txt"
 
 echo "== test suite =="
-timeout 210 python -m pytest -q -x -p no:cacheprovider 2>&1 | tail -30 | tee "$out/tests.txt"
+timeout 195 python -m pytest -q -x -p no:cacheprovider 2>&1 | tail -30 | tee "$out/tests.txt"
 echo "wrote $out/"

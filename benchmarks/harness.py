@@ -21,6 +21,7 @@ Only the public API of :mod:`rfim_jax` is used.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import json
@@ -35,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from threadpoolctl import threadpool_limits
 
 import rfim_jax
 from benchmarks import peers
@@ -58,6 +60,28 @@ WHITEN_FIT_SAMPLES = 20_000
 CORE_FAMILIES = ("adam", "adamw", "sgd", "rngd")
 
 Params = dict[str, dict[str, jax.Array]]
+
+
+def limit_blas_threads(threads: int):
+    """Caps the OpenBLAS threads behind jax's CPU LAPACK (``eigh``, the eigen refresh).
+
+    XLA's CPU runtime already keeps every core busy, and a multithreaded LAPACK call inside a
+    compiled step oversubscribes them.  On 2 quiet cores, a 65 x 65 ``eigh`` in the paper
+    MLP's compiled chunk took 1.7-3.2 ms instead of its standalone 0.21 ms; one thread brings
+    it back to about 0.2 ms (README, *Performance*).  On a loaded machine a 257 x 257
+    ``syevd`` took 0.8 s instead of 3 ms.  Used as a context manager; 0 leaves the threads
+    alone (a null context).
+    """
+    if threads <= 0:
+        return contextlib.nullcontext()
+    jax.block_until_ready(jnp.linalg.eigh(jnp.eye(2)))  # loads jax's LAPACK first
+    return threadpool_limits(limits=threads, user_api="blas")
+
+
+def add_blas_threads_arg(parser) -> None:
+    """The ``--blas-threads`` flag of every timing CLI (:func:`limit_blas_threads`)."""
+    parser.add_argument("--blas-threads", type=int, default=1,
+                        help="OpenBLAS threads for jax's CPU LAPACK (0: leave as is)")
 
 
 # ----------------------------------------------------------------------------------- methods

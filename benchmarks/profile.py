@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python -m benchmarks.profile                       # rngd and rngd_white_k10 against adam
+    python -m benchmarks.profile          # rngd, rngd_white_k10, rngd_white_eigen_k10 against adam
     python -m benchmarks.profile --methods rngd --top 30
 
 For each method of the paper MLP (:func:`benchmarks.speed.default_methods`, random inputs of
@@ -94,12 +94,13 @@ def profile_method(method: harness.Method, *, chunks: int = 3, seed: int = 0,
 
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default="adam,rngd,rngd_white_k10",
+    parser.add_argument("--methods", default="adam,rngd,rngd_white_k10,rngd_white_eigen_k10",
                         help="comma-separated names of benchmarks.speed's methods")
     parser.add_argument("--top", type=int, default=15, help="ops printed per method")
     parser.add_argument("--chunks", type=int, default=3)
     parser.add_argument("--out", default="results")
     parser.add_argument("--keep", default=None, help="keep the traces under this folder")
+    harness.add_blas_threads_arg(parser)
     args = parser.parse_args(argv)
     known = {m.name: m for m in speed.default_methods(quick=False)}
     names = args.methods.split(",")
@@ -110,7 +111,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                "methods": {}}
     for name in names:
         keep = None if args.keep is None else str(Path(args.keep) / name)
-        r = profile_method(known[name], chunks=args.chunks, keep=keep)
+        with harness.limit_blas_threads(args.blas_threads):
+            r = profile_method(known[name], chunks=args.chunks, keep=keep)
         results["methods"][name] = r
         print(f"\n{name}: {r['describe']}\n  {r['ops_us_per_step']:.0f} us/step in ops, "
               f"{r['conditionals']} conditionals in the compiled chunk")

@@ -16,8 +16,9 @@ order (:func:`benchmarks.harness.train_interleaved`); compilation is never timed
 
 Methods (:func:`default_methods`): ``adam``, ``adamw`` (full run), ``sgd`` (momentum 0.9);
 ``rngd`` (:func:`rfim_jax.rngd` with the paper's layers, statistics every step), ``rngd_k10``
-(full run), ``rngd_white`` (full run), ``rngd_white_k10`` (the recommended fast configuration:
-inputs whitened once, the input layer's kind None, statistics every 10th step) and
+(full run), ``rngd_white`` (full run), ``rngd_white_k10`` (inputs whitened once, the input
+layer's kind None, statistics every 10th step), ``rngd_white_eigen_k10`` (the recommended fast
+configuration: the same with ``representation="eigen"``), ``rngd_white_eigen`` and
 ``rngd_white_k20`` (full run); and the peers of :mod:`benchmarks.peers`: ``kfac_jax``
 (kfac-jax, with its compatibility shim), ``psgd_kron`` (psgd-jax, with its shim), ``muon``
 (``optax.contrib.muon``) and ``kfac_ref`` (a plain-JAX K-FAC kept as an extra reference).  A
@@ -30,8 +31,10 @@ CPU time), time to each training-loss target with the test accuracy there, final
 and test accuracy, optimiser state bytes against params bytes.  For the paper MLP also the RNGD
 split (statistics / refresh / apply), the statistics kernels, the FLOP model next to XLA's
 count, and the GFLOP/s each RNGD variant reaches against the machine's matmul rate.  Versions
-of jax, optax and every peer are recorded.  No acceptance threshold is checked here: the
-issues and the README state those, against these numbers.
+of jax, optax and every peer are recorded.  ``--blas-threads`` (default 1) caps the OpenBLAS
+threads behind jax's CPU LAPACK for the whole run (:func:`benchmarks.harness.limit_blas_threads`:
+the eigen refresh's ``eigh`` oversubscribes the cores otherwise).  No acceptance threshold is
+checked here: the issues and the README state those, against these numbers.
 """
 
 from __future__ import annotations
@@ -126,6 +129,8 @@ DEFAULT_LRS = {
     "rngd_white": 0.02,
     "rngd_white_k10": 0.02,
     "rngd_white_k20": 0.02,
+    "rngd_white_eigen": 0.02,
+    "rngd_white_eigen_k10": 0.02,
     "kfac_ref": 0.01,
     "kfac_jax": 0.01,
     "muon": 0.005,
@@ -143,7 +148,7 @@ LR_GRIDS = {
 }
 #: methods of a full run only.
 FULL_ONLY = ("adamw", "rngd_k10", "rngd_white", "rngd_white_k20", "rngd_white_k10_damp",
-             "rngd_white_k10_wd")
+             "rngd_white_k10_wd", "rngd_white_eigen")
 
 
 def default_methods(quick: bool = False, lrs: Mapping[str, float] | None = None) -> list[Method]:
@@ -164,6 +169,12 @@ def default_methods(quick: bool = False, lrs: Mapping[str, float] | None = None)
                update_every=10),
         Method("rngd_white_k20", "rngd", lr("rngd_white_k20", "rngd"), whiten=True,
                update_every=20),
+        # Eigen (SPEC §7) in place of the exact per-neuron blocks: statistics and apply cost
+        # O(n d^2 + n m d) and O(m d^2) dense matmuls instead of per-neuron blocks.
+        Method("rngd_white_eigen", "rngd", lr("rngd_white_eigen", "rngd"), whiten=True,
+               representation="eigen"),
+        Method("rngd_white_eigen_k10", "rngd", lr("rngd_white_eigen_k10", "rngd"),
+               whiten=True, update_every=10, representation="eigen"),
         # Regularised fast configurations: RNGD's generalisation gap (README).
         Method("rngd_white_k10_damp", "rngd", lr("rngd_white_k10", "rngd"), whiten=True,
                update_every=10, damping=0.1),
@@ -186,7 +197,7 @@ def _profile(methods: Sequence[Method], runs_summary: Mapping, data: Data, *, qu
     """The paper MLP's split, kernels, FLOP model and GFLOP/s, each streamed as measured."""
     by_name = {m.name: m for m in methods}
     out["rngd_split"] = {}
-    for name in ("rngd", "rngd_white_k10"):
+    for name in ("rngd", "rngd_white_k10", "rngd_white_eigen_k10"):
         if name in by_name:
             sp = rngd_split(by_name[name], data, reps=5 if quick else 9, seed=seed)
             out["rngd_split"][name] = sp
@@ -203,7 +214,8 @@ def _profile(methods: Sequence[Method], runs_summary: Mapping, data: Data, *, qu
             continue
         kinds = rngd_layer_kinds(PAPER_SIZES, m.whiten) if m.family == "rngd" else {}
         model = flop_model(PAPER_SIZES, BATCH, kinds, update_every=m.update_every,
-                           inverse_every=m.inverse_every)["total"]
+                           inverse_every=m.inverse_every,
+                           representations=out["rngd_plans"].get(m.name))["total"]
         ms = runs_summary[m.name]["median_ms_per_step"]
         flops[m.name] = {"model": model, "xla_step_flops": xla_step_flops(m, PAPER_SIZES, BATCH),
                          "model_gflops_per_s": model["total"] / ms / 1e6,
@@ -278,7 +290,8 @@ def run(args: argparse.Namespace) -> dict:
     config = {"workloads": [dataclasses.asdict(w) for w in workloads], "seed": args.seed,
               "quick": quick, "targets": TARGETS, "eval_subset": EVAL_SUBSET,
               "whiten_damping": WHITEN_DAMPING,
-              "epochs_override": args.epochs}
+              "epochs_override": args.epochs,
+              "blas_threads": getattr(args, "blas_threads", 1)}
     rec = harness.Recorder(out / "speed.json", config)
     versions = harness.versions()
     rec.set("versions", versions,
@@ -342,6 +355,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=str, default=common.DEFAULT_OUT)
     p.add_argument("--data-dir", type=str, default=None)
     p.add_argument("--no-progress", action="store_true")
+    harness.add_blas_threads_arg(p)
     p.add_argument("--figures", action=argparse.BooleanOptionalAction, default=None,
                    help="also write benchmarks/figures/speed.{json,png} (default: only for a "
                         "full run into the default --out)")
@@ -356,7 +370,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Entry point: ``python -m benchmarks.speed [flags]``."""
-    return run(parse_args(argv))
+    args = parse_args(argv)
+    with harness.limit_blas_threads(args.blas_threads):
+        return run(args)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,6 @@ Writes ``wide.json`` and ``wide.png`` into ``--out``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -63,10 +62,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 import rfim_jax
-from benchmarks import harness, scaling
+from benchmarks import cost, harness, scaling
 from experiments import common
 from experiments import data as data_lib
 from experiments import models as mlp
@@ -107,29 +105,14 @@ def layer_kinds(sizes: Sequence[int], output_kind: str = "softmax") -> dict[str,
 def flop_model(sizes: Sequence[int], batch: int, kinds: Mapping[str, str],
                representation: str | None, *, update_every: int = 1,
                inverse_every: int = INVERSE_EVERY) -> dict:
-    """The module docstring's FLOP model per step; ``representation=None`` for Adam and SGD."""
-    t = dict.fromkeys(BOUNDS, 0.0)
-    n = batch
-    for i, (d_in, m) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        t["forward_backward"] += 6.0 * n * d_in * m
-        kind, d = kinds.get(mlp.dense_name(i)), d_in + 1
-        if kind is None or representation is None:
-            continue
-        rows = 1 if kind == "linear" else m  # blocks / rows of scales
-        if representation == "exact" and kind == "softmax":
-            s, a, r = 2.0 * n * (m * d) ** 2, 2.0 * (m * d) ** 2, (m * d) ** 3 / 3
-        elif representation == "exact":
-            s, a, r = 2.0 * n * rows * d * d, 2.0 * m * d * d, rows * d**3 / 3
-        elif representation == "eigen":
-            s, a, r = 3.0 * n * d * d + 2.0 * n * rows * d, 4.0 * d * d * m, 11.0 * d**3 + \
-                2.0 * rows * d * d
-        elif representation == "diagonal":
-            s, a, r = 2.0 * n * rows * d, float(m * d), 0.0
-        else:
-            raise ValueError(f"unknown representation {representation!r}")
-        t["statistics"] += s / update_every
-        t["apply"] += a
-        t["refresh"] += r / inverse_every
+    """The module docstring's FLOP model per step (:func:`benchmarks.cost.flop_model` with one
+    representation for every layer); ``representation=None`` for Adam and SGD."""
+    if representation is None:
+        kinds = {}
+    total = cost.flop_model(sizes, batch, kinds, update_every=update_every,
+                            inverse_every=inverse_every,
+                            representations=dict.fromkeys(kinds, representation))["total"]
+    t = {k: total[k] for k in BOUNDS}
     bound = BOUNDS[max(t, key=t.get)] + "-bound"
     return {**t, "total": sum(t.values()), "bound": bound}
 
@@ -321,20 +304,8 @@ def plot(rows: Sequence[Mapping], training: Mapping | None, path: Path) -> Path:
     return common.save_figure(fig, path)
 
 
-def limit_blas_threads(threads: int):
-    """Caps the OpenBLAS threads behind jax's CPU LAPACK (the eigen refresh's ``eigh``).
-
-    On a loaded 2-core machine a multithreaded ``syevd`` of a 257 x 257 matrix took 0.8 s
-    instead of 3 ms (numpy's and scipy's alike); one thread removes that.  0 leaves it alone.
-    """
-    if threads <= 0:
-        return contextlib.nullcontext()
-    jax.block_until_ready(jnp.linalg.eigh(jnp.eye(2)))  # loads jax's LAPACK first
-    return threadpool_limits(limits=threads, user_api="blas")
-
-
 def run(args: argparse.Namespace) -> dict:
-    with limit_blas_threads(args.blas_threads):
+    with harness.limit_blas_threads(args.blas_threads):
         return _run(args)
 
 
@@ -414,8 +385,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=str, default=common.DEFAULT_OUT)
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--blas-threads", type=int, default=1,
-                   help="OpenBLAS threads for jax's CPU LAPACK (0: leave as is)")
+    harness.add_blas_threads_arg(p)
     return p.parse_args(argv)
 
 

@@ -60,11 +60,11 @@ class TransformerConfig:
     target_bits: tuple[float, ...] = (4.0, 3.7)
     methods: tuple[str, ...] = METHODS
     learning_rates: dict = dataclasses.field(default_factory=lambda: {
-        "rngd": 0.5, "rngd_mlp": 1e-2, "adamw": 1e-2, "muon": 0.02})
+        "rngd": 0.3, "rngd_mlp": 1e-2, "adamw": 1e-2, "muon": 0.02})
     rngd_mlp_rngd_lr: float = 0.5  # the RNGD part's rate in "rngd_mlp"
     weight_decay: float = 1e-4
-    rngd_decay: float = 0.99
-    rngd_damping: float = 0.1
+    rngd_decay: float = 0.95
+    rngd_damping: float = 0.03
     rngd_inverse_every: int = 10
     exact_budget_bytes: int = 4 * 2**20
     timing_rounds: int = 5

@@ -65,6 +65,42 @@ def test_flop_model_matches_hand_count_for_paper_mlp():
     assert fast["apply"] == pytest.approx(apply - 2 * 64 * 785**2)
 
 
+def test_flop_model_counts_eigen_layers_by_hand():
+    """The recommended fast configuration: whitened inputs, every other layer eigen."""
+    kinds = speed.rngd_layer_kinds(speed.PAPER_SIZES, whiten=True)
+    reps = {p: "eigen" for p, k in kinds.items() if k is not None}
+    model = speed.flop_model(speed.PAPER_SIZES, 100, kinds, update_every=10,
+                             representations=reps)["total"]
+    n, d = 100, 65
+    # hidden relu layers (64 rows of scales) and the linear output (one shared row of 10)
+    stats = 2 * (3 * n * d**2 + 2 * n * 64 * d) + (3 * n * d**2 + 2 * n * 1 * d)
+    apply = 2 * (4 * d**2 * 64) + 4 * d**2 * 10
+    refresh = 2 * (11 * d**3 + 2 * 64 * d**2) + (11 * d**3 + 2 * 1 * d**2)
+    assert model["statistics"] == pytest.approx(stats / 10)
+    assert model["apply"] == pytest.approx(apply)
+    assert model["refresh"] == pytest.approx(refresh / 100)
+    with pytest.raises(ValueError, match="unknown representation"):
+        speed.flop_model(speed.PAPER_SIZES, 100, kinds, representations={"Dense_1": "kfac"})
+
+
+def test_limit_blas_threads_caps_and_restores_openblas():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from benchmarks import harness
+
+    def blas_threads():
+        return {i["filepath"]: i["num_threads"] for i in threadpoolctl.threadpool_info()
+                if i["user_api"] == "blas"}
+
+    harness.limit_blas_threads(0)  # nothing: jax's LAPACK (scipy's OpenBLAS) loads below
+    jnp.linalg.eigh(jnp.eye(2))
+    before = blas_threads()
+    with harness.limit_blas_threads(1):
+        assert set(blas_threads().values()) == {1}
+    assert blas_threads() == before
+    with harness.limit_blas_threads(0):  # 0 leaves them alone
+        assert blas_threads() == before
+
+
 def test_sampled_preact_grads_match_autodiff(key):
     params = mlp.init_mlp(key, SIZES, dtype=jnp.float64)
     x = jax.random.normal(jax.random.fold_in(key, 1), (7, SIZES[0]))

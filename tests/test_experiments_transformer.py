@@ -38,3 +38,26 @@ def test_transformer_experiment_smoke(tmp_path):
     assert len(first) == 1  # same initial params, same batches
     transformer.plot(results, cfg, tmp_path / "t.png")
     assert (tmp_path / "t.png").stat().st_size > 0
+
+
+def test_full_rngd_reaches_lower_training_loss_than_adamw_at_tiny_size(tmp_path):
+    """Issue 11: at tiny size, RNGD on every parameter against AdamW, same batches and steps.
+
+    Measured with this configuration (600 steps, the experiment's RNGD defaults: peak lr 0.3,
+    decay 0.95, damping 0.03; AdamW at the better of 1e-2 and 2e-2 per seed), training bits per
+    character on the fixed training batches: seeds 0-3 gave RNGD 3.334 / 3.358 / 3.292 / 3.477
+    against AdamW's best 3.400 / 3.453 / 3.401 / 3.521, margins 0.066 / 0.095 / 0.109 / 0.044.
+    The assertion asks for half of the smallest margin.  With the earlier defaults (decay 0.99,
+    damping 0.1, lr 0.5) RNGD lost at this size (0.05-0.10 bits behind at 400 steps).
+    """
+    tiny = dict(TINY, seq_len=32, batch_size=16, warmup=60, eval_batches=16)
+    final = {}
+    for lr, methods in ((1e-2, ("rngd", "adamw")), (2e-2, ("adamw",))):
+        cfg = transformer.TransformerConfig(
+            steps=600, eval_every=600, out=str(tmp_path), methods=methods,
+            learning_rates={**transformer.TransformerConfig().learning_rates, "adamw": lr},
+            **tiny)
+        for name, r in transformer.run(cfg)["methods"].items():
+            final[name if name == "rngd" else f"adamw_{lr:g}"] = r["train_bits"][-1]
+    best_adamw = min(v for k, v in final.items() if k.startswith("adamw"))
+    assert final["rngd"] < best_adamw - 0.02, final
