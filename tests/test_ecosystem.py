@@ -163,6 +163,7 @@ def test_inject_hyperparams_learning_rate_and_damping_under_jit(seed):
     params, grads, acts = _problem(seed)
     state = INJECT.init(params)
     update = _update(INJECT)
+    before = _TRACES.get(id(INJECT), 0)
     base, _ = update(grads, state, params, acts)
     half, _ = update(grads, _with_hyperparams(state, learning_rate=LR / 2), params, acts)
     _close(half, jax.tree.map(lambda u: u / 2, base), rtol=1e-14, atol=0)
@@ -178,8 +179,10 @@ def test_inject_hyperparams_learning_rate_and_damping_under_jit(seed):
         _close(upd["LayerNorm_0"], jax.tree.map(lambda a: -LR * a, grads["LayerNorm_0"]))
         results[damping] = np.asarray(upd["block"]["Dense_0"]["kernel"])
     assert np.abs(results[0.5] - results[1e-2]).max() > 1e-3 * np.abs(results[1e-2]).max()
-    # Hyperparameters are arrays in the state: changing them does not retrace.
-    assert update._cache_size() == 1
+    # Hyperparameters are arrays in the state: changing them does not retrace.  (Counted by
+    # the traced function: the C++ executable cache stops taking new functions once a long
+    # session has created 8192 jitted ones, so its size is no measure.)
+    assert _TRACES[id(INJECT)] - before <= 1
     assert int(new_state.count) == 1
 
 
@@ -311,7 +314,6 @@ def test_jit_traces_once_and_extra_kwargs_change_nothing(seed):
                 _close(_node(upd, path), jax.tree.map(lambda a: -LR * a, want[path]))
     # At most one trace (none if an earlier test compiled it) and one executable.
     assert _TRACES[id(RNGD)] - before <= 1
-    assert _update(RNGD)._cache_size() == 1
 
 
 # ------------------------------------------------------------------------- state pytree
