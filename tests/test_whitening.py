@@ -133,3 +133,20 @@ def test_errors():
         whitening_map(jnp.ones((5, 2)), rtol=-1.0)
     with pytest.raises(ValueError, match="expected x \\(..., d\\), A \\(k, d\\)"):
         apply_whitening(jnp.ones((5, 3)), jnp.eye(2), jnp.zeros(2))
+
+
+@pytest.mark.parametrize("shape", [(96, 8), (97, 8), (3, 40, 8), (8,)])
+def test_apply_whitening_in_row_chunks_matches_numpy(shape, monkeypatch):
+    """The chunked path (lax.map over row chunks; a remainder when the row count has no
+    divisor in range, as 97 has not) gives (x - a) @ A.T, whatever the leading axes."""
+    from rfim_jax._src import whitening as whitening_module
+
+    monkeypatch.setattr(whitening_module, "APPLY_CHUNK_ELEMENTS", 8 * 8)  # 8 rows per chunk
+    rng = np.random.default_rng(len(shape) + shape[0])
+    x, big_a, a = rng.normal(size=shape), rng.normal(size=(5, 8)), rng.normal(size=8)
+    got = jax.jit(apply_whitening)(jnp.asarray(x), jnp.asarray(big_a), jnp.asarray(a))
+    want = (x - a) @ big_a.T
+    assert got.shape == shape[:-1] + (5,)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-12)
+    assert whitening_module._row_chunk(97, 8) == 8  # no divisor of 97 in [2, 8]
+    assert whitening_module._row_chunk(96, 8) == 8 and whitening_module._row_chunk(90, 8) == 6

@@ -112,6 +112,20 @@ def whitening_map(
     return big_a, a
 
 
+#: Elements of x per row chunk of :func:`apply_whitening` (2**20 float32 = 4 MiB: at most
+#: 1337 rows of 784 pixels).
+APPLY_CHUNK_ELEMENTS = 2**20
+
+
+def _row_chunk(n: int, target: int) -> int:
+    """A divisor of ``n`` in [target / 4, target] if there is one (no remainder to
+    concatenate: that copy cost as much as the chunking saved), else ``target``."""
+    for c in range(min(target, n), max(target // 4, 1) - 1, -1):
+        if n % c == 0:
+            return c
+    return target
+
+
 def apply_whitening(x: jax.Array, big_a: jax.Array, a: jax.Array) -> jax.Array:
     """Applies eq. (28) row-wise: ``z_i = A (x_i - a)``, i.e. ``Z = (X - a) @ A.T``.
 
@@ -123,6 +137,9 @@ def apply_whitening(x: jax.Array, big_a: jax.Array, a: jax.Array) -> jax.Array:
     Returns:
       The whitened samples, shape (..., k).  The constant 1 of eq. (28) is the neuron's bias
       and is not appended here.
+
+    A large ``x`` (more than two chunks of :data:`APPLY_CHUNK_ELEMENTS` elements) is
+    transformed in row chunks by ``lax.map``: the same products, in cache-sized pieces.
     """
     x = jnp.asarray(x)
     if big_a.ndim != 2 or a.shape != (big_a.shape[1],) or x.shape[-1] != big_a.shape[1]:
@@ -131,4 +148,20 @@ def apply_whitening(x: jax.Array, big_a: jax.Array, a: jax.Array) -> jax.Array:
             f"{tuple(x.shape)}, A {tuple(big_a.shape)}, a {tuple(a.shape)}."
         )
     dtype = dtypes_lib.result_type(x, big_a, a)
-    return (x.astype(dtype) - a.astype(dtype)) @ big_a.astype(dtype).T
+    a, big_a_t = a.astype(dtype), big_a.astype(dtype).T
+    lead, d = x.shape[:-1], x.shape[-1]
+    rows = x.reshape(-1, d).astype(dtype)
+    n = rows.shape[0]
+    chunk = _row_chunk(n, max(1, APPLY_CHUNK_ELEMENTS // max(d, 1)))
+    steps = n // chunk
+    if steps < 2:
+        out = (rows - a) @ big_a_t
+    else:
+        # A whole data set in one matmul ran at half the matmul rate on CPU (60000 x 784 by
+        # 784 x 784: 0.58-0.60 s on 2 cores); in row chunks of 1250 it took 0.36 s.
+        body = jax.lax.map(lambda c: (c - a) @ big_a_t,
+                           rows[:steps * chunk].reshape(steps, chunk, d))
+        out = body.reshape(steps * chunk, -1)
+        if steps * chunk < n:
+            out = jnp.concatenate([out, (rows[steps * chunk:] - a) @ big_a_t])
+    return out.reshape(lead + (big_a_t.shape[1],))
