@@ -91,8 +91,7 @@ def test_limit_blas_threads_caps_and_restores_openblas():
         return {i["filepath"]: i["num_threads"] for i in threadpoolctl.threadpool_info()
                 if i["user_api"] == "blas"}
 
-    harness.limit_blas_threads(0)  # nothing: jax's LAPACK (scipy's OpenBLAS) loads below
-    jnp.linalg.eigh(jnp.eye(2))
+    jnp.linalg.eigh(jnp.eye(2))  # loads jax's LAPACK (scipy's OpenBLAS) before the snapshot
     before = blas_threads()
     with harness.limit_blas_threads(1):
         assert set(blas_threads().values()) == {1}
