@@ -222,6 +222,41 @@ def interleaved_timing(steps: dict, states: dict, params0: Any, batches: Sequenc
 # ------------------------------------------------------------------- training-comparison CLIs
 
 
+def checked_step(method: str, build, params: Any, trial_args: Sequence) -> tuple[Any, Any]:
+    """``(step, state)`` of an optimiser that may not run here (a peer), after a trial step.
+
+    ``build()`` returns ``(step, state)`` with ``step(params, state, *trial_args) -> (params,
+    state, loss)``.  The trial step runs on a copy of ``params`` (a step may donate its
+    buffers) and its result is dropped; it also compiles the step.
+
+    Returns:
+      ``(step, state)``, or ``(None, reason)`` when building or the trial step raises: the
+      caller reports the method as unavailable with that reason instead of skipping it.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    try:
+        step, state = build()
+        jax.block_until_ready(step(jax.tree.map(jnp.copy, params), state, *trial_args))
+    except Exception as e:  # noqa: BLE001 - any failure is reported, not hidden
+        return None, f"{method}: {type(e).__name__}: {e}"
+    return step, state
+
+
+def peer_version(method: str) -> str | None:
+    """The package and version behind an experiment's peer method ("psgd": psgd-jax, "muon":
+    optax, "kfac": kfac-jax), None for any other method."""
+    import optax
+
+    from benchmarks.peers import distribution_version
+
+    if method == "muon":
+        return f"optax {optax.__version__}"
+    dist = {"psgd": "psgd-jax", "kfac": "kfac-jax"}.get(method)
+    return f"{dist} {distribution_version(dist)}" if dist else None
+
+
 def add_comparison_args(parser: argparse.ArgumentParser, methods: Sequence[str]) -> None:
     """``--steps``, ``--lr`` and ``--methods``, shared by the method-comparison experiments."""
     parser.add_argument("--steps", type=int, default=None, help="training steps per method")

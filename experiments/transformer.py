@@ -16,7 +16,15 @@ warm-up and cosine decay of the learning rate.  Methods, on the same batches:
   blocks, ``2 N m d^2`` flops per step) are eigen;
 - ``rngd_mlp``: RNGD on the MLPs only, AdamW on the rest (``optax.partition``);
 - ``adamw``;
-- ``muon``: ``optax.contrib.muon`` (Adam for the non-matrix params, as it does by default).
+- ``muon``: ``optax.contrib.muon`` (Adam for the non-matrix params, as it does by default);
+- ``psgd``: PSGD Kron from the registry's psgd-jax (``benchmarks.peers.psgd``), its default
+  preconditioner-update schedule, under the same warm-up and cosine decay;
+- ``kfac``: kfac-jax (``benchmarks.peers.kfac_jax``), fixed lr 0.01, momentum 0.9, damping
+  0.1 as on the CNN, its layers found by its graph matcher.
+
+A peer that does not import or run (psgd-jax and kfac-jax are the optional ``[peers]`` extra;
+kfac-jax 0.0.8's first step fails on the attention projections) is reported as unavailable,
+with the reason.
 
 Recorded: training loss (on fixed training batches) and validation loss, both in bits per
 character, against steps and against training seconds; the time to a target training loss;
@@ -40,7 +48,10 @@ import optax
 import rfim_jax
 from experiments import common, data
 
-METHODS = ("rngd", "rngd_mlp", "adamw", "muon")
+METHODS = ("rngd", "rngd_mlp", "adamw", "muon", "psgd", "kfac")
+#: the methods from outside this library and optax: unavailable (with the reason) when they
+#: do not load or run.
+PEER_METHODS = ("psgd", "kfac")
 BITS = 1.0 / math.log(2.0)
 
 
@@ -60,7 +71,7 @@ class TransformerConfig:
     target_bits: tuple[float, ...] = (4.0, 3.7)
     methods: tuple[str, ...] = METHODS
     learning_rates: dict = dataclasses.field(default_factory=lambda: {
-        "rngd": 0.3, "rngd_mlp": 1e-2, "adamw": 1e-2, "muon": 0.02})
+        "rngd": 0.3, "rngd_mlp": 1e-2, "adamw": 1e-2, "muon": 0.02, "psgd": 1e-3})
     rngd_mlp_rngd_lr: float = 0.5  # the RNGD part's rate in "rngd_mlp"
     weight_decay: float = 1e-4
     rngd_decay: float = 0.95
@@ -161,6 +172,11 @@ def make_optimizer(method: str, cfg: TransformerConfig, params):
         return optax.with_extra_args_support(optax.adamw(lr, weight_decay=cfg.weight_decay))
     if method == "muon":
         return optax.with_extra_args_support(optax.contrib.muon(lr))
+    if method == "psgd":
+        from benchmarks import harness
+        from benchmarks.peers import psgd
+
+        return psgd.make_optimizer(harness.Method("psgd", "psgd_kron", lr), ())
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}.")
 
 
@@ -190,6 +206,23 @@ def make_eval(model):
     return evaluate
 
 
+def _kfac_step(model, params, first_ids, vocab_size: int, seed: int):
+    """kfac-jax's ``(params, state, ids) -> (params, state, loss)`` step (see the module doc).
+
+    Raises:
+      whatever kfac-jax raises: ImportError when it is not installed.
+    """
+    from benchmarks.peers import kfac_jax as peer
+
+    def split(ids):
+        return ids[:, :-1], ids[:, 1:].reshape(-1)
+
+    inner, state = peer.logits_step(
+        lambda p, x: model.apply({"params": p}, x).reshape(-1, vocab_size), params,
+        split(first_ids), seed=seed)
+    return (lambda p, s, ids: inner(p, s, *split(ids))), state
+
+
 def _batches(ids: np.ndarray, n: int, cfg: TransformerConfig, rng) -> list[jnp.ndarray]:
     starts = rng.integers(0, len(ids) - cfg.seq_len - 1, size=(n, cfg.batch_size))
     return [jnp.asarray(np.stack([ids[s:s + cfg.seq_len + 1] for s in row])) for row in starts]
@@ -217,9 +250,21 @@ def run(cfg: TransformerConfig) -> dict[str, Any]:
 
     steps, states, results = {}, {}, {}
     for method in cfg.methods:
-        tx = make_optimizer(method, cfg, params0)
-        steps[method], states[method] = make_step(model, tx), tx.init(params0)
-        results[method] = {"available": True}
+        def build(method=method):
+            if method == "kfac":
+                return _kfac_step(model, params0, train_batches[0], len(vocab), cfg.seed)
+            tx = make_optimizer(method, cfg, params0)
+            return make_step(model, tx), tx.init(params0)
+
+        # Only a peer may be unavailable; this library's own methods must run.
+        step, state = (common.checked_step(method, build, params0, (train_batches[0],))
+                       if method in PEER_METHODS else build())
+        if step is None:
+            results[method] = {"available": False, "reason": state}
+            print(f"{method}: unavailable ({state})")
+            continue
+        steps[method], states[method] = step, state
+        results[method] = {"available": True, "version": common.peer_version(method)}
 
     bar = common.progress(total=cfg.steps * len(steps), enabled=cfg.progress,
                           desc="transformer")
@@ -272,6 +317,9 @@ def summary(results: dict, cfg: TransformerConfig) -> str:
             + " ".join(f"{'t(' + str(t) + ')':>8}" for t in cfg.target_bits))
     lines = [head]
     for method, r in results["methods"].items():
+        if not r["available"]:
+            lines.append(f"{method:<9} unavailable: {r['reason']}")
+            continue
         ttt = " ".join(f"{r['time_to_target'][str(t)]:8.1f}"
                        if r["time_to_target"][str(t)] is not None else f"{'-':>8}"
                        for t in cfg.target_bits)

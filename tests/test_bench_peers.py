@@ -83,6 +83,53 @@ def test_psgd_kron_trains(toy_data):
     _check_trains(speed.Method("psgd_kron", "psgd_kron", 3e-3), toy_data)
 
 
+def test_psgd_kron_update_takes_the_extra_args_of_a_training_step():
+    # psgd-jax's chain forwarded activations= to a stage that refused it (a TypeError in the
+    # CNN experiment's first step); the peer must drop what a shared step passes to everyone.
+    psgd_peer._register_clipping_alias()
+    pytest.importorskip("psgd_jax", reason="psgd-jax is not installed (pip install psgd-jax)")
+    tx = psgd_peer.make_optimizer(speed.Method("psgd_kron", "psgd_kron", 1e-3), ())
+    params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
+    grads = jax.tree.map(lambda a: jnp.full_like(a, 0.5), params)
+    plain, _ = tx.update(grads, tx.init(params), params)
+    extra, _ = tx.update(grads, tx.init(params), params,
+                         activations={"Dense_0": {"inputs": jnp.ones((2, 4))}})
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(extra), strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert np.all(np.isfinite(a)) and np.any(a != 0)
+
+
+def test_muon_kernel_dimension_numbers_orthogonalise_a_conv_kernel_as_a_matrix():
+    from benchmarks.peers import muon as muon_peer
+
+    # A gradient whose (3 * 3 * 2, 4) matrix has singular values spread over 100x.
+    q1, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(18, 4)))
+    q2, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(4, 4)))
+    matrix = (q1 * np.array([10.0, 3.0, 1.0, 0.1])) @ q2.T
+    kernel = jnp.asarray(matrix.reshape(3, 3, 2, 4), jnp.float32)
+    method = speed.Method("muon", "muon", 0.01, momentum=0.95)
+
+    def first_update(params, **kw):
+        tx = muon_peer.make_optimizer(method, (), **kw)
+        return tx.update(params, tx.init(params), params)[0]
+
+    conv = {"kernel": kernel, "bias": jnp.ones(4)}
+    # optax's default: a 4-D kernel is not a matrix, so it takes the (Nesterov) AdamW
+    # fallback, whose first step is sign(g) times one common magnitude (up to eps).
+    default = np.abs(np.asarray(first_update(conv)["kernel"]))
+    np.testing.assert_allclose(default, default.mean(), rtol=1e-4)
+    # With the matrix view, the kernel's update is optax's own 2-D Muon update of the
+    # (18, 4) matrix, reshaped; the bias keeps the AdamW fallback.
+    update = first_update(conv, dimension_numbers=muon_peer.kernel_dimension_numbers)
+    as_matrix = first_update({"kernel": kernel.reshape(18, 4), "bias": jnp.ones(4)})
+    np.testing.assert_allclose(np.asarray(update["kernel"]).reshape(18, 4),
+                               np.asarray(as_matrix["kernel"]), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(np.abs(update["bias"]), default.mean(), rtol=1e-4)
+    # And it is orthogonalised: Newton-Schulz pulls the 100x spread together.
+    sv = np.linalg.svd(np.asarray(update["kernel"]).reshape(18, 4), compute_uv=False)
+    assert sv.max() / sv.min() < 3.0, sv
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # kfac-jax's own jax.core use
 def test_kfac_jax_trains(toy_data):
     pytest.importorskip("kfac_jax", reason="kfac-jax is not installed (pip install kfac-jax)")

@@ -1,8 +1,10 @@
 """Smoke test of ``python -m experiments.cnn`` and ``benchmarks.conv_memory`` at tiny size."""
 
 import json
+import sys
 
 import numpy as np
+import pytest
 
 from benchmarks import conv_memory
 from experiments import cnn
@@ -16,7 +18,7 @@ def test_cnn_experiment_smoke(tmp_path):
     assert tuple(results["plan"]["Conv_1"]["shape"]) == (3 * 3 * 4 + 1, 4)
     for method, r in results["methods"].items():
         if not r["available"]:
-            assert method == "kfac" and r["reason"]  # unavailable is said, with the reason
+            assert method in cnn.PEER_METHODS and r["reason"]  # said, with the reason
             continue
         assert r["iteration"] == [0, 3, 6]
         assert np.all(np.isfinite(r["train_loss"])) and r["ms_per_step"] > 0
@@ -27,6 +29,31 @@ def test_cnn_experiment_smoke(tmp_path):
     assert results["methods"]["adam"]["ratio_to_adam"] == 1.0
     cnn.plot(results, cfg, tmp_path / "cnn.png")
     assert (tmp_path / "cnn.png").stat().st_size > 0
+
+
+def test_cnn_reports_a_missing_peer_with_the_reason(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "psgd_jax", None)  # as if psgd-jax were not installed
+    monkeypatch.setitem(sys.modules, "psgd_jax.kron", None)
+    cfg = cnn.CNNConfig(steps=2, eval_every=2, batch_size=8, timing_rounds=1, timing_steps=1,
+                        channels=(2, 2), progress=False, out=str(tmp_path),
+                        methods=("adam", "psgd"))
+    results = cnn.run(cfg)["methods"]
+    assert results["psgd"]["available"] is False and "psgd_jax" in results["psgd"]["reason"]
+    assert results["adam"]["available"] and results["adam"]["iteration"] == [0, 2]
+    line = cnn.summary({"methods": results}, cfg).splitlines()[-1]
+    assert line.split()[:3] == ["psgd", "unavailable:", "psgd:"], line
+
+
+def test_cnn_own_methods_are_never_reported_unavailable(monkeypatch, tmp_path):
+    # A failure in this library's own optimiser must raise, not turn into "unavailable".
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in rngd")
+
+    monkeypatch.setattr(cnn.rfim_jax, "rngd", broken)
+    cfg = cnn.CNNConfig(steps=2, eval_every=2, batch_size=8, timing_rounds=1, timing_steps=1,
+                        channels=(2, 2), progress=False, out=str(tmp_path), methods=("rngd",))
+    with pytest.raises(RuntimeError, match="a bug in rngd"):
+        cnn.run(cfg)
 
 
 def test_conv_memory_benchmark_quick(tmp_path):

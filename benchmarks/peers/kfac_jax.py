@@ -194,13 +194,17 @@ def make_trainer(method, sizes, params0, x_all, y_all, *, chunk: int, batch: int
                           seed=seed)
 
 
-def cnn_step(model, params, batches, *, seed: int = 0, learning_rate: float = 0.01,
-             momentum: float = 0.9, damping: float = 0.1, inverse_update_period: int = 5):
-    """kfac-jax on a flax.linen model as a ``(params, state, x, y) -> (params, state, loss)``
-    step, for :mod:`experiments.cnn` (its Conv and Dense layers are K-FAC blocks).
+def logits_step(logits_fn, params, first_batch, *, seed: int = 0,
+                learning_rate: float = 0.01, momentum: float = 0.9, damping: float = 0.1,
+                inverse_update_period: int = 5):
+    """kfac-jax on a model given by ``logits_fn(params, x) -> (N, classes)`` logits, as a
+    ``(params, state, x, y) -> (params, state, loss)`` step (y: (N,) integer labels).
+
+    kfac-jax finds the model's dense and conv layers by graph matching at ``init``, which
+    runs here on ``first_batch`` ``(x, y)``.
 
     Returns:
-      ``(step, state, version)``; ``state`` is kfac-jax's state with the step count.
+      ``(step, state)``; ``state`` is kfac-jax's state with the step count.
 
     Raises:
       ImportError: when kfac-jax does not import.
@@ -208,11 +212,9 @@ def cnn_step(model, params, batches, *, seed: int = 0, learning_rate: float = 0.
     kfac_jax = load()
     opt = make_kfac_optimizer(
         kfac_jax, learning_rate=learning_rate, momentum=momentum, damping=damping,
-        inverse_update_period=inverse_update_period,
-        logits_fn=lambda p, x: model.apply({"params": p}, x))
+        inverse_update_period=inverse_update_period, logits_fn=logits_fn)
     key = jax.random.PRNGKey(seed)
-    x0, y0 = batches[0]
-    state0 = (opt.init(_copy(params), key, (x0, y0)), 0)
+    state0 = (opt.init(_copy(params), key, first_batch), 0)
 
     def step(p, state, x, y):
         opt_state, i = state
@@ -220,8 +222,24 @@ def cnn_step(model, params, batches, *, seed: int = 0, learning_rate: float = 0.
                                        global_step_int=i)
         return p, (opt_state, i + 1), stats["loss"]
 
+    return step, state0
+
+
+def cnn_step(model, params, batches, *, seed: int = 0, **kw):
+    """kfac-jax on a flax.linen model as a ``(params, state, x, y) -> (params, state, loss)``
+    step, for :mod:`experiments.cnn` (its Conv and Dense layers are K-FAC blocks); ``kw`` as
+    :func:`logits_step`.
+
+    Returns:
+      ``(step, state, version)``; ``state`` is kfac-jax's state with the step count.
+
+    Raises:
+      ImportError: when kfac-jax does not import.
+    """
     import importlib.metadata
 
+    step, state0 = logits_step(lambda p, x: model.apply({"params": p}, x), params,
+                               batches[0], seed=seed, **kw)
     return step, state0, importlib.metadata.version(DISTRIBUTION)
 
 

@@ -55,7 +55,10 @@ def describe(method) -> str:
 def make_optimizer(method, sizes: Sequence[int]) -> optax.GradientTransformation:
     """PSGD Kron with the learning rate, momentum (b1) and weight decay of ``method``.
 
-    Its ``init`` prints the preconditioner sizes; that print is silenced.
+    Its ``init`` prints the preconditioner sizes; that print is silenced.  Its update takes
+    no extra keyword arguments (psgd-jax's chain forwards them to a stage that refuses them),
+    so the ones a training step passes to every optimiser, such as ``activations=``, are
+    dropped here.
     """
     del sizes
     tx = load()(method.learning_rate, b1=method.momentum, weight_decay=method.weight_decay)
@@ -64,4 +67,8 @@ def make_optimizer(method, sizes: Sequence[int]) -> optax.GradientTransformation
         with contextlib.redirect_stdout(io.StringIO()):
             return tx.init(params)
 
-    return optax.GradientTransformationExtraArgs(init, tx.update)
+    def update(updates, state, params=None, **extra_args):
+        del extra_args
+        return tx.update(updates, state, params)
+
+    return optax.GradientTransformationExtraArgs(init, update)
