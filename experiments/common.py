@@ -226,8 +226,9 @@ def checked_step(method: str, build, params: Any, trial_args: Sequence) -> tuple
     """``(step, state)`` of an optimiser that may not run here (a peer), after a trial step.
 
     ``build()`` returns ``(step, state)`` with ``step(params, state, *trial_args) -> (params,
-    state, loss)``.  The trial step runs on a copy of ``params`` (a step may donate its
-    buffers) and its result is dropped; it also compiles the step.
+    state, loss)``.  The trial step runs on copies of ``params`` and ``state`` (a step may
+    donate its buffers, as kfac-jax's does) and its result is dropped; it also compiles the
+    step.
 
     Returns:
       ``(step, state)``, or ``(None, reason)`` when building or the trial step raises: the
@@ -238,7 +239,8 @@ def checked_step(method: str, build, params: Any, trial_args: Sequence) -> tuple
 
     try:
         step, state = build()
-        jax.block_until_ready(step(jax.tree.map(jnp.copy, params), state, *trial_args))
+        copies = jax.tree.map(jnp.copy, (params, state))
+        jax.block_until_ready(step(*copies, *trial_args))
     except Exception as e:  # noqa: BLE001 - any failure is reported, not hidden
         return None, f"{method}: {type(e).__name__}: {e}"
     return step, state
