@@ -16,8 +16,8 @@ on the same minibatches by:
 - ``rngd_head``: RNGD on the dense head only and Adam on the convolutions, through
   ``optax.partition`` (the only option before conv layers were supported);
 - ``adam`` and ``sgd`` (momentum 0.9);
-- ``kfac``: the real kfac-jax (Conv2D and dense blocks, its adaptive learning rate, momentum
-  and damping), through ``benchmarks.peers.kfac_jax``;
+- ``kfac``: the real kfac-jax (Conv2D and dense blocks; fixed lr 0.01, momentum 0.9, damping
+  0.1), through ``benchmarks.peers.kfac_jax.logits_step``;
 - ``muon``: ``optax.contrib.muon`` (``benchmarks.peers.muon``) with every kernel as a matrix,
   a convolution's ``(3, 3, c_in, c_out)`` as ``(9 c_in, c_out)``, and its AdamW fallback on
   the biases;
@@ -133,7 +133,7 @@ def rngd_layers(cfg: CNNConfig) -> dict[str, str]:
 
 
 def make_optimizer(method: str, cfg: CNNConfig, params) -> optax.GradientTransformationExtraArgs:
-    """The optax transformation of ``method`` ("kfac" is handled by :func:`run_kfac`)."""
+    """The optax transformation of ``method`` ("kfac" is kfac-jax's own step, see :func:`run`)."""
     lr = cfg.learning_rates[method]
     kw = dict(decay=cfg.rngd_decay, inverse_every=cfg.rngd_inverse_every,
               damping=cfg.rngd_damping)
@@ -190,22 +190,6 @@ def make_eval(model):
     return evaluate
 
 
-def run_kfac(model, params, batches, cfg: CNNConfig):
-    """kfac-jax's optimizer as a ``(params, state, x, y) -> (params, state, loss)`` step.
-
-    Returns ``(step, state, version)``, or ``(None, reason, None)`` when kfac-jax is not
-    available or fails.
-    """
-    try:
-        from benchmarks.peers import kfac_jax as peer
-    except Exception as e:  # noqa: BLE001 - any failure is reported, not hidden
-        return None, f"benchmarks.peers.kfac_jax: {type(e).__name__}: {e}", None
-    try:
-        return peer.cnn_step(model, params, batches, seed=cfg.seed)
-    except Exception as e:  # noqa: BLE001
-        return None, f"kfac-jax: {type(e).__name__}: {e}", None
-
-
 def run(cfg: CNNConfig) -> dict[str, Any]:
     """Trains every method on the same batches and returns the results (see the module doc)."""
     xtr, ytr, xte, yte = load(cfg)
@@ -223,16 +207,18 @@ def run(cfg: CNNConfig) -> dict[str, Any]:
 
     steps, states, results = {}, {}, {}
     for method in cfg.methods:
-        if method == "kfac":
-            step, state, _ = run_kfac(model, params0, batches, cfg)
-        else:
-            def build(method=method):
-                tx = make_optimizer(method, cfg, params0)
-                return make_step(model, tx), tx.init(params0)
+        def build(method=method):
+            if method == "kfac":
+                from benchmarks.peers import kfac_jax
 
-            # Only a peer may be unavailable; this library's own methods must run.
-            step, state = (common.checked_step(method, build, params0, batches[0])
-                           if method in PEER_METHODS else build())
+                return kfac_jax.logits_step(lambda p, x: model.apply({"params": p}, x),
+                                            params0, batches[0], seed=cfg.seed)
+            tx = make_optimizer(method, cfg, params0)
+            return make_step(model, tx), tx.init(params0)
+
+        # Only a peer may be unavailable; this library's own methods must run.
+        step, state = (common.checked_step(method, build, params0, batches[0])
+                       if method in PEER_METHODS else build())
         if step is None:
             results[method] = {"available": False, "reason": state}
             print(f"{method}: unavailable ({state})")

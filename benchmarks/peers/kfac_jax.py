@@ -225,24 +225,6 @@ def logits_step(logits_fn, params, first_batch, *, seed: int = 0,
     return step, state0
 
 
-def cnn_step(model, params, batches, *, seed: int = 0, **kw):
-    """kfac-jax on a flax.linen model as a ``(params, state, x, y) -> (params, state, loss)``
-    step, for :mod:`experiments.cnn` (its Conv and Dense layers are K-FAC blocks); ``kw`` as
-    :func:`logits_step`.
-
-    Returns:
-      ``(step, state, version)``; ``state`` is kfac-jax's state with the step count.
-
-    Raises:
-      ImportError: when kfac-jax does not import.
-    """
-    import importlib.metadata
-
-    step, state0 = logits_step(lambda p, x: model.apply({"params": p}, x), params,
-                               batches[0], seed=seed, **kw)
-    return step, state0, importlib.metadata.version(DISTRIBUTION)
-
-
 def run_standalone(data, *, sizes: Sequence[int] = harness.PAPER_SIZES, steps: int = 600,
                    batch: int = harness.BATCH, seed: int = 0) -> dict:
     """kfac-jax alone, fully adaptive, for ``steps`` steps, timed per step (a quick check
