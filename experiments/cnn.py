@@ -157,7 +157,7 @@ def make_optimizer(method: str, cfg: CNNConfig, params) -> optax.GradientTransfo
 
         if method == "muon":
             return muon.make_optimizer(harness.Method("muon", "muon", lr, momentum=0.95), (),
-                                       dimension_numbers=muon.kernel_dimension_numbers)
+                                       dimension_numbers=muon.kernel_dimension_numbers(params))
         return psgd.make_optimizer(harness.Method("psgd", "psgd_kron", lr), ())
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}.")
 

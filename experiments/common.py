@@ -239,7 +239,10 @@ def checked_step(method: str, build, params: Any, trial_args: Sequence) -> tuple
 
     try:
         step, state = build()
-        copies = jax.tree.map(jnp.copy, (params, state))
+        # Only the arrays: a Python scalar in a state (kfac-jax's step count, a static
+        # argument of its step) must stay one.
+        copies = jax.tree.map(lambda a: jnp.copy(a) if isinstance(a, jax.Array) else a,
+                              (params, state))
         jax.block_until_ready(step(*copies, *trial_args))
     except Exception as e:  # noqa: BLE001 - any failure is reported, not hidden
         return None, f"{method}: {type(e).__name__}: {e}"

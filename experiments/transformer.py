@@ -16,7 +16,9 @@ warm-up and cosine decay of the learning rate.  Methods, on the same batches:
   blocks, ``2 N m d^2`` flops per step) are eigen;
 - ``rngd_mlp``: RNGD on the MLPs only, AdamW on the rest (``optax.partition``);
 - ``adamw``;
-- ``muon``: ``optax.contrib.muon`` (Adam for the non-matrix params, as it does by default);
+- ``muon``: ``optax.contrib.muon`` on the hidden matrices, the attention projections viewed
+  as matrices (``benchmarks.peers.muon.kernel_dimension_numbers``); its AdamW fallback for
+  the embeddings, the head, the biases and the norms, as Muon's authors use it;
 - ``psgd``: PSGD Kron from the registry's psgd-jax (``benchmarks.peers.psgd``), its default
   preconditioner-update schedule, under the same warm-up and cosine decay;
 - ``kfac``: kfac-jax (``benchmarks.peers.kfac_jax``), fixed lr 0.01, momentum 0.9, damping
@@ -171,7 +173,14 @@ def make_optimizer(method: str, cfg: TransformerConfig, params):
     if method == "adamw":
         return optax.with_extra_args_support(optax.adamw(lr, weight_decay=cfg.weight_decay))
     if method == "muon":
-        return optax.with_extra_args_support(optax.contrib.muon(lr))
+        from benchmarks.peers import muon
+
+        # Muon as its authors use it on a transformer: the hidden matrices (attention
+        # projections viewed as matrices, the MLPs) take the Muon step; the embeddings, the
+        # head, the biases and the norms take its AdamW fallback.
+        dims = muon.kernel_dimension_numbers(params, adamw=("head",))
+        return optax.with_extra_args_support(optax.contrib.muon(
+            lr, muon_weight_dimension_numbers=dims))
     if method == "psgd":
         from benchmarks import harness
         from benchmarks.peers import psgd

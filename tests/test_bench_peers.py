@@ -120,13 +120,63 @@ def test_muon_kernel_dimension_numbers_orthogonalise_a_conv_kernel_as_a_matrix()
     np.testing.assert_allclose(default, default.mean(), rtol=1e-4)
     # With the matrix view, the kernel's update is optax's own 2-D Muon update of the
     # (18, 4) matrix, reshaped; the bias keeps the AdamW fallback.
-    update = first_update(conv, dimension_numbers=muon_peer.kernel_dimension_numbers)
+    update = first_update(conv, dimension_numbers=muon_peer.kernel_dimension_numbers(conv))
     as_matrix = first_update({"kernel": kernel.reshape(18, 4), "bias": jnp.ones(4)})
     np.testing.assert_allclose(np.asarray(update["kernel"]).reshape(18, 4),
                                np.asarray(as_matrix["kernel"]), rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(np.abs(update["bias"]), default.mean(), rtol=1e-4)
     # And it is orthogonalised: Newton-Schulz pulls the 100x spread together.
     sv = np.linalg.svd(np.asarray(update["kernel"]).reshape(18, 4), compute_uv=False)
+    assert sv.max() / sv.min() < 3.0, sv
+
+
+def test_muon_kernel_dimension_numbers_view_attention_projections_as_matrices():
+    # Flax's attention: query/key/value kernels (d, heads, head_dim) with (heads, head_dim)
+    # biases, the output projection (heads, head_dim, d) with a (d,) bias.  optax's default
+    # sent the 3-D kernels to AdamW and gave Muon the 2-D biases and embedding tables.
+    from benchmarks.peers import muon as muon_peer
+
+    rng = np.random.default_rng(2)
+
+    def spread(rows, cols, seed):
+        q1, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(rows, cols)))
+        return (q1 * np.geomspace(10.0, 0.1, cols)) @ np.linalg.qr(rng.normal(size=(cols, cols)))[0]
+
+    q = spread(8, 6, 3).reshape(8, 2, 3)  # (d, heads, head_dim)
+    o = spread(8, 6, 5).T.reshape(2, 3, 8)  # (heads, head_dim, d)
+    params = {
+        "attn": {"query": {"kernel": jnp.asarray(q, jnp.float32), "bias": jnp.ones((2, 3))},
+                 "out": {"kernel": jnp.asarray(o, jnp.float32), "bias": jnp.ones(8)}},
+        "tok": {"embedding": jnp.asarray(rng.normal(size=(5, 8)), jnp.float32)},
+        "head": {"kernel": jnp.asarray(rng.normal(size=(8, 5)), jnp.float32),
+                 "bias": jnp.ones(5)},
+    }
+    method = speed.Method("muon", "muon", 0.01, momentum=0.95)
+
+    def first_update(p, dims):
+        tx = muon_peer.make_optimizer(method, (), dimension_numbers=dims)
+        return tx.update(p, tx.init(p), p)[0]
+
+    dims = muon_peer.kernel_dimension_numbers(params, adamw=("head",))
+    update = first_update(params, dims)
+    # Each projection's update is optax's own 2-D Muon update of its matrix view.
+    as_matrices = first_update(
+        {"q": params["attn"]["query"]["kernel"].reshape(8, 6),
+         "o": params["attn"]["out"]["kernel"].reshape(6, 8)}, None)
+    np.testing.assert_allclose(np.asarray(update["attn"]["query"]["kernel"]).reshape(8, 6),
+                               as_matrices["q"], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(update["attn"]["out"]["kernel"]).reshape(6, 8),
+                               as_matrices["o"], rtol=1e-4, atol=1e-7)
+    # The biases, the embedding table and the head (named in adamw=) take the AdamW
+    # fallback, whose first step is sign(g) times one common magnitude.
+    fallback = [update["attn"]["query"]["bias"], update["attn"]["out"]["bias"],
+                update["tok"]["embedding"], update["head"]["kernel"], update["head"]["bias"]]
+    magnitude = float(np.abs(np.asarray(fallback[0])).mean())
+    for leaf in fallback:
+        np.testing.assert_allclose(np.abs(np.asarray(leaf)), magnitude, rtol=1e-4)
+    # Muon's update differs from that: it is orthogonalised.
+    sv = np.linalg.svd(np.asarray(update["attn"]["query"]["kernel"]).reshape(8, 6),
+                       compute_uv=False)
     assert sv.max() / sv.min() < 3.0, sv
 
 

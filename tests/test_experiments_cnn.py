@@ -3,6 +3,7 @@
 import json
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -42,6 +43,21 @@ def test_cnn_reports_a_missing_peer_with_the_reason(monkeypatch, tmp_path):
     assert results["adam"]["available"] and results["adam"]["iteration"] == [0, 2]
     line = cnn.summary({"methods": results}, cfg).splitlines()[-1]
     assert line.split()[:3] == ["psgd", "unavailable:", "psgd:"], line
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # kfac-jax's own jax.core use
+def test_cnn_runs_kfac_jax_when_it_is_installed(tmp_path):
+    # An installed peer that runs must be run: a fault on our side once turned every
+    # kfac-jax run into "unavailable" (its step count became an array, see
+    # tests/test_experiments_common.py).
+    pytest.importorskip("kfac_jax", reason="kfac-jax is not installed (pip install kfac-jax)")
+    cfg = cnn.CNNConfig(steps=2, eval_every=2, batch_size=8, timing_rounds=1, timing_steps=1,
+                        channels=(2, 2), progress=False, out=str(tmp_path),
+                        methods=("adam", "kfac"))
+    with jax.enable_x64(False):  # kfac-jax 0.0.8 mixes float64 factors in under x64
+        results = cnn.run(cfg)["methods"]
+    assert results["kfac"]["available"], results["kfac"].get("reason")
+    assert np.all(np.isfinite(results["kfac"]["train_loss"]))
 
 
 def test_cnn_own_methods_are_never_reported_unavailable(monkeypatch, tmp_path):

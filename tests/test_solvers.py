@@ -220,6 +220,32 @@ def test_bad_blocks_fall_back_and_stay_finite(method):
         )
 
 
+@pytest.mark.parametrize("d", [300, 520])  # one split in two; two levels of splits
+def test_gauss_jordan_above_the_split_size_matches_numpy_and_flags_singular_blocks(d):
+    # Blocks above 256 are inverted through the Schur complement of their first half.  A
+    # singular direction inside either half must fail the pivot test as the sweep's would.
+    dtype = np.float32
+    rng = np.random.default_rng(d)
+    good, cond = random_spd(rng, (2,), d, np.array([1.0, 1e3]), dtype)
+    singular = []
+    for dead in (3, d - 5):  # a zero row and column in the first half, then the second
+        g = good[0].copy()
+        g[dead, :] = 0.0
+        g[:, dead] = 0.0
+        singular.append(g)
+    blocks = np.stack([*good, *singular])
+    inv, ok = _inverse(blocks, method="gauss_jordan")
+    inv, ok = np.asarray(inv), np.asarray(ok)
+    np.testing.assert_array_equal(ok, [True, True, False, False])
+    ref = np.linalg.inv(good.astype(np.float64))
+    assert np.all(rel_err(inv[:2], ref) <= error_bound(cond, d, dtype)), rel_err(inv[:2], ref)
+    np.testing.assert_array_equal(inv, np.swapaxes(inv, -1, -2))
+    assert np.all(np.isfinite(inv))
+    # The singular blocks get the documented fallback (no previous): diag(1 / G_kk).
+    np.testing.assert_allclose(inv[2:], _expected_fallback(blocks[2:], [None] * 2),
+                               rtol=4 * np.finfo(dtype).eps)
+
+
 @jax.jit
 def _ns_cases(g, previous):
     return (
