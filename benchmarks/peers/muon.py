@@ -43,8 +43,8 @@ def kernel_dimension_numbers(params: Any, *, adamw: Sequence[str] = ()) -> Any:
     """Muon's matrix view of every layer kernel; everything else takes the AdamW fallback.
 
     A layer is a mapping with a ``"kernel"`` (Flax's Dense, DenseGeneral and Conv).  Its
-    output axes are the trailing axes its bias has (all of them when it has no bias, one
-    axis), the others reduce:
+    output axes are its trailing axes, as many as its bias has (the last axis alone when it
+    has no bias, so a multi-axis kernel without a bias is viewed wrongly); the others reduce:
 
     * Dense ``(d_in, m)``: optax's default, ``(d_in, m)``;
     * Conv ``(*window, c_in, c_out)``: ``(prod(window) c_in, c_out)``, the flattening

@@ -95,9 +95,8 @@ w = 0.394 = 1 - 0.995^100 the T = 100 refresh interval)::
 
 (The gauss_jordan row predates the Schur split above 256; see ``"gauss_jordan"`` for the
 785 x 785 time with it.)  Newton-Schulz costs 4 d^3 flops per iteration against the sweep's
-2 d^3 in total, so on
-CPU it only pays when warm-started very close (and then still loses to the sweep); it is
-the matmul-only option for accelerators.
+2 d^3 in total, so on CPU it only pays when warm-started very close (and then still loses to
+the sweep); it is the matmul-only option for accelerators.
 
 Failure and fallback
 --------------------
@@ -364,9 +363,8 @@ def _gauss_jordan_sweep(a: jax.Array, floor: jax.Array) -> tuple[jax.Array, jax.
     dp = p * nb
     a = _pad_identity(a, dp)
     # The padding's unit pivots get the floor of a unit diagonal.
-    floor = jnp.concatenate(
-        [floor, jnp.broadcast_to(_pivot_floor(jnp.ones((), a.dtype)), (*floor.shape[:-1], dp - d))],
-        axis=-1)
+    floor = jnp.pad(floor, [(0, 0)] * (floor.ndim - 1) + [(0, dp - d)],
+                    constant_values=_pivot_floor(jnp.ones((), a.dtype)))
     idx = jnp.arange(dp)
     eye = jnp.eye(dp, dtype=a.dtype)
 
