@@ -172,19 +172,17 @@ def make_optimizer(method: str, cfg: TransformerConfig, params):
              "adamw": optax.adamw(lr, weight_decay=cfg.weight_decay)}, labels)
     if method == "adamw":
         return optax.with_extra_args_support(optax.adamw(lr, weight_decay=cfg.weight_decay))
-    if method == "muon":
-        from benchmarks.peers import muon
-
-        # Muon as its authors use it on a transformer: the hidden matrices (attention
-        # projections viewed as matrices, the MLPs) take the Muon step; the embeddings, the
-        # head, the biases and the norms take its AdamW fallback.
-        dims = muon.kernel_dimension_numbers(params, adamw=("head",))
-        return optax.with_extra_args_support(optax.contrib.muon(
-            lr, muon_weight_dimension_numbers=dims))
-    if method == "psgd":
+    if method in ("muon", "psgd"):
         from benchmarks import harness
-        from benchmarks.peers import psgd
+        from benchmarks.peers import muon, psgd
 
+        if method == "muon":
+            # Muon as its authors use it on a transformer: the hidden matrices (attention
+            # projections viewed as matrices, the MLPs) take the Muon step; the embeddings,
+            # the head, the biases and the norms take its AdamW fallback.
+            return optax.with_extra_args_support(muon.make_optimizer(
+                harness.Method("muon", "muon", lr, momentum=0.95), (),
+                dimension_numbers=muon.kernel_dimension_numbers(params, adamw=("head",))))
         return psgd.make_optimizer(harness.Method("psgd", "psgd_kron", lr), ())
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}.")
 
