@@ -2,7 +2,8 @@
 
 Deciding which dtype to compute in is not an implicit promotion of data: it is done here under
 standard promotion, and every array is then cast to the chosen dtype explicitly.  That keeps
-the library usable when the caller runs ``jax_numpy_dtype_promotion="strict"``.
+the library usable when the caller runs ``jax_numpy_dtype_promotion="strict"``.  The casts
+back to a narrow storage dtype live here too (:func:`stochastic_round`).
 """
 
 from __future__ import annotations
@@ -55,3 +56,44 @@ def at_least_float32(*args) -> jnp.dtype:
         if not jnp.issubdtype(dtype, jnp.floating):
             return jnp.dtype(jnp.float32)
         return jnp.dtype(jnp.promote_types(dtype, jnp.float32))
+
+
+def narrower_than_float32(dtype) -> bool:
+    """Whether ``dtype`` is a float with fewer mantissa bits than float32 (bfloat16, float16)."""
+    dtype = jnp.dtype(dtype)
+    return bool(jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).nmant < 23)
+
+
+def stochastic_round(x: jax.Array, dtype, key: jax.Array) -> jax.Array:
+    """Casts ``x`` to the narrower float ``dtype`` by unbiased stochastic rounding.
+
+    ``x`` goes to one of its two neighbours ``lo <= x < hi`` in ``dtype``, to ``hi`` with
+    probability ``(x - lo) / (hi - lo)``, so the cast is exact in expectation. A value that
+    ``dtype`` represents exactly is returned unchanged, and inf and NaN pass through.
+
+    Why: a moving average ``a <- decay a + (1 - decay) b`` stored in bfloat16 (8-bit
+    mantissa, relative spacing 2^-7) and cast by rounding to nearest loses every step smaller
+    than half a spacing. At ``decay=0.995`` that is any ``|b - a| < 0.78 |a|``, so the average
+    stalls wherever the statistics drift slowly. Stochastic rounding keeps it unbiased.
+
+    Args:
+      x: a float array, wider than ``dtype`` (e.g. float32).
+      dtype: the floating dtype to store in (e.g. ``jnp.bfloat16``).
+      key: a ``jax.random`` key; the same key gives the same rounding.
+
+    Returns:
+      ``x`` in ``dtype``, same shape.
+
+    References:
+      Gupta et al., *Deep Learning with Limited Numerical Precision*, ICML 2015 (Sec. 3).
+    """
+    dtype = jnp.dtype(dtype)
+    nearest = x.astype(dtype)
+    below = nearest.astype(x.dtype) <= x
+    lo = jnp.where(below, nearest, jnp.nextafter(nearest, jnp.asarray(-jnp.inf, dtype)))
+    hi = jnp.nextafter(lo, jnp.asarray(jnp.inf, dtype))
+    lo_w, hi_w = lo.astype(x.dtype), hi.astype(x.dtype)
+    # Adjacent values of the narrow dtype differ exactly in the wide one (Sterbenz), so the
+    # probability is exact up to one rounding.
+    up = jax.random.uniform(key, x.shape, x.dtype) * (hi_w - lo_w) < (x - lo_w)
+    return jnp.where(up & jnp.isfinite(x), hi, jnp.where(jnp.isfinite(x), lo, nearest))

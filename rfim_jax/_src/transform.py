@@ -186,8 +186,11 @@ def scale_by_rngd(
         with an error naming the layer, its kind, representation and bytes, and the
         cheaper representations.
       state_dtype: the dtype the state is *stored* in (e.g. ``jnp.bfloat16``, like optax's
-        ``mu_dtype``); statistics are always accumulated in at least float32.  Default: the
-        kernel's dtype promoted to at least float32.
+        ``mu_dtype``); statistics are always accumulated in at least float32.  In a float
+        narrower than float32 the moving averages are stored by unbiased stochastic rounding
+        (keyed by the step count and the layer), which keeps a ``(1 - decay)`` step that
+        rounding to nearest would drop.  Default: the kernel's dtype promoted to at least
+        float32.
       axis_name: for SPMD training where each program instance sees its own shard of the
         batch (``jax.pmap``, ``shard_map``): the mapped axis over which the fresh statistics
         are averaged (``lax.pmean``), as K-FAC implementations do, so that replicas stay
@@ -332,12 +335,15 @@ def scale_by_rngd(
 
         new_metrics, new_inverses, new_skipped, new_fallbacks = {}, {}, {}, {}
         preconditioners = {}
-        for layer, est in resolved:
+        # Moving averages stored narrower than float32 are rounded stochastically, from a key
+        # that depends only on the step count and the layer (see dtypes.stochastic_round).
+        store_key = jax.random.fold_in(jax.random.key(0), count)
+        for index, (layer, est) in enumerate(resolved):
             path = layer.path
             preconditioners[path] = (layer, est.preconditioner(
                 layer, stats[path], factors[path], normalize=normalize_max_eigenvalue))
-            new_metrics[path] = jax.tree.map(
-                lambda a, s: a.astype(s.dtype), stats[path], state.metrics[path])
+            new_metrics[path] = _store_averages(
+                stats[path], state.metrics[path], jax.random.fold_in(store_key, index))
             new_inverses[path] = jax.tree.map(
                 lambda a, s: a.astype(s.dtype), factors[path], state.inverses[path])
             new_skipped[path] = state.skipped[path] + bad[path]
@@ -374,3 +380,19 @@ def scale_by_rngd(
         return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _store_averages(work: Any, stored: Any, key: jax.Array) -> Any:
+    """Casts a layer's moving averages ``work`` back to the dtypes of ``stored``.
+
+    A float narrower than float32 (bfloat16, float16) takes unbiased stochastic rounding; any
+    other dtype the plain cast, one key per leaf, since rounding to nearest
+    would drop the average's small steps (``(1 - decay) = 0.005`` of the value by default).
+    """
+    leaves, treedef = jax.tree.flatten(work)
+    out = [
+        dtypes_lib.stochastic_round(a, s.dtype, jax.random.fold_in(key, i))
+        if dtypes_lib.narrower_than_float32(s.dtype) else a.astype(s.dtype)
+        for i, (a, s) in enumerate(zip(leaves, jax.tree.leaves(stored), strict=True))
+    ]
+    return jax.tree.unflatten(treedef, out)
