@@ -38,6 +38,12 @@ def test_stochastic_round_keeps_exact_values_and_specials():
         np.testing.assert_array_equal(np.asarray(out), np.asarray(x))
 
 
+def test_stochastic_round_saturates_finite_values_beyond_the_range():
+    x = jnp.asarray([1e5, -7e4, 65504.0], jnp.float32)
+    out = dtypes.stochastic_round(x, jnp.float16, jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(out, np.float32), [65504.0, -65504.0, 65504.0])
+
+
 def test_narrower_than_float32():
     assert dtypes.narrower_than_float32(jnp.bfloat16)
     assert dtypes.narrower_than_float32(jnp.float16)

@@ -69,7 +69,9 @@ def stochastic_round(x: jax.Array, dtype, key: jax.Array) -> jax.Array:
 
     ``x`` goes to one of its two neighbours ``lo <= x < hi`` in ``dtype``, to ``hi`` with
     probability ``(x - lo) / (hi - lo)``, so the cast is exact in expectation. A value that
-    ``dtype`` represents exactly is returned unchanged, and inf and NaN pass through.
+    ``dtype`` represents exactly is returned unchanged, and inf and NaN pass through. A finite
+    value beyond ``dtype``'s range saturates at its largest finite value rather than becoming
+    inf (float16 ends at 65504; bfloat16 has float32's range).
 
     Why: a moving average ``a <- decay a + (1 - decay) b`` stored in bfloat16 (8-bit
     mantissa, relative spacing 2^-7) and cast by rounding to nearest loses every step smaller
@@ -88,6 +90,8 @@ def stochastic_round(x: jax.Array, dtype, key: jax.Array) -> jax.Array:
       Gupta et al., *Deep Learning with Limited Numerical Precision*, ICML 2015 (Sec. 3).
     """
     dtype = jnp.dtype(dtype)
+    big = jnp.asarray(jnp.finfo(dtype).max, x.dtype)
+    x = jnp.where(jnp.isfinite(x), jnp.clip(x, -big, big), x)
     nearest = x.astype(dtype)
     below = nearest.astype(x.dtype) <= x
     lo = jnp.where(below, nearest, jnp.nextafter(nearest, jnp.asarray(-jnp.inf, dtype)))
