@@ -85,3 +85,25 @@ def test_negative_or_nan_damping_is_refused_everywhere(damping):
                 call(metric)
     with pytest.raises(ValueError, match=r"damping must be >= 0"):
         rfim_jax.add_damping(blocks, damping)
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda: rfim_jax.scale_by_rngd({"Dense_0": "swish"}), r"layer 'Dense_0': unknown kind"),
+    (lambda: rfim_jax.rngd(0.1, {"Dense_0": "relu"}, representation="kfac"),
+     r"representation: unknown representation 'kfac'"),
+    (lambda: rfim_jax.scale_by_rngd({"Dense_0": "relu"}, representation={"Dense_0": "kfac"}),
+     r"layer 'Dense_0': unknown representation 'kfac'"),
+    (lambda: rfim_jax.scale_by_rngd(None, default_kind="swish"),
+     r"default_kind: unknown kind 'swish'"),
+    (lambda: rfim_jax.scale_by_whitening(None, stacked_layers="Dense_0"),
+     r"stacked_layers must be a list"),
+])
+def test_arguments_that_need_no_params_are_checked_when_the_transform_is_built(build, match):
+    """A typo in a kind or representation fails where it is written, not at the first init."""
+    with pytest.raises((ValueError, TypeError), match=match):
+        build()
+
+
+def test_layers_must_be_a_mapping_when_built():
+    with pytest.raises(TypeError, match=r"layers must map layer paths to kinds.*got list"):
+        rfim_jax.scale_by_rngd(["Dense_0"])

@@ -229,6 +229,18 @@ def test_arithmetic_matches_dense(kind, m, d_in, seed, has_bias):
     assert (g.astype(jnp.float32).to_dense()).dtype == jnp.float32
 
 
+def test_arithmetic_across_representations_or_shapes_is_a_named_error():
+    blocks, _, _ = _build("blockdiag", 2, 3, True, 0)
+    shared, _, _ = _build("shared", 2, 3, True, 0)
+    wider, _, _ = _build("blockdiag", 3, 3, True, 0)
+    with pytest.raises(TypeError, match=r"BlockDiagonalMetric arithmetic needs another "
+                                        r"BlockDiagonalMetric.*got SharedBlockMetric"):
+        blocks + shared
+    with pytest.raises(ValueError, match=r"needs equal shapes, got \[\(2, 4, 4\)\] and "
+                                         r"\[\(3, 4, 4\)\]"):
+        blocks - wider
+
+
 @params
 @biases
 def test_pytree_jit_vmap_pass_through(kind, has_bias):

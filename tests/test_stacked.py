@@ -254,3 +254,138 @@ def test_nnx_remat_capture_and_what_cannot_be_captured():
         with pytest.raises(ValueError, match=r"capture_nnx: an nnx.(Linear|LayerNorm) inside a "
                                              r"lifted transform .*" + match + r".*plain-JAX route"):
             rfim_jax.capture_nnx(cls(nnx.Rngs(0)), x)
+
+
+# ------------------------------------------------ bias-free stacks, declared with stacked_layers
+
+
+@pytest.mark.parametrize("kind, rep", [("relu", "exact"), ("linear", "exact"),
+                                       ("tanh", "diagonal"), ("tanh", "eigen")])
+def test_declared_bias_free_stack_is_independent_layers(kind, rep):
+    rng = np.random.default_rng(3)
+    params = {"scan": {"kernel": jnp.asarray(rng.normal(size=(L, D_IN, M)))}}
+    # Undeclared, the kernel reads as one (L * D_IN) -> M layer; declared, as L layers.
+    assert rfim_jax.rngd_plan(params, {"scan": kind})["scan"].shape == (L * D_IN, M)
+    plan = rfim_jax.rngd_plan(params, {"scan": kind}, representation=rep,
+                              stacked_layers=["scan"])
+    assert plan["scan"].shape == (D_IN, M)
+    decay, eps0 = 0.7, 0.02
+    tx = rfim_jax.scale_by_rngd({"scan": kind}, representation=rep, decay=decay, damping=eps0,
+                                inverse_every=1, stacked_layers=["scan"])
+    state = tx.init(params)
+    assert all(a.shape[0] == L for a in jax.tree.leaves(state.metrics["scan"]))
+    refs = [ReferenceRNGD({"l": (kind, D_IN, M, False)}, decay, 1, eps0) for _ in range(L)]
+    step = jax.jit(lambda g, s, a: tx.update(g, s, activations=a))
+    for _ in range(2):
+        x = rng.normal(size=(L, N, D_IN))
+        z = np.einsum("lnd,ldm->lnm", x, params["scan"]["kernel"])
+        g = {"scan": {"kernel": jnp.asarray(rng.normal(size=(L, D_IN, M)))}}
+        updates, state = step(g, state, {"scan": {"inputs": jnp.asarray(x),
+                                                  "preacts": jnp.asarray(z)}})
+        assert np.isfinite(updates["scan"]["kernel"]).all()
+        if rep != "exact":
+            continue  # the reference is SPEC §4's exact algorithm
+        for k, ref in enumerate(refs):
+            want = ref.update({"l": {"kernel": np.asarray(g["scan"]["kernel"][k])}},
+                              {"l": {"inputs": x[k], "preacts": z[k]}})["l"][0]
+            np.testing.assert_allclose(updates["scan"]["kernel"][k], want, rtol=1e-9)
+    # The diagnostics read the stack from the state: one metric per slice.
+    metrics = rfim_jax.layer_metrics(state, params)
+    assert sorted(metrics) == [f"scan/{k}" for k in range(L)]
+
+
+def test_declared_stack_of_scale_only_norms_against_numpy():
+    """RMSNorm scales (L, D) with no shift: feature j of slice k has the 1 x 1 RFIM
+    mean(u_j^2) (SPEC §8), damped by eps0 times itself, averaged from 1."""
+    rng = np.random.default_rng(4)
+    decay, eps0 = 0.8, 0.1
+    params = {"norm": {"scale": jnp.asarray(rng.normal(size=(L, M)))}}
+    tx = rfim_jax.scale_by_rngd({"norm": "linear"}, decay=decay, damping=eps0,
+                                inverse_every=1, stacked_layers=["norm"])
+    u = rng.normal(size=(L, N, M))
+    z = u * np.asarray(params["norm"]["scale"])[:, None, :]
+    g = rng.normal(size=(L, M))
+    updates, _ = tx.update({"norm": {"scale": jnp.asarray(g)}}, tx.init(params),
+                           activations={"norm": {"inputs": jnp.asarray(u),
+                                                 "preacts": jnp.asarray(z)}})
+    fresh = (u ** 2).mean(axis=1) * (1 + eps0)
+    np.testing.assert_allclose(updates["norm"]["scale"], g / (decay + (1 - decay) * fresh),
+                               rtol=1e-9)
+
+
+def test_linen_scan_of_bias_free_layers_trains_with_stacked_layers():
+    import flax.linen as nn
+
+    class Body(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return nn.relu(nn.Dense(4, use_bias=False)(nn.RMSNorm()(x))), None
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            scan = nn.scan(Body, variable_axes={"params": 0, "rfim_activations": 0},
+                           split_rngs={"params": True}, length=L)
+            return nn.Dense(3)(scan()(x, None)[0])
+
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(N, 4)))
+    y = jnp.asarray(rng.integers(0, 3, size=N))
+    model = Model()
+    params = model.init(jax.random.PRNGKey(0), x)["params"]
+    assert params["ScanBody_0"]["Dense_0"]["kernel"].shape == (L, 4, 4)
+    layers = {"ScanBody_0/Dense_0": "relu", "ScanBody_0/RMSNorm_0": "linear",
+              "Dense_0": "softmax"}
+
+    def loss_fn(p):
+        logits, acts = rfim_jax.capture_linen(model, {"params": p}, x)
+        return jnp.mean(-jax.nn.log_softmax(logits)[jnp.arange(N), y]), acts
+
+    # Undeclared, the update says which layer to declare.
+    tx = rfim_jax.rngd(0.05, layers)
+    (_, acts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    with pytest.raises(ValueError, match=r"RMSNorm_0.*stacked_layers"):
+        tx.init(params)
+    tx = rfim_jax.rngd(0.05, {"ScanBody_0/Dense_0": "relu"})
+    with pytest.raises(ValueError, match=r"stacked_layers=\['ScanBody_0/Dense_0'\]"):
+        tx.update(grads, tx.init(params), params, activations=acts)
+
+    decay, eps0 = 0.9, 0.01
+    stack = ["ScanBody_0/Dense_0", "ScanBody_0/RMSNorm_0"]
+    inner = rfim_jax.scale_by_rngd(layers, decay=decay, damping=eps0, inverse_every=1,
+                                   stacked_layers=stack)
+    updates, _ = inner.update(grads, inner.init(params), params, activations=acts)
+    dense_g, dense_a = grads["ScanBody_0"]["Dense_0"], acts["ScanBody_0"]["Dense_0"]
+    for k in range(L):
+        ref = ReferenceRNGD({"l": ("relu", 4, 4, False)}, decay, 1, eps0)
+        want = ref.update({"l": {"kernel": np.asarray(dense_g["kernel"][k], np.float64)}},
+                          {"l": {n: np.asarray(dense_a[n][k], np.float64)
+                                 for n in ("inputs", "preacts")}})["l"][0]
+        np.testing.assert_allclose(updates["ScanBody_0"]["Dense_0"]["kernel"][k], want,
+                                   rtol=2e-4, atol=1e-7)
+
+    tx = rfim_jax.rngd(0.05, layers, stacked_layers=stack)
+    state = tx.init(params)
+
+    @jax.jit
+    def train_step(p, s):
+        (loss, acts), grads = jax.value_and_grad(loss_fn, has_aux=True)(p)
+        upd, s = tx.update(grads, s, p, activations=acts)
+        return jax.tree.map(jnp.add, p, upd), s, loss
+
+    losses = []
+    for _ in range(30):
+        params, state, loss = train_step(params, state)
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_stacked_layers_errors():
+    params = {"a": {"kernel": jnp.ones((D_IN, M))}, "b": {"kernel": jnp.ones((L, D_IN, M))}}
+    with pytest.raises(TypeError, match="stacked_layers must be a list"):
+        rfim_jax.scale_by_rngd({"b": "relu"}, stacked_layers="b")
+    with pytest.raises(ValueError, match=r"stacked_layers names paths that are not among the "
+                                         r"layers: \['c'\]"):
+        rfim_jax.scale_by_rngd({"b": "relu"}, stacked_layers=["c"]).init(params)
+    with pytest.raises(ValueError, match=r"layer 'a' is declared in stacked_layers.*\(4, 5\)"):
+        rfim_jax.scale_by_rngd({"a": "relu"}, stacked_layers=["a"]).init(params)

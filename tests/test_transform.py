@@ -332,11 +332,13 @@ def test_eigen_and_diagonal_match_numpy_reference(representation, seed, has_bias
         assert state.metrics[path]["S"].shape == (rows, d)
 
 
+@pytest.mark.parametrize("sigma", [1.0, 2.5])
 @pytest.mark.parametrize("has_bias", [True, False])
-def test_linear_kind_eigen_equals_exact_with_refresh_every_step(has_bias):
+def test_linear_kind_eigen_equals_exact_with_refresh_every_step(has_bias, sigma):
+    """SPEC §7, for any sigma: the identity start must not be rescaled by 1/sigma^2."""
     rng = np.random.default_rng(5)
     params, specs = _make_problem(rng, ["linear", "linear"], has_bias=has_bias)
-    layers = {p: "linear" for p in specs}
+    layers = {p: rfim_jax.Linear(sigma=sigma) for p in specs}
     runs = {}
     for rep in ("exact", "eigen"):
         tx = rfim_jax.scale_by_rngd(layers, decay=0.7, inverse_every=1, damping=0.03,

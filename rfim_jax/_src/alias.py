@@ -5,7 +5,7 @@ Like optax's ``_src/alias.py``, the aliases live apart from the transformation t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import optax
@@ -35,6 +35,7 @@ def rngd(
     state_dtype: Any = None,
     axis_name: str | None = None,
     skip_nonfinite: bool = True,
+    stacked_layers: Iterable[str] = (),
 ) -> optax.GradientTransformationExtraArgs:
     """Relative natural gradient descent: ``chain(scale_by_rngd, trace, -learning_rate)``.
 
@@ -49,7 +50,7 @@ def rngd(
       nesterov: Nesterov momentum.
       decay, inverse_every, damping, update_every, normalize_max_eigenvalue, solver,
         default_kind, representation, exact_budget_bytes, max_state_bytes, state_dtype,
-        axis_name, skip_nonfinite:
+        axis_name, skip_nonfinite, stacked_layers:
         those of :func:`scale_by_rngd`.  ``damping`` is *relative* here (``eps0 tr(G)/d``),
         whereas the metrics' ``solve`` and :func:`rfim_jax.add_damping` take absolute
         damping unless told ``relative=True``.
@@ -81,6 +82,7 @@ def rngd(
             state_dtype=state_dtype,
             axis_name=axis_name,
             skip_nonfinite=skip_nonfinite,
+            stacked_layers=stacked_layers,
         )
     ]
     if momentum is not None:
@@ -97,6 +99,7 @@ def scale_by_whitening(
     damping: float = 1e-2,
     update_every: int = 1,
     solver: str = "auto",
+    stacked_layers: Iterable[str] = (),
 ) -> optax.GradientTransformationExtraArgs:
     """Whitening stage: every dense layer preconditioned by its linear-layer RFIM (eq. 22).
 
@@ -108,7 +111,8 @@ def scale_by_whitening(
     Args:
       layers: the layers to whiten: a list of paths, or None for every dense layer.  A mapping
         is accepted too; its values must be ``"linear"`` (or a ``Linear`` object).
-      decay, inverse_every, damping, update_every, solver: as in :func:`scale_by_rngd`.
+      decay, inverse_every, damping, update_every, solver, stacked_layers: as in
+        :func:`scale_by_rngd`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; its update needs ``activations=``.
@@ -136,4 +140,5 @@ def scale_by_whitening(
         update_every=update_every,
         solver=solver,
         default_kind="linear",
+        stacked_layers=stacked_layers,
     )

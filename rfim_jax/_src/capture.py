@@ -441,7 +441,12 @@ def capture_linen(
       ``input_dilation``, a DenseGeneral with ``batch_dims``, or without bias and with several
       feature axes.
 
-    Other modules (LayerNorm, BatchNorm, Embed, ...) are not recorded.
+    - ``nn.Embed``: ``{"inputs": ids, "preacts": embeddings}``, and ``Embed.attend`` (a tied
+      output head) as a dense use of the table.
+    - ``nn.LayerNorm`` and ``nn.RMSNorm`` with a scale, normalising the last axis:
+      ``{"inputs": u, "preacts": output}`` with ``u`` the normalised input (SPEC §8).
+
+    Other modules (BatchNorm, GroupNorm, a norm without a scale, ...) are not recorded.
 
     The first return value is exactly what ``apply`` returns: with ``mutable=["batch_stats"]``
     it is ``(output, mutated_variables)``, so the call reads

@@ -59,6 +59,28 @@ def _layer_for(path: str, stats: Any, node: Mapping):
     return dataclasses.replace(layer, kind=kind)
 
 
+def _slice_of_stack(path: str, node: Mapping, stats: Any) -> Mapping | None:
+    """Slice 0's params if ``node`` is a stack, else None.
+
+    A stack with a bias says so by its shapes; a bias-free one declared through
+    ``stacked_layers`` says so by its state, which then has one more leading axis than one
+    layer's (the single-layer reading of the same params never has that rank).
+    """
+    inner = stacked_lib.unstacked(node)
+    if inner is not None:
+        return inner
+    try:
+        inner = stacked_lib.unstacked(node, declared=True, path=path)
+        first = jax.tree.map(lambda a: a[0], stats)
+        layer = _layer_for(path, first, inner)
+    except (ValueError, IndexError):
+        return None
+    est = _estimator_of({path: first}, layer)
+    want = jax.eval_shape(lambda: est.init(layer, jnp.float32)[0])
+    shapes = [a.shape for a in jax.tree.leaves(first)]
+    return inner if [a.shape for a in jax.tree.leaves(want)] == shapes else None
+
+
 def _params_of(params: Any, key: str, paths) -> Mapping:
     """The params of ``key``: a layer's path, or ``"<path>/<k>"`` for slice k of a stack."""
     if key in paths:
@@ -83,7 +105,7 @@ def layer_metrics(state: Any, params: Any) -> dict[str, metrics_lib.AbstractMetr
     out = {}
     for path, stats in state.metrics.items():
         node = paths_lib.get_by_path(params, path)
-        inner = stacked_lib.unstacked(node)
+        inner = _slice_of_stack(path, node, stats)
         if inner is None:
             layer = _layer_for(path, stats, node)
             out[path] = _estimator_of(state.metrics, layer).as_metric(

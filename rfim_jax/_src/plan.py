@@ -19,7 +19,7 @@ softmax        ``2 (m d)^2 b``              ``(2 d^2 + m d) b``         ``m d b`
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -76,15 +76,21 @@ def _itemsize(dtype) -> int:
     return jnp.dtype(dtype).itemsize
 
 
-def resolve_layers(layers, default_kind, params) -> list:
+def resolve_layers(layers, default_kind, params, stacked_layers=()) -> list:
     """Checks ``layers`` against the params tree and returns the layer adapters.
 
+    ``stacked_layers`` lists the paths whose params carry a leading layer axis that their
+    shapes alone do not reveal (bias-free stacks, see :mod:`rfim_jax._src.layers.stacked`).
+
     Raises:
-      TypeError: if ``layers`` is neither None nor a mapping.
+      TypeError: if ``layers`` is neither None nor a mapping, or ``stacked_layers`` is a
+        string.
       ValueError: for an unknown kind, a path that is not a layer (a kernel of rank < 2 is
-        named with its shape), a masked layer, or ``layers=None`` with no layer to
-        precondition.
+        named with its shape), a masked layer, ``layers=None`` with no layer to
+        precondition, or a ``stacked_layers`` path that is not among the layers or has no
+        common leading axis.
     """
+    declared = check_stacked_layers(stacked_layers)
     # optax.partition / optax.masked hand this transform MaskedNode leaves for the layers that
     # belong to another transform; those are not ours to precondition.
     available = [
@@ -99,6 +105,12 @@ def resolve_layers(layers, default_kind, params) -> list:
         raise TypeError(
             f"layers must map layer paths to kinds, e.g. {{'Dense_0': 'relu'}}, got "
             f"{type(layers).__name__}."
+        )
+    unknown = sorted(declared - set(layers))
+    if unknown:
+        raise ValueError(
+            f"stacked_layers names paths that are not among the layers: {unknown}; "
+            f"layers: {list(layers)}."
         )
     out = []
     for path, kind in layers.items():
@@ -119,13 +131,56 @@ def resolve_layers(layers, default_kind, params) -> list:
                 f"optax.masked gives its params to another one); remove it from `layers`. "
                 f"Layers this transform sees: {available}."
             )
-        inner = stacked_lib.unstacked(node)
+        inner = stacked_lib.unstacked(node, path in declared, path)
         if inner is not None:
             layer = adapter_for(inner).from_params(path, kind, inner)
             out.append(StackedLayer(layer, int(node[paths_lib.layer_key(node)].shape[0])))
         else:
             out.append(adapter_for(node).from_params(path, kind, node))
     return out
+
+
+def check_request(layers, default_kind, representation, stacked_layers=()) -> None:
+    """The checks of a transform's arguments that need no params, run when it is built.
+
+    Raises:
+      TypeError: if ``layers`` is neither None nor a mapping, or for a bare-string
+        ``stacked_layers``.
+      ValueError: for an unknown kind or representation, naming the layer.
+    """
+    check_stacked_layers(stacked_layers)
+    if layers is None:
+        kinds = {"default_kind": default_kind}
+    elif isinstance(layers, Mapping):
+        kinds = {f"layer {path!r}": kind for path, kind in layers.items()}
+    else:
+        raise TypeError(
+            f"layers must map layer paths to kinds, e.g. {{'Dense_0': 'relu'}}, got "
+            f"{type(layers).__name__}."
+        )
+    for where, kind in kinds.items():
+        if kind is not None:
+            rfim_lib.resolve_kind(kind, where=where)
+    reps = representation.items() if isinstance(representation, Mapping) else [
+        ("", representation)]
+    for path, rep in reps:
+        if rep != "auto":
+            rfim_lib.check_representation(rep, where=f"layer {path!r}" if path else
+                                          "representation")
+
+
+def check_stacked_layers(stacked_layers) -> frozenset[str]:
+    """``stacked_layers`` as a set of paths.
+
+    Raises:
+      TypeError: for a bare string (a path must come in a list) or a non-iterable.
+    """
+    if isinstance(stacked_layers, str) or not isinstance(stacked_layers, Iterable):
+        raise TypeError(
+            f"stacked_layers must be a list of layer paths, e.g. ['blocks/Dense_0'], got "
+            f"{stacked_layers!r}."
+        )
+    return frozenset(stacked_layers)
 
 
 def adapter_for(node) -> type:
@@ -202,6 +257,7 @@ def rngd_plan(
     exact_budget_bytes: int = DEFAULT_EXACT_BUDGET,
     state_dtype: Any = None,
     default_kind: Any = "linear",
+    stacked_layers: Iterable[str] = (),
 ) -> dict[str, LayerPlan]:
     """Reports, per layer, the representation RNGD will use and its state bytes (SPEC §7).
 
@@ -219,6 +275,7 @@ def rngd_plan(
       state_dtype: the dtype the state is stored in (default: the kernel's dtype promoted to at
         least float32).
       default_kind: the kind of every dense layer when ``layers`` is None.
+      stacked_layers: as in :func:`rfim_jax.scale_by_rngd`.
 
     Returns:
       ``{path: LayerPlan}`` in the order of ``layers``.
@@ -226,7 +283,7 @@ def rngd_plan(
     Raises:
       ValueError: for an unknown representation or kind, or paths that are not layers.
     """
-    specs = resolve_layers(layers, default_kind, params)
+    specs = resolve_layers(layers, default_kind, params, stacked_layers)
     return plan_layers(specs, params, representation, exact_budget_bytes, state_dtype)
 
 

@@ -24,7 +24,7 @@ resolves the layers and their estimators, counts, and runs the refresh ``lax.con
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -134,6 +134,7 @@ def scale_by_rngd(
     state_dtype: Any = None,
     axis_name: str | None = None,
     skip_nonfinite: bool = True,
+    stacked_layers: Iterable[str] = (),
 ) -> optax.GradientTransformationExtraArgs:
     """Preconditions each layer's gradient by its inverse RFIM (paper Sec. 5, eqs. 31-33).
 
@@ -202,6 +203,11 @@ def scale_by_rngd(
         moving averages of that step are kept as computed (their own non-finite guard is
         ``state.skipped``).  ``optax.apply_if_finite`` around the whole chain additionally
         drops the momentum's step.
+      stacked_layers: paths of layers whose params carry a leading layer axis L (``nn.scan``,
+        ``nnx.scan``, a ``vmap`` over layers) that their shapes alone do not reveal: a
+        bias-free kernel ``(L, d_in, m)`` otherwise reads as one multi-axis layer, and a
+        bias-free norm scale ``(L, D)`` is refused.  A stack with a bias ``(L, m)`` is
+        recognised without it.  Each slice is then an independent layer (SPEC §8).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose update is
@@ -229,10 +235,11 @@ def scale_by_rngd(
             raise ValueError(f"{name} must be a positive integer, got {val}.")
     _check_number("decay", decay, 0.0, 1.0, high_open=True)
     _check_number("damping", damping, 0.0, None)
+    plan_lib.check_request(layers, default_kind, representation, stacked_layers)
     stats_every_step = isinstance(update_every, (int, float)) and update_every == 1
 
     def init_fn(params):
-        specs = plan_lib.resolve_layers(layers, default_kind, params)
+        specs = plan_lib.resolve_layers(layers, default_kind, params, stacked_layers)
         plans = plan_lib.plan_layers(
             specs, params, representation, exact_budget_bytes, state_dtype
         )
@@ -256,7 +263,7 @@ def scale_by_rngd(
         del params, extra_args
         for name, val in (("decay", decay), ("damping", damping)):
             _check_hyper_dtype(name, val)
-        specs = plan_lib.resolve_layers(layers, default_kind, updates)
+        specs = plan_lib.resolve_layers(layers, default_kind, updates, stacked_layers)
         # The representation was decided at init; the state's own structure says which.
         resolved = [(layer, _estimator_of(state.metrics, layer)) for layer in specs]
         count = state.count

@@ -8,8 +8,13 @@
    ``tr(G_hat_l) = mean_i nu_il |x~_i|^2``;
 2. ``A <- rate A + (1 - rate) A_hat``, ``S <- rate S + (1 - rate) S_hat``;
 3. at a refresh, ``U' = eigenvectors(A)``, ``P = U'^T U``, ``s_l <- (P o P) s_l`` (for the
-   linear kind, S = eigenvalues(A) / sigma^2), ``U <- U'``;
+   linear kind, S = eigenvalues(A)), ``U <- U'``;
 4. the step is ``U diag(1/s_l) U^T g_l``.
+
+For the linear kind ``A_hat`` is the metric's own ``mean x~ x~^T / sigma^2``: A is then the
+exact estimator's average, identity start included, so that S = eigenvalues(A) gives the same
+updates as the exact representation for any sigma (SPEC §7).  Dividing by sigma^2 does not move
+the eigenvectors, and with the default sigma = 1 it changes nothing.
 
 No (m, d, d) array is formed: the statistics cost ``2 n d^2 + 2 n m d`` and the apply
 ``4 d^2 m``.  An eigendecomposition that is not finite keeps the previous U and S (a fallback).
@@ -52,6 +57,8 @@ class EigenEstimator(Estimator):
         dtype = stats["A"].dtype
         x_aug = x_aug.astype(dtype)
         second = stats_lib.second_moment(x_aug)
+        if layer.is_linear:
+            second = second / jnp.asarray(layer.kind.sigma**2, dtype)
         d = second.shape[-1]
         a_hat = second + (damping * solvers.block_traces(second) / d) * jnp.eye(d, dtype=dtype)
         weights = layer.unit_weights(z).astype(dtype)
@@ -65,7 +72,7 @@ class EigenEstimator(Estimator):
         a, s, u = stats["A"], stats["S"], factors["U"]
         evals, u_new = stats_lib.input_eigenbasis(a)
         if layer.is_linear:
-            s_new = jnp.broadcast_to(evals / layer.kind.sigma**2, s.shape)
+            s_new = jnp.broadcast_to(evals, s.shape).astype(s.dtype)
         else:
             p = u_new.T @ u
             s_new = s @ (p * p).T

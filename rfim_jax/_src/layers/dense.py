@@ -156,6 +156,13 @@ class DenseLayer(LayerAdapter):
                 f"capture_nnx record them, and rfim_jax.conv_patches(x, window, strides=..., "
                 f"padding=..., kernel_dilation=..., feature_group_count=...) builds them."
             )
+        lead = self.kernel_shape[0]
+        if (not self.has_bias and len(self.kernel_shape) > 2 and len(shape) > 2
+                and shape[0] == lead):
+            hint += (
+                f" If the params are a stack of {lead} bias-free layers (nn.scan, nnx.scan, a "
+                f"vmap over layers), declare it: stacked_layers=[{self.path!r}]."
+            )
         return ValueError(
             f"layer {self.path!r}: {name} have shape {shape}, but the kernel "
             f"{self.kernel_shape} expects width {label}={width}; {self._expected()}.{hint}"

@@ -57,7 +57,12 @@ def _unpack(params: Mapping, where: str) -> tuple[Any, Any]:
         raise ValueError(f"{where}: expected {{'scale': (D,), 'bias': (D,)}}, got {got}.")
     scale, bias = params[SCALE], params.get("bias")
     if len(scale.shape) != 1:
-        raise ValueError(f"{where}: scale must be 1-D (D,), got shape {_shape(scale)}.")
+        hint = ""
+        if len(scale.shape) == 2 and bias is None:
+            hint = (f" If it is a stack of {scale.shape[0]} norms (nn.scan, nnx.scan), declare "
+                    f"it in stacked_layers.")
+        raise ValueError(
+            f"{where}: scale must be 1-D (D,), got shape {_shape(scale)}.{hint}")
     if bias is not None and _shape(bias) != _shape(scale):
         raise ValueError(
             f"{where}: bias must have the scale's shape {_shape(scale)}, got {_shape(bias)}."

@@ -4,7 +4,8 @@
 A stack is recognised by its bias: a kernel ``(L, *in, *out)`` with a bias ``(L, *out)`` (a
 bias that is not the kernel's trailing axes, but is once the leading axis is dropped); a
 LayerNorm's ``scale``/``bias`` of shape ``(L, D)``.  A bias-free stacked kernel cannot be told
-from a multi-axis one and is read as multi-axis.
+from a multi-axis one by its shapes, so it is read as multi-axis unless the caller declares it
+(``stacked_layers=[path]``); a declared node is sliced along its leading axis whatever its bias.
 
 Activations carry the layer axis first: ``{"inputs": (L, n..., d_in), "preacts": (L, n...,
 m)}`` (what ``sow`` inside ``nn.scan`` with ``variable_axes={..: 0}`` produces).  The
@@ -24,8 +25,31 @@ from rfim_jax._src import paths as paths_lib
 from rfim_jax._src.layers.base import LayerAdapter
 
 
-def unstacked(node: Mapping) -> Mapping | None:
-    """Slice 0 of a stacked layer node (its shapes define one layer), or None if not stacked."""
+def unstacked(node: Mapping, declared: bool = False, path: str = "") -> Mapping | None:
+    """Slice 0 of a stacked layer node (its shapes define one layer), or None if not stacked.
+
+    Args:
+      node: the layer's params (arrays or ``jax.ShapeDtypeStruct`` leaves).
+      declared: the caller declared the layer a stack (``stacked_layers``): slice it along its
+        leading axis whatever its bias says.
+      path: the layer's path, for errors.
+
+    Raises:
+      ValueError: for a declared stack whose entries lack a common leading axis, naming the
+        layer and the shapes.
+    """
+    if declared:
+        shapes = {k: tuple(v.shape) for k, v in node.items()}
+        lead = {sh[0] if sh else None for sh in shapes.values()}
+        key = paths_lib.layer_key(node)
+        min_rank = 2 if key == "scale" else 3
+        if len(lead) != 1 or None in lead or len(shapes[key]) < min_rank:
+            raise ValueError(
+                f"layer {path!r} is declared in stacked_layers, so every entry needs the same "
+                f"leading layer axis L and the {key!r} rank >= {min_rank} ((L, d_in, m) for a "
+                f"kernel, (L, D) for a scale); got shapes {shapes}."
+            )
+        return {k: jax.ShapeDtypeStruct(tuple(v.shape[1:]), v.dtype) for k, v in node.items()}
     key = paths_lib.layer_key(node)
     if key is None or "bias" not in node or key == "embedding":
         return None

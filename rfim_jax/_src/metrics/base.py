@@ -349,6 +349,21 @@ class Arithmetic:
     """Elementwise arithmetic on every data field, for moving averages (``a G + b H``)."""
 
     def _map(self, fn, *others):
+        for other in others:
+            if type(other) is not type(self) or (
+                    jax.tree.structure(other) != jax.tree.structure(self)):
+                raise TypeError(
+                    f"{type(self).__name__} arithmetic needs another {type(self).__name__} of "
+                    f"the same layout, got {type(other).__name__}; convert both with "
+                    f".to_dense() to combine different representations."
+                )
+            mine = [a.shape for a in jax.tree.leaves(self)]
+            theirs = [a.shape for a in jax.tree.leaves(other)]
+            if mine != theirs:
+                raise ValueError(
+                    f"{type(self).__name__} arithmetic needs equal shapes, got {mine} and "
+                    f"{theirs}."
+                )
         return jax.tree.map(fn, self, *others)
 
     def __add__(self, other):
