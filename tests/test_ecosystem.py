@@ -267,6 +267,38 @@ def test_partition_with_a_dense_layer_under_adam():
         bad.init(params)
 
 
+def test_partition_with_the_biases_under_adam_preconditions_the_kernels_alone():
+    """Biases to Adam, kernels to RNGD (a common split): each kernel gets its own block of the
+    RFIM, the layer read as bias-free, against the numpy reference."""
+    from _reference import ReferenceRNGD
+
+    params, stream = _stream(1, 3)
+    labels = jax.tree.map_with_path(
+        lambda path, _: "adam" if path[-1].key == "bias" else "rngd", params)
+    tx = optax.partition({"rngd": RNGD, "adam": ADAM}, labels)
+    state = tx.init(params)
+    biases = {p: _node(params, p)["bias"] for p in LAYERS}
+    a_state = ADAM.init(biases)
+    sizes = {p: _node(params, p)["kernel"].shape for p in LAYERS}
+    ref = ReferenceRNGD({p: (k, *sizes[p], False) for p, k in LAYERS.items()},
+                        RNGD_KW["decay"], RNGD_KW["inverse_every"], 0.01)
+    momentum = {p: 0.0 for p in LAYERS}
+    for grads, acts in stream:
+        upd, state = _update(tx)(grads, state, params, acts)
+        want = ref.update({p: {"kernel": np.asarray(_node(grads, p)["kernel"])} for p in LAYERS},
+                          {p: {k: np.asarray(v) for k, v in _node(acts, p).items()}
+                           for p in LAYERS})
+        a_upd, a_state = ADAM.update({p: _node(grads, p)["bias"] for p in LAYERS}, a_state)
+        for p in LAYERS:
+            momentum[p] = want[p][0] + 0.9 * momentum[p]
+            np.testing.assert_allclose(_node(upd, p)["kernel"], -LR * momentum[p], rtol=1e-9,
+                                       atol=1e-12)
+            np.testing.assert_allclose(_node(upd, p)["bias"], a_upd[p], rtol=1e-12)
+    assert sorted(rfim_jax.layer_metrics(state, params)) == sorted(LAYERS)
+    norms = rfim_jax.relative_fisher_rao_norm(state, params)
+    assert all(np.isfinite(v) and v > 0 for v in norms.values())
+
+
 # --------------------------------------------------------------------------- MultiSteps
 
 K = 3

@@ -509,3 +509,30 @@ def test_bfloat16_averages_track_the_float32_ones_in_every_representation(repres
         rel = np.linalg.norm(narrow - wide) / np.linalg.norm(wide)
         # Measured: 0.019-0.031 stochastic; 0.32-0.65 rounded to nearest.
         assert rel < 0.08, (representation, rel)
+
+
+@pytest.mark.parametrize("representation", ["exact", "eigen", "diagonal"])
+def test_an_eager_init_state_can_be_donated(representation):
+    """No two leaves of a state from an eager ``init`` share a buffer, so ``donate_argnums``
+    accepts it (it refused: "Attempt to donate the same buffer twice")."""
+    params = {"Dense_0": {"kernel": jnp.full((3, 4), 0.1), "bias": jnp.zeros(4)},
+              "LayerNorm_0": {"scale": jnp.ones(4), "bias": jnp.zeros(4)}}
+    layers = {"Dense_0": "tanh", "LayerNorm_0": "linear"}
+    tx = rfim_jax.rngd(0.1, layers, representation={"Dense_0": representation})
+    state = tx.init(params)
+    leaves = [a for a in jax.tree.leaves(state) if isinstance(a, jax.Array)]
+    assert len({a.unsafe_buffer_pointer() for a in leaves}) == len(leaves)
+    x = jnp.linspace(-1.0, 1.0, 24).reshape(8, 3)
+
+    def step(p, s):
+        z = x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
+        u = (z - z.mean(-1, keepdims=True)) / jnp.sqrt(z.var(-1, keepdims=True) + 1e-6)
+        acts = {"Dense_0": {"inputs": x, "preacts": z},
+                "LayerNorm_0": {"inputs": u, "preacts": u * p["LayerNorm_0"]["scale"]}}
+        upd, s = tx.update(jax.tree.map(jnp.ones_like, p), s, p, activations=acts)
+        return optax.apply_updates(p, upd), s
+
+    step = jax.jit(step, donate_argnums=(0, 1))
+    for _ in range(2):
+        params, state = step(params, state)
+    assert all(np.isfinite(a).all() for a in jax.tree.leaves(params))

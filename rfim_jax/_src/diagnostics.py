@@ -59,26 +59,53 @@ def _layer_for(path: str, stats: Any, node: Mapping):
     return dataclasses.replace(layer, kind=kind)
 
 
-def _slice_of_stack(path: str, node: Mapping, stats: Any) -> Mapping | None:
-    """Slice 0's params if ``node`` is a stack, else None.
-
-    A stack with a bias says so by its shapes; a bias-free one declared through
-    ``stacked_layers`` says so by its state, which then has one more leading axis than one
-    layer's (the single-layer reading of the same params never has that rank).
-    """
-    inner = stacked_lib.unstacked(node)
-    if inner is not None:
-        return inner
+def _matches(path: str, node: Mapping, stats: Any) -> Any:
+    """The layer adapter reading ``node`` if its state has exactly ``stats``' shapes, else None."""
     try:
-        inner = stacked_lib.unstacked(node, declared=True, path=path)
-        first = jax.tree.map(lambda a: a[0], stats)
-        layer = _layer_for(path, first, inner)
-    except (ValueError, IndexError):
+        layer = _layer_for(path, stats, node)
+    except (ValueError, IndexError, KeyError):
         return None
-    est = _estimator_of({path: first}, layer)
+    est = _estimator_of({path: stats}, layer)
     want = jax.eval_shape(lambda: est.init(layer, jnp.float32)[0])
-    shapes = [a.shape for a in jax.tree.leaves(first)]
-    return inner if [a.shape for a in jax.tree.leaves(want)] == shapes else None
+    if [a.shape for a in jax.tree.leaves(want)] != [a.shape for a in jax.tree.leaves(stats)]:
+        return None
+    return layer
+
+
+def _reading_of(path: str, node: Mapping, stats: Any) -> tuple[Any, bool]:
+    """How the state read the layer's params: ``(layer adapter, stacked)``.
+
+    The params alone do not always say: a bias-free stack was declared through
+    ``stacked_layers`` (its state has one more leading axis than one layer's), and a bias owned
+    by another transform (``optax.partition``) was left out (its state is one row narrower).
+    The first reading whose state shapes equal the stored ones is the one the state was built
+    with; the readings never share shapes.
+
+    Raises:
+      ValueError: naming the layer, when no reading fits its state.
+    """
+    without_bias = {k: v for k, v in node.items() if k != "bias"}
+    first = jax.tree.map(lambda a: a[0] if a.ndim else a, stats)
+    inner = stacked_lib.unstacked(node)
+    candidates = [(node, stats, False), (without_bias, stats, False)]
+    if inner is not None:
+        candidates.insert(0, (inner, first, True))
+    for candidate in (node, without_bias):
+        try:
+            candidates.append(
+                (stacked_lib.unstacked(candidate, declared=True, path=path), first, True))
+        except ValueError:
+            pass
+    for params_node, layer_stats, stacked in candidates:
+        layer = _matches(path, params_node, layer_stats)
+        if layer is not None:
+            return layer, stacked
+    shapes = jax.tree.map(lambda a: tuple(a.shape), stats)
+    raise ValueError(
+        f"layer {path!r}: its RNGD state has shapes {shapes}, which no reading of its params "
+        f"{jax.tree.map(lambda a: tuple(a.shape), dict(node))} gives; pass the params the "
+        f"state was initialised with."
+    )
 
 
 def _params_of(params: Any, key: str, paths) -> Mapping:
@@ -104,17 +131,12 @@ def layer_metrics(state: Any, params: Any) -> dict[str, metrics_lib.AbstractMetr
     state = _find_state(state)
     out = {}
     for path, stats in state.metrics.items():
-        node = paths_lib.get_by_path(params, path)
-        inner = _slice_of_stack(path, node, stats)
-        if inner is None:
-            layer = _layer_for(path, stats, node)
-            out[path] = _estimator_of(state.metrics, layer).as_metric(
-                layer, stats, state.inverses[path])
+        layer, stacked = _reading_of(path, paths_lib.get_by_path(params, path), stats)
+        est = _estimator_of({path: stats}, layer)
+        if not stacked:
+            out[path] = est.as_metric(layer, stats, state.inverses[path])
             continue
         # A stack: one metric per slice, keyed "<path>/<k>".
-        first = jax.tree.map(lambda a: a[0], stats)
-        layer = _layer_for(path, first, inner)
-        est = _estimator_of({path: first}, layer)
         for k in range(jax.tree.leaves(stats)[0].shape[0]):
             out[f"{path}/{k}"] = est.as_metric(
                 layer, jax.tree.map(lambda a, k=k: a[k], stats),

@@ -131,6 +131,10 @@ def resolve_layers(layers, default_kind, params, stacked_layers=()) -> list:
                 f"optax.masked gives its params to another one); remove it from `layers`. "
                 f"Layers this transform sees: {available}."
             )
+        # A bias owned by another transform (optax.partition sending biases to, say, Adam):
+        # this one preconditions the kernel alone, by its own block of the RFIM (the layer
+        # read as bias-free), and leaves the masked entry as it is.
+        node = {k: v for k, v in node.items() if not isinstance(v, optax.MaskedNode)}
         inner = stacked_lib.unstacked(node, path in declared, path)
         if inner is not None:
             layer = adapter_for(inner).from_params(path, kind, inner)

@@ -257,7 +257,8 @@ def scale_by_rngd(
             skipped[layer.path] = jnp.zeros([], jnp.int32)
             fallbacks[layer.path] = jnp.zeros([], jnp.int32)
         zero = jnp.zeros([], jnp.int32)
-        return ScaleByRNGDState(zero, metrics, inverses, skipped, fallbacks, zero)
+        return _distinct_buffers(
+            ScaleByRNGDState(zero, metrics, inverses, skipped, fallbacks, zero))
 
     def update_fn(updates, state, params=None, *, activations=None, **extra_args):
         del params, extra_args
@@ -387,6 +388,24 @@ def scale_by_rngd(
         return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _distinct_buffers(tree: Any) -> Any:
+    """``tree`` with no array object appearing twice (later uses are copied).
+
+    ``jax.jit(..., donate_argnums=...)`` refuses a state in which two leaves share a buffer
+    ("Attempt to donate the same buffer twice"), which an eager ``init`` could otherwise build
+    by reusing one array (a zero counter, an identity start).  Under ``jit`` the copies are free.
+    """
+    seen: set[int] = set()
+
+    def distinct(a):
+        if id(a) in seen:
+            return jnp.copy(a)
+        seen.add(id(a))
+        return a
+
+    return jax.tree.map(distinct, tree)
 
 
 def _store_averages(work: Any, stored: Any, key: jax.Array) -> Any:
