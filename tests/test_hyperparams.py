@@ -27,12 +27,19 @@ def test_bfloat16_decay_under_inject_hyperparams_is_refused():
     params, acts, grads, _, _ = _problem(jnp.bfloat16)
     tx = optax.inject_hyperparams(rfim_jax.rngd)(learning_rate=0.1, layers={"Dense_0": "relu"},
                                                  decay=0.9995)
-    state = tx.init(params)
-    assert state.hyperparams["decay"].dtype == jnp.bfloat16
-    assert float(state.hyperparams["decay"]) == 1.0
+    # Refused at init already, where inject_hyperparams first builds the transformation.
     with pytest.raises(TypeError,
                        match=r"decay arrived as bfloat16.*hyperparam_dtype=jnp\.float32"):
-        tx.update(grads, state, params, activations=acts)
+        tx.init(params)
+    # And at update, for a state whose decay became bfloat16 later (e.g. a cast checkpoint).
+    good = optax.inject_hyperparams(rfim_jax.rngd, hyperparam_dtype=jnp.float32)(
+        learning_rate=0.1, layers={"Dense_0": "relu"}, decay=0.9995)
+    state = good.init(params)
+    hyper = {**state.hyperparams, "decay": state.hyperparams["decay"].astype(jnp.bfloat16)}
+    assert float(hyper["decay"]) == 1.0
+    with pytest.raises(TypeError,
+                       match=r"decay arrived as bfloat16.*hyperparam_dtype=jnp\.float32"):
+        tx.update(grads, state._replace(hyperparams=hyper), params, activations=acts)
 
 
 def test_float32_hyperparams_keep_the_moving_average_of_eq_32():
@@ -64,11 +71,35 @@ def test_float32_hyperparams_keep_the_moving_average_of_eq_32():
         ({"inverse_every": 0}, r"inverse_every must be a positive integer, got 0"),
         ({"update_every": 2.5}, r"update_every must be a positive integer, got 2.5"),
         ({"momentum": 1.0}, r"momentum must lie in \[0, 1\), got 1.0"),
+        # numpy scalars (from config files) are checked like Python numbers.
+        ({"decay": np.float32(1.0)}, r"decay must lie in \[0.0, 1.0\), got 1.0"),
+        ({"update_every": np.int64(0)}, r"update_every must be a positive integer, got 0"),
+        ({"inverse_every": np.int32(-3)}, r"inverse_every must be a positive integer, got -3"),
+        ({"momentum": np.float64(1.2)}, r"momentum must lie in \[0, 1\), got 1.2"),
+        # An infinite damping made every batch non-finite: RNGD silently became momentum SGD.
+        ({"damping": float("inf")}, r"damping must be finite, got inf"),
+        ({"damping": np.nan}, r"damping must be finite, got nan"),
     ],
 )
 def test_out_of_range_hyperparameters_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         rfim_jax.rngd(0.1, {"Dense_0": "relu"}, **kwargs)
+
+
+def test_inject_hyperparams_values_are_checked_at_init():
+    """inject_hyperparams hands init concrete arrays; out-of-range ones must not pass."""
+    params = {"Dense_0": {"kernel": jnp.ones((3, 4)), "bias": jnp.zeros(4)}}
+    for kwargs, match in (({"decay": 1.5}, r"decay must lie in \[0.0, 1.0\)"),
+                          ({"damping": -1.0}, r"damping must be >= 0.0")):
+        tx = optax.inject_hyperparams(rfim_jax.rngd)(0.1, {"Dense_0": "relu"}, **kwargs)
+        with pytest.raises(ValueError, match=match):
+            tx.init(params)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_, jnp.complex64, "not a dtype"])
+def test_state_dtype_must_be_a_real_float(dtype):
+    with pytest.raises(TypeError, match=r"state_dtype must be a (real )?floating dtype"):
+        rfim_jax.scale_by_rngd({"Dense_0": "relu"}, state_dtype=dtype)
 
 
 def test_complex_layers_are_refused_at_every_boundary():

@@ -2,6 +2,7 @@
 
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -107,3 +108,35 @@ def test_arguments_that_need_no_params_are_checked_when_the_transform_is_built(b
 def test_layers_must_be_a_mapping_when_built():
     with pytest.raises(TypeError, match=r"layers must map layer paths to kinds.*got list"):
         rfim_jax.scale_by_rngd(["Dense_0"])
+
+
+def test_a_state_from_other_layers_is_refused_with_the_layer_named():
+    """A checkpoint restored after a layer's kind or width changed, or grads without a bias."""
+    p8 = {"Dense_0": {"kernel": jnp.full((3, 8), 0.1), "bias": jnp.zeros(8)}}
+    p6 = {"Dense_0": {"kernel": jnp.full((3, 6), 0.1), "bias": jnp.zeros(6)}}
+    x = jnp.ones((4, 3))
+
+    def acts(p):
+        return {"Dense_0": {"inputs": x, "preacts": x @ p["Dense_0"]["kernel"]}}
+
+    def update(tx, state, p, grads=None):
+        grads = jax.tree.map(jnp.ones_like, p) if grads is None else grads
+        return tx.update(grads, state, p, activations=acts(p))
+
+    relu_diag = rfim_jax.scale_by_rngd({"Dense_0": "relu"}, representation="diagonal")
+    linear_diag = rfim_jax.scale_by_rngd({"Dense_0": "linear"}, representation="diagonal")
+    with pytest.raises(ValueError, match=r"layer 'Dense_0': the RNGD state has shapes "
+                                         r"\(\{'S': \(8, 4\)\}, \{\}\).*kind 'linear'.*"
+                                         r"needs \(\{'S': \(1, 4\)\}, \{\}\)"):
+        update(linear_diag, relu_diag.init(p8), p8)
+    relu = rfim_jax.scale_by_rngd({"Dense_0": "relu"})
+    with pytest.raises(ValueError, match=r"layer 'Dense_0': the RNGD state has shapes "
+                                         r"\(\(8, 4, 4\), \(8, 4, 4\)\).*m=6.*Re-run init"):
+        update(relu, relu.init(p8), p6)
+    no_bias = {"Dense_0": {"kernel": jnp.ones((3, 8))}}
+    with pytest.raises(ValueError, match=r"layer 'Dense_0'.*d=3.*bias included"):
+        update(relu, relu.init(p8), p8, grads=no_bias)
+    both = {**p8, "Dense_1": {"kernel": jnp.ones((8, 2)), "bias": jnp.zeros(2)}}
+    state = rfim_jax.scale_by_rngd({"Dense_0": "relu", "Dense_1": "linear"}).init(both)
+    with pytest.raises(ValueError, match=r"does not precondition: \['Dense_1'\]"):
+        update(relu, state, p8)

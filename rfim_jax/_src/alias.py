@@ -13,7 +13,7 @@ import optax
 from rfim_jax._src import activations as act_lib
 from rfim_jax._src import rfim as rfim_lib
 from rfim_jax._src.plan import DEFAULT_EXACT_BUDGET, Representation
-from rfim_jax._src.transform import LayerKind, scale_by_rngd
+from rfim_jax._src.transform import LayerKind, concrete_number, scale_by_rngd
 
 
 def rngd(
@@ -64,7 +64,8 @@ def rngd(
     References:
       Sun & Nielsen, ICML 2017, Sec. 5 (eqs. 31-33).
     """
-    if isinstance(momentum, (int, float)) and not 0.0 <= momentum < 1.0:
+    known = concrete_number(momentum)
+    if known is not None and not 0.0 <= known < 1.0:
         raise ValueError(f"momentum must lie in [0, 1), got {momentum}.")
     stages = [
         scale_by_rngd(

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from rfim_jax._src import dtypes as dtypes_lib
@@ -74,22 +75,69 @@ class ScaleByRNGDState(NamedTuple):
 
 
 
+def concrete_number(value) -> float | None:
+    """``value`` as a Python float when it is known now, else None.
+
+    Known: Python and numpy numbers, and concrete 0-d arrays (``optax.inject_hyperparams``
+    hands its hyperparameters to ``init`` as such).  Traced values are checked by nobody: they
+    are the caller's (a schedule's) responsibility.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float, np.number)):
+        return float(value)
+    if isinstance(value, (np.ndarray, jax.Array)) and value.shape == () and not isinstance(
+            value, jax.core.Tracer):
+        if jnp.issubdtype(value.dtype, jnp.integer) or jnp.issubdtype(value.dtype, jnp.floating):
+            return float(value)
+    return None
+
+
 def _check_number(name: str, value, low, high, *, high_open=False) -> None:
-    """Validates a hyperparameter given as a Python number (arrays are left to the caller).
+    """Validates a hyperparameter whose value is known now (see :func:`concrete_number`).
 
     Raises:
       ValueError: if ``value`` lies outside ``[low, high]`` (``[low, high)`` with
-        ``high_open``), or is NaN.
+        ``high_open``), or is NaN or infinite.
     """
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
+    number = concrete_number(value)
+    if number is None:
         return
-    below = low is not None and value < low
-    above = high is not None and (value >= high if high_open else value > high)
-    if below or above or value != value:
+    below = low is not None and number < low
+    above = high is not None and (number >= high if high_open else number > high)
+    if high is None and not below and not np.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {value}.")
+    if below or above or not np.isfinite(number):
         if high is None:
             raise ValueError(f"{name} must be >= {low}, got {value}.")
         raise ValueError(
             f"{name} must lie in [{low}, {high}{')' if high_open else ']'}, got {value}."
+        )
+
+
+def _check_count(name: str, value) -> None:
+    """Validates a step count (``inverse_every``, ``update_every``) known now.
+
+    Raises:
+      ValueError: unless it is a positive integer.
+    """
+    number = concrete_number(value)
+    if number is not None and (not np.isfinite(number) or number < 1 or int(number) != number):
+        raise ValueError(f"{name} must be a positive integer, got {value}.")
+
+
+def _check_state_dtype(state_dtype) -> None:
+    """Raises TypeError unless ``state_dtype`` is None or a real floating dtype."""
+    if state_dtype is None:
+        return
+    try:
+        dtype = jnp.dtype(state_dtype)
+    except TypeError as e:
+        raise TypeError(f"state_dtype must be a floating dtype, got {state_dtype!r}.") from e
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"state_dtype must be a real floating dtype (e.g. jnp.bfloat16), got {dtype.name}: "
+            f"the moving averages would be truncated."
         )
 
 
@@ -231,12 +279,14 @@ def scale_by_rngd(
     # Under optax.inject_hyperparams numeric arguments arrive as arrays; only Python numbers
     # can be validated (and specialised on) here.
     for name, val in (("inverse_every", inverse_every), ("update_every", update_every)):
-        if isinstance(val, (int, float)) and (val < 1 or int(val) != val):
-            raise ValueError(f"{name} must be a positive integer, got {val}.")
+        _check_count(name, val)
+    for name, val in (("decay", decay), ("damping", damping)):
+        _check_hyper_dtype(name, val)  # first: a bfloat16 0.9995 arrives as 1.0
     _check_number("decay", decay, 0.0, 1.0, high_open=True)
     _check_number("damping", damping, 0.0, None)
+    _check_state_dtype(state_dtype)
     plan_lib.check_request(layers, default_kind, representation, stacked_layers)
-    stats_every_step = isinstance(update_every, (int, float)) and update_every == 1
+    stats_every_step = concrete_number(update_every) == 1
 
     def init_fn(params):
         specs = plan_lib.resolve_layers(layers, default_kind, params, stacked_layers)
@@ -267,6 +317,7 @@ def scale_by_rngd(
         specs = plan_lib.resolve_layers(layers, default_kind, updates, stacked_layers)
         # The representation was decided at init; the state's own structure says which.
         resolved = [(layer, _estimator_of(state.metrics, layer)) for layer in specs]
+        _check_state_fits(state, resolved)
         count = state.count
         rate = jnp.asarray(decay)
         # The decay acts in at least float32 (a bfloat16 0.9995 is 1.0).
@@ -388,6 +439,40 @@ def scale_by_rngd(
         return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_state_fits(state: ScaleByRNGDState, resolved) -> None:
+    """Raises unless the state was built for exactly these layers, kinds and shapes.
+
+    A state restored from a checkpoint after a layer's kind or width changed would otherwise
+    fail deep inside the statistics with a bare broadcasting error, or silently change its own
+    shapes between steps (which breaks a ``lax.scan`` carry).
+
+    Raises:
+      ValueError: naming the layer, the state's shapes and the shapes its layer needs.
+    """
+    extra = sorted(set(state.metrics) - {layer.path for layer, _ in resolved})
+    if extra:
+        raise ValueError(
+            f"the RNGD state holds layers that this transform does not precondition: {extra}; "
+            f"it was initialised for {sorted(state.metrics)}. Re-run init after changing "
+            f"`layers`."
+        )
+    for layer, est in resolved:
+        path = layer.path
+        got = jax.tree.map(lambda a: tuple(a.shape), (state.metrics[path], state.inverses[path]))
+        stored = jax.tree.leaves(state.metrics[path])[0].dtype
+        want = jax.tree.map(lambda a: tuple(a.shape),
+                            jax.eval_shape(lambda e=est, l=layer, t=stored: e.init(l, t)))
+        if got != want:
+            kind = plan_lib.kind_name(layer.kind)
+            raise ValueError(
+                f"layer {path!r}: the RNGD state has shapes {got} but the layer, read from "
+                f"this update's grads ({est.name} representation, kind {kind!r}, d={layer.d}, "
+                f"m={layer.m}), needs {want}. Re-run init after changing a layer's "
+                f"kind or width; the grads must have the params' structure and shapes (bias "
+                f"included)."
+            )
 
 
 def _distinct_buffers(tree: Any) -> Any:
