@@ -682,6 +682,33 @@ def test_nnx_multi_axis_layers_and_unsupported():
     assert _captured(acts) == ["head"]
 
 
+def test_linen_einsum_is_captured_like_nnx_einsum():
+    """nn.Einsum was silently left out of capture_linen (the optimiser then said only "no
+    activations passed")."""
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            e = nn.Einsum((5, 2, 3), "btd,dnh->btnh")(x)
+            f = nn.Einsum((5, 4), name="late")(x, "btd,dk->btk")  # equation given at call time
+            g = nn.Einsum((4, 5), "bd,nd->bn", name="swap")(x[:, 0])  # kernel (out, in)
+            return e, f, g
+
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 7, 5)))
+    model = Model()
+    variables = _init_linen(model, jax.random.PRNGKey(0), x)
+    p = variables["params"]
+    with pytest.raises(ValueError, match=r"'swap'.*einsum 'bd,nd->bn'.*contracted ones"):
+        cap.capture_linen(model, variables, x)
+    (e, f, _), acts = cap.capture_linen(model, variables, x, skip_unsupported=True)
+    want_e = np.einsum("btd,dnh->btnh", x, p["Einsum_0"]["kernel"]) + p["Einsum_0"]["bias"]
+    np.testing.assert_allclose(e, want_e, **TIGHT)
+    _assert_layer(acts, "Einsum_0", x, want_e.reshape(3, 7, 6))
+    _assert_layer(acts, "late", x, np.einsum("btd,dk->btk", x, p["late"]["kernel"])
+                  + p["late"]["bias"])
+    assert "swap" not in acts
+
+
 def test_capture_linen_accepts_bound_apply():
     key = jax.random.PRNGKey(0)
     x = jax.random.normal(key, (4, 3))

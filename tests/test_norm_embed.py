@@ -291,3 +291,38 @@ def test_rngd_tied_head_rows_are_checked():
         with pytest.raises(ValueError, match=match):
             tx.update(jax.tree.map(jnp.zeros_like, params), state,
                       activations={"emb": {**base, **extra}})
+
+
+def test_embedding_ids_closed_over_by_a_jitted_step():
+    """Concrete ids captured as a constant inside jit are range-checked on the host, not
+    traced (this raised ConcretizationTypeError); the step equals the eager one."""
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, ids):
+            return nn.Dense(2)(nn.Embed(4, 3)(ids))
+
+    ids = jnp.array([[0, 1, 3], [3, 3, 2]])
+    model = Model()
+    params = model.init(jax.random.PRNGKey(0), ids)["params"]
+    tx = rfim_jax.rngd(0.1, {"Embed_0": "linear", "Dense_0": "linear"})
+
+    def step(p, s):
+        def loss(p):
+            out, acts = rfim_jax.capture_linen(model, {"params": p}, ids)
+            return out.sum(), acts
+
+        (_, acts), g = jax.value_and_grad(loss, has_aux=True)(p)
+        return tx.update(g, s, p, activations=acts)
+
+    eager = step(params, tx.init(params))
+    jitted = jax.jit(step)(params, tx.init(params))
+    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    bad = jnp.array([[0, 4]])
+    with pytest.raises(ValueError, match=r"ids range over \[0, 4\], outside the table's"):
+        jax.jit(lambda p, s: tx.update(
+            p, s, p, activations={"Embed_0": {"inputs": bad, "preacts": jnp.ones((1, 2, 3))},
+                                  "Dense_0": {"inputs": jnp.ones((1, 2, 3)),
+                                              "preacts": jnp.ones((1, 2, 2))}}))(
+            params, tx.init(params))

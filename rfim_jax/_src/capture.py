@@ -294,7 +294,8 @@ def conv_rows(inputs, out, module, source: str, name: str):
 
 
 def einsum_rows(inputs, out, einsum_str: str, has_bias: bool, source: str, name: str):
-    """``nnx.Einsum`` rows, where it contracts input axes against a kernel (SPEC §8).
+    """``nnx.Einsum`` or ``nn.Einsum`` rows, where it contracts input axes against a kernel
+    (SPEC §8).
 
     Supported: ``"<inputs>,<kernel>-><outputs>"`` without an ellipsis, where the kernel's
     letters are its contracted letters then its output letters, and the outputs are the
@@ -353,8 +354,10 @@ def norm_rows(inputs, out, module, kind: str, source: str, name: str):
 # flax.linen.
 
 
-def _linen_rows(module: Any, inputs: Any, out: Any, name: str):
+def _linen_rows(module: Any, inputs: Any, out: Any, name: str, einsum_str: str | None = None):
     """(inputs, preacts) of a linen layer, or None for a module that is not a layer.
+
+    ``einsum_str`` is an ``nn.Einsum``'s call-time equation, which overrides its attribute.
 
     Raises:
       Unsupported: for a layer type or configuration RNGD cannot precondition.
@@ -372,6 +375,9 @@ def _linen_rows(module: Any, inputs: Any, out: Any, name: str):
                                f"axis is read as its only output axis; use use_bias=True")
         batch = _tuple(module.batch_dims) if module.batch_dims != () else ()
         return general_rows(inputs, out, module.axis, len(features), batch, src, name)
+    if isinstance(module, nn.Einsum):
+        return einsum_rows(inputs, out, einsum_str or module.einsum_str, module.use_bias, src,
+                           name)
     if isinstance(module, nn.Conv):
         return conv_rows(inputs, out, module, src, name)
     if isinstance(module, nn.Embed):
@@ -429,6 +435,8 @@ def capture_linen(
     - ``nn.Dense``: ``{"inputs": x, "preacts": x @ kernel + bias}``.
     - ``nn.DenseGeneral`` (any ``axis`` and ``features``): the contracted axes moved last and
       flattened, inputs (n..., prod(in axes)), preacts (n..., prod(features)).
+    - ``nn.Einsum`` (``"<inputs>,<kernel>-><outputs>"``, as for ``nnx.Einsum`` in
+      :func:`capture_nnx`): the contracted axes moved last and flattened.
     - ``nn.Conv`` (any number of spatial dimensions, strides, padding, dilation, groups, all
       read from the module): the inputs are the patches, :func:`rfim_jax.conv_patches`,
       ``(n, *out_spatial, d_in)``, or ``(n, *out_spatial, G, d_in)`` for
@@ -495,7 +503,9 @@ def capture_linen(
         inputs = call_args[0] if call_args else call_kwargs.get("inputs")
         out = next_fun(*call_args, **call_kwargs)
         try:
-            rows = _linen_rows(module, inputs, out, paths_lib.SEP.join(keys) or "<root>")
+            call_str = call_args[1] if len(call_args) > 1 else call_kwargs.get("einsum_str")
+            rows = _linen_rows(module, inputs, out, paths_lib.SEP.join(keys) or "<root>",
+                               call_str)
         except Unsupported:
             if skip_unsupported:
                 return out

@@ -35,6 +35,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rfim_jax._src import dtypes as dtypes_lib
 from rfim_jax._src import metrics as metrics_lib
@@ -77,7 +78,9 @@ def _check_ids(ids: jax.Array, num: int, where: str) -> jax.Array:
     if ids.size == 0:
         raise ValueError(f"{where}: the batch is empty (ids shape {_shape(ids)}).")
     if not isinstance(ids, jax.core.Tracer):
-        lo, hi = int(ids.min()), int(ids.max())
+        # In numpy: concrete ids closed over by a jitted step would trace jnp.min.
+        host = np.asarray(ids)
+        lo, hi = int(host.min()), int(host.max())
         if lo < 0 or hi >= num:
             raise ValueError(
                 f"{where}: ids range over [{lo}, {hi}], outside the table's [0, {num - 1}]."
