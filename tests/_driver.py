@@ -173,6 +173,10 @@ def sharding(out: str) -> None:
         for name, result in _sharding_runs(rep).items():
             report[name if rep == "exact" else f"{name}_{rep}"] = result
     report["explicit"] = {rep: _explicit_run(rep) for rep in ("exact", "eigen", "diagonal")}
+    report["explicit_data"] = {
+        rep: {str(ctx): _explicit_data_run(rep, ctx) for ctx in (False, True)}
+        for rep in ("exact", "eigen", "diagonal")
+    }
     report["pmap"] = {str(name): _pmap_run(name) for name in ("d", None)}
     with open(out, "w") as f:
         json.dump(report, f)
@@ -261,6 +265,39 @@ def _explicit_run(rep: str) -> dict:
         "params_err": _max_err(params, ref[0]),
         "state_err": _max_err(state, ref[1]),
     }
+
+
+def _explicit_data_run(rep: str, set_mesh: bool) -> dict:
+    """Data parallel on ``jax.make_mesh``'s default (explicit) axes: the batch split over
+    "data", params and state replicated, with or without ``jax.set_mesh``; against one device.
+    """
+    import contextlib
+
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    dims = SHARD_DIMS
+    params0 = init_mlp(jax.random.PRNGKey(0), dims["d_in"], dims["hidden"], dims["classes"])
+    tx = rfim_jax.rngd(0.1, LAYERS, inverse_every=2, decay=0.8, representation=rep)
+    batches = [
+        make_batch(jax.random.PRNGKey(10 + i), dims["n"], dims["d_in"], dims["classes"])
+        for i in range(3)
+    ]
+    step = jax.jit(make_step(tx))
+    params, state = params0, tx.init(params0)
+    for x, y in batches:
+        params, state, _ = step(params, state, x, y)
+    ref = (params, state[0].metrics)
+
+    mesh = jax.make_mesh((4,), ("data",))
+    data = NamedSharding(mesh, P("data"))
+    with jax.set_mesh(mesh) if set_mesh else contextlib.nullcontext():
+        params = jax.device_put(params0, NamedSharding(mesh, P()))
+        state = tx.init(params)
+        for x, y in batches:
+            params, state, _ = step(params, state, *jax.device_put((x, y), data))
+    return {"axis_types": str(mesh.axis_types),
+            "err": _max_err((params, state[0].metrics), ref)}
 
 
 def _sharding_runs(rep: str) -> dict:

@@ -104,6 +104,16 @@ def test_explicit_sharding_init_and_update_agree(report, representation):
     assert r["state_err"] < 1e-12
 
 
+@pytest.mark.parametrize("representation", ["exact", "eigen", "diagonal"])
+@pytest.mark.parametrize("set_mesh", [False, True])
+def test_explicit_data_parallel_matches_one_device(report, representation, set_mesh):
+    """jax.make_mesh's default explicit axes with the batch split over "data" (this failed:
+    a bare PartitionSpec outside jax.set_mesh, and a contraction over the sharded samples)."""
+    r = report["explicit_data"][representation][str(set_mesh)]
+    assert "Explicit" in r["axis_types"]
+    assert r["err"] < 1e-12
+
+
 def test_pmap_with_axis_name_keeps_replicas_identical_and_equal_to_one_device(report):
     r = report["pmap"]["d"]
     assert r["replica_spread"] < 1e-12

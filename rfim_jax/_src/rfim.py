@@ -48,7 +48,9 @@ def augment(x: jax.Array, has_bias: bool) -> jax.Array:
     """``x~ = [x, 1]`` row-wise when the layer has a bias, else ``x`` (Sec. 3)."""
     if not has_bias:
         return x
-    return jnp.concatenate([x, jnp.ones(x.shape[:-1] + (1,), x.dtype)], axis=-1)
+    # ones_like of a slice of x, not jnp.ones: it keeps x's sharding of the sample axes, which
+    # explicit sharding requires of both operands of the concatenation.
+    return jnp.concatenate([x, jnp.ones_like(x[..., :1])], axis=-1)
 
 
 def _inputs(params: Params, x: jax.Array, name: str):

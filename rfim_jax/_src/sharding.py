@@ -93,13 +93,34 @@ def state_shardings(opt_state: Any, param_shardings: Any) -> Any:
     return jax.tree.map(shard, opt_state, is_leaf=is_leaf)
 
 
-def _explicit_spec(x) -> P | None:
-    """``x``'s spec when it lives on a mesh with explicit axes, else None."""
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    mesh = getattr(sharding, "mesh", None)
+def _explicit_mesh(x) -> Any:
+    """The mesh of ``x`` when it has explicit axes, else None.
+
+    The concrete ``Mesh`` for a concrete array (an eager ``init`` reshards onto its devices),
+    the ``AbstractMesh`` for a traced one.
+    """
+    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
     if mesh is None or not getattr(mesh, "explicit_axes", ()):
         return None
-    return sharding.spec
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+        concrete = getattr(x.sharding, "mesh", None)
+        if isinstance(concrete, jax.sharding.Mesh):
+            return concrete
+    return mesh
+
+
+def _explicit_spec(x) -> P | None:
+    """``x``'s spec when it lives on a mesh with explicit axes, else None."""
+    return None if _explicit_mesh(x) is None else jax.typeof(x).sharding.spec
+
+
+def _reshard(x: jax.Array, like: Any, spec: P) -> jax.Array:
+    """``x`` resharded to ``spec`` on ``like``'s mesh.
+
+    A ``NamedSharding`` rather than a bare spec, so that no ``jax.set_mesh`` context is needed
+    (``jax.make_mesh`` gives explicit axes by default, with or without one).
+    """
+    return jax.sharding.reshard(x, NamedSharding(_explicit_mesh(like), spec))
 
 
 def match_sharding(new: Any, like: Any) -> Any:
@@ -110,7 +131,7 @@ def match_sharding(new: Any, like: Any) -> Any:
 
     def one(n, l):
         spec = _explicit_spec(l)
-        return n if spec is None else jax.sharding.reshard(n, spec)
+        return n if spec is None else _reshard(n, l, spec)
 
     return jax.tree.map(one, new, like)
 
@@ -130,10 +151,30 @@ def shard_like_kernel(tree: Any, neuron_axes: Any, kernel: Any) -> Any:
 
     def one(leaf, axis):
         if axis < 0 or axis_name is None or leaf.shape[axis] == 1:
-            return jax.sharding.reshard(leaf, P())
-        return jax.sharding.reshard(leaf, P(*([None] * axis), axis_name))
+            return _reshard(leaf, kernel, P())
+        return _reshard(leaf, kernel, P(*([None] * axis), axis_name))
 
     return jax.tree.map(one, tree, neuron_axes)
+
+
+def global_statistics(fn: Any, stats: Any, *args: Any) -> tuple[Any, Any]:
+    """``fn(stats, *args) -> (new_stats, counters)``, with the mesh's axes automatic.
+
+    Statistics contract over the sample axes.  Under explicit sharding with the batch split
+    over a data axis, jax refuses such a contraction without an output sharding ("Contracting
+    dimensions are sharded ..."); here the contraction runs with the mesh's axes automatic, so
+    XLA reduces the partial sums across devices as it does without explicit axes, and each
+    output takes the sharding of the stored state it replaces (``counters``: one replicated
+    scalar per key of ``stats``).  Without explicit axes ``fn`` runs as it is.
+    """
+    mesh = next((m for m in map(_explicit_mesh, jax.tree.leaves((stats, args)))
+                 if m is not None), None)
+    if mesh is None:
+        return fn(stats, *args)
+    specs = jax.tree.map(lambda a: _explicit_spec(a) or P(), stats)
+    out = (specs, {key: P() for key in stats})
+    with jax.sharding.use_abstract_mesh(getattr(mesh, "abstract_mesh", mesh)):
+        return jax.sharding.auto_axes(fn, out_sharding=out)(stats, *args)
 
 
 def replicate_last_axis(x: jax.Array) -> jax.Array:
@@ -145,4 +186,4 @@ def replicate_last_axis(x: jax.Array) -> jax.Array:
     if spec is None:
         return x
     spec = tuple(spec) + (None,) * (x.ndim - len(tuple(spec)))
-    return jax.sharding.reshard(x, P(*spec[:-1], None))
+    return _reshard(x, x, P(*spec[:-1], None))

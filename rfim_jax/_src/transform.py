@@ -342,14 +342,19 @@ def scale_by_rngd(
         # One lax.cond for the statistics of all layers and one for all refreshes, not one
         # per layer: on a GPU each conditional costs a device-to-host read of its predicate,
         # and on any backend each is a separate region XLA cannot fuse across.
-        def all_stats(stats):
+        def layer_stats(stats, rows, factors, rates):
             out, bad = {}, {}
             for layer, est in resolved:
                 x_aug, z = rows[layer.path]
                 out[layer.path], bad[layer.path] = est.update(
-                    layer, stats[layer.path], work_factors[layer.path], x_aug, z, damping,
+                    layer, stats[layer.path], factors[layer.path], x_aug, z, damping,
                     rates[layer.path], axis_name)
             return out, bad
+
+        def all_stats(stats):
+            # Under explicit sharding the sample axes may be split over devices.
+            return sharding_lib.global_statistics(
+                layer_stats, stats, rows, work_factors, rates)
 
         def no_stats(stats):
             return stats, {layer.path: jnp.zeros([], jnp.int32) for layer, _ in resolved}
