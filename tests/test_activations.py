@@ -181,11 +181,15 @@ def test_smoothed_relu_tends_to_hard_relu():
     np.testing.assert_allclose(soft.nu(z), hard.nu(z), atol=1e-6)
 
 
-def test_large_inputs_stay_finite():
-    z = jnp.array([-800.0, -50.0, 50.0, 800.0])
-    for act in ACTIVATIONS:
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_large_inputs_stay_finite(dtype):
+    """Up to the dtype's largest value, also for a sharp smoothed relu (z / omega used to
+    overflow: ReLU(omega=1e-6).f(3.4e38) was inf)."""
+    big = float(jnp.finfo(dtype).max)
+    z = jnp.array([-big, -1e30, -800.0, -50.0, 50.0, 800.0, 1e30, big], dtype)
+    for act in [*ACTIVATIONS, ReLU(omega=1e-6, iota=0.1), ReLU(omega=1e-30)]:
         for fn in (act.f, act.df, act.nu):
-            assert bool(jnp.all(jnp.isfinite(fn(z)))), (act, fn)
+            assert bool(jnp.all(jnp.isfinite(fn(z)))), (act, fn, fn(z))
 
 
 @pytest.mark.parametrize(

@@ -317,3 +317,17 @@ def test_errors():
     with pytest.raises(ValueError, match=r"labels must have the outputs' shape"):
         jax.jit(lambda p: fisher_rao_norm(_net, p, x, "gaussian", labels=jnp.zeros((5, 2))))(
             params)
+
+
+def test_class_indices_outside_the_classes_are_not_silently_zero():
+    """An index >= k was an all-zero one-hot row and gave a plausible number (0.0 here)."""
+    params, x, _ = _net_params(0)
+    bad = jnp.asarray([0, 1, 2, 3, 0])
+    with pytest.raises(ValueError, match=r"class indices range over \[0, 3\], outside the "
+                                         r"outputs' 3 classes \[0, 2\]"):
+        fisher_rao_norm(_net, params, x, "categorical", labels=bad)
+    traced = jax.jit(lambda y: fisher_rao_norm(_net, params, x, "categorical", labels=y))
+    assert np.isnan(traced(bad))
+    good = jnp.asarray([0, 1, 2, 2, 0])
+    np.testing.assert_allclose(traced(good), fisher_rao_norm(_net, params, x, "categorical",
+                                                             labels=good), rtol=1e-12)

@@ -98,6 +98,7 @@ def test_negative_or_nan_damping_is_refused_everywhere(damping):
      r"default_kind: unknown kind 'swish'"),
     (lambda: rfim_jax.scale_by_whitening(None, stacked_layers="Dense_0"),
      r"stacked_layers must be a list"),
+    (lambda: rfim_jax.rngd(0.1, {}), r"layers is empty.*plain momentum SGD"),
 ])
 def test_arguments_that_need_no_params_are_checked_when_the_transform_is_built(build, match):
     """A typo in a kind or representation fails where it is written, not at the first init."""

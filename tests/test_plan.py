@@ -63,6 +63,23 @@ def test_init_refuses_a_state_over_the_budget_with_a_useful_error():
     assert "layer 'Dense_0'" in msg and "kind 'softmax'" in msg
     assert "representation 'exact'" in msg and "1.91 TiB" in msg
     assert "'eigen'" in msg and "'diagonal'" in msg and "max_state_bytes=1 GiB" in msg
+    # It advises a representation that fits, the largest such one (eigen here, 4 MB).
+    assert "Use representation={'Dense_0': 'eigen'}, which fits" in msg
+
+
+def test_the_budget_error_advises_only_a_representation_that_fits():
+    """A 64 -> 64 relu layer: exact 1.1 MB, eigen 33 KB, diagonal 17 KB; at 20 KB only the
+    diagonal one fits, and at 1 KB none does."""
+    params = _mlp_shapes([64, 64])
+    plan = rfim_jax.rngd_plan(params, {"Dense_0": "relu"})["Dense_0"].bytes_by_representation
+    between = (plan["diagonal"] + plan["eigen"]) // 2
+    tx = rfim_jax.scale_by_rngd({"Dense_0": "relu"}, max_state_bytes=between)
+    with pytest.raises(ValueError, match=r"Use representation=\{'Dense_0': 'diagonal'\}, which "
+                                         r"fits; the cheaper representations need 'eigen'"):
+        jax.eval_shape(tx.init, params)
+    tx = rfim_jax.scale_by_rngd({"Dense_0": "relu"}, max_state_bytes=plan["diagonal"] // 2)
+    with pytest.raises(ValueError, match=r"No representation fits.*shard the layer"):
+        jax.eval_shape(tx.init, params)
 
 
 def test_abstract_init_matches_concrete_init():

@@ -149,7 +149,11 @@ class ReLU(Activation):
 
     def f(self, z):
         if self.omega > 0.0:
-            return self.omega * jnp.logaddexp(self.iota * z / self.omega, z / self.omega)
+            # omega logaddexp(iota z / omega, z / omega), written so that nothing is divided
+            # by omega before the exponential: z / omega overflows for a small omega.
+            gap = (1.0 - self.iota) * jnp.abs(z)
+            return jnp.maximum(z, self.iota * z) + self.omega * jnp.log1p(
+                jnp.exp(-gap / self.omega))
         return jnp.where(z > 0, z, self.iota * z)
 
     def df(self, z):

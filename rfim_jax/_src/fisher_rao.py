@@ -33,6 +33,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rfim_jax._src.dtypes import at_least_float32
 from rfim_jax._src.fisher import RESPONSES, Response, _output_fisher_quadratic
@@ -56,7 +57,18 @@ def _labels_as_outputs(
     shape = tuple(labels.shape)
     if response == "categorical":
         if shape == out_shape[:-1] and jnp.issubdtype(labels.dtype, jnp.integer):
-            return jax.nn.one_hot(labels.reshape(-1), k, dtype=dtype)
+            if not isinstance(labels, jax.core.Tracer) and labels.size:
+                host = np.asarray(labels)
+                lo, hi = int(host.min()), int(host.max())
+                if lo < 0 or hi >= k:
+                    raise ValueError(
+                        f"fisher_rao_norm: class indices range over [{lo}, {hi}], outside the "
+                        f"outputs' {k} classes [0, {k - 1}]."
+                    )
+            # A traced index outside [0, k) would be an all-zero one-hot row: make it NaN.
+            bad = (labels.reshape(-1) < 0) | (labels.reshape(-1) >= k)
+            onehot = jax.nn.one_hot(labels.reshape(-1), k, dtype=dtype)
+            return jnp.where(bad[:, None], jnp.asarray(jnp.nan, dtype), onehot)
         if shape == out_shape:
             return labels.reshape(-1, k).astype(dtype)
         raise ValueError(
@@ -128,13 +140,14 @@ def fisher_rao_norm(
 
     Returns:
       A scalar: ``theta^T F theta`` (model form) or ``theta^T F_emp theta`` (empirical form),
-      in the parameters' dtype promoted to at least float32.
+      in the parameters' dtype promoted to at least float32.  NaN when traced class indices
+      fall outside ``[0, k)`` (concrete ones raise).
 
     Raises:
       ValueError: for an unknown ``response``, a Python ``sigma <= 0``, outputs of the wrong
         rank (a categorical response needs (n, k)), or ``labels`` whose shape (or, for a
-        categorical response given class indices, dtype) does not match the outputs; the
-        message names the shapes.
+        categorical response given class indices, dtype) does not match the outputs, or
+        concrete class indices outside ``[0, k)``; the message names the shapes.
 
     References:
       T. Liang, T. Poggio, A. Rakhlin, J. Stokes, "Fisher-Rao Metric, Geometry, and

@@ -153,6 +153,12 @@ def check_request(layers, default_kind, representation, stacked_layers=()) -> No
       ValueError: for an unknown kind or representation, naming the layer.
     """
     check_stacked_layers(stacked_layers)
+    if isinstance(layers, Mapping) and not layers:
+        raise ValueError(
+            "layers is empty, so nothing would be preconditioned (the transform would be "
+            "plain momentum SGD); name the layers, e.g. {'Dense_0': 'relu'}, or pass None for "
+            "every dense layer."
+        )
     if layers is None:
         kinds = {"default_kind": default_kind}
     elif isinstance(layers, Mapping):
@@ -309,15 +315,19 @@ def check_budget(plans: Mapping[str, LayerPlan], max_state_bytes: int | None) ->
     for plan in plans.values():
         if plan.state_bytes <= max_state_bytes:
             continue
-        cheaper = [
-            f"{rep!r} ({format_bytes(n)})"
-            for rep, n in plan.bytes_by_representation.items()
-            if n < plan.state_bytes
-        ]
+        cheaper = sorted(
+            ((n, rep) for rep, n in plan.bytes_by_representation.items()
+             if n < plan.state_bytes), reverse=True)
+        fitting = [rep for n, rep in cheaper if n <= max_state_bytes]
+        listed = ", ".join(f"{rep!r} ({format_bytes(n)})" for n, rep in cheaper)
+        advice = (
+            f"Use representation={{{plan.path!r}: {fitting[0]!r}}}, which fits; the cheaper "
+            f"representations need {listed}." if fitting else
+            f"No representation fits (the cheaper ones need {listed or 'no less'}); shard the "
+            f"layer or raise max_state_bytes."
+        )
         raise ValueError(
             f"layer {plan.path!r} (kind {plan.kind!r}, representation {plan.representation!r}, "
             f"(d, m) = {plan.shape}) needs {format_bytes(plan.state_bytes)} of RNGD state, over "
-            f"max_state_bytes={format_bytes(max_state_bytes)}. Use a cheaper representation, "
-            f"e.g. representation={{{plan.path!r}: 'eigen'}}; the cheaper ones need "
-            f"{', '.join(cheaper) or 'no less'}."
+            f"max_state_bytes={format_bytes(max_state_bytes)}. {advice}"
         )
