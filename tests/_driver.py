@@ -216,12 +216,12 @@ def _pmap_run(axis_name) -> dict:
             "vs_one_device": _max_err(jax.tree.map(lambda a: a[0], params), ref)}
 
 
-def _explicit_run(rep: str) -> dict:
-    """Under AxisType.Explicit, init and update agree on the state's shardings, and match one
-    device."""
-    from jax.sharding import AxisType, NamedSharding
-    from jax.sharding import PartitionSpec as P
+def _one_device_run(rep: str):
+    """The sharding runs' reference: 3 jitted steps of the MLP on one device.
 
+    Returns (initial params, the transformation, the batches, the jitted step, (params,
+    state) after the steps).
+    """
     dims = SHARD_DIMS
     params0 = init_mlp(jax.random.PRNGKey(0), dims["d_in"], dims["hidden"], dims["classes"])
     tx = rfim_jax.rngd(0.1, LAYERS, inverse_every=2, decay=0.8, representation=rep)
@@ -233,7 +233,16 @@ def _explicit_run(rep: str) -> dict:
     params, state = params0, tx.init(params0)
     for x, y in batches:
         params, state, _ = step(params, state, x, y)
-    ref = (params, state)
+    return params0, tx, batches, step, (params, state)
+
+
+def _explicit_run(rep: str) -> dict:
+    """Under AxisType.Explicit, init and update agree on the state's shardings, and match one
+    device."""
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    params0, tx, batches, step, ref = _one_device_run(rep)
 
     mesh = jax.make_mesh((4,), ("model",), axis_types=(AxisType.Explicit,))
     with jax.set_mesh(mesh):
@@ -276,18 +285,8 @@ def _explicit_data_run(rep: str, set_mesh: bool) -> dict:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    dims = SHARD_DIMS
-    params0 = init_mlp(jax.random.PRNGKey(0), dims["d_in"], dims["hidden"], dims["classes"])
-    tx = rfim_jax.rngd(0.1, LAYERS, inverse_every=2, decay=0.8, representation=rep)
-    batches = [
-        make_batch(jax.random.PRNGKey(10 + i), dims["n"], dims["d_in"], dims["classes"])
-        for i in range(3)
-    ]
-    step = jax.jit(make_step(tx))
-    params, state = params0, tx.init(params0)
-    for x, y in batches:
-        params, state, _ = step(params, state, x, y)
-    ref = (params, state[0].metrics)
+    params0, tx, batches, step, ref = _one_device_run(rep)
+    ref = (ref[0], ref[1][0].metrics)
 
     mesh = jax.make_mesh((4,), ("data",))
     data = NamedSharding(mesh, P("data"))

@@ -101,11 +101,7 @@ def resolve_layers(layers, default_kind, params, stacked_layers=()) -> list:
         if not available:
             raise paths_lib.no_layers_error(params)
         layers = {p: default_kind for p in available}
-    if not isinstance(layers, Mapping):
-        raise TypeError(
-            f"layers must map layer paths to kinds, e.g. {{'Dense_0': 'relu'}}, got "
-            f"{type(layers).__name__}."
-        )
+    _check_layers_type(layers)
     unknown = sorted(declared - set(layers))
     if unknown:
         raise ValueError(
@@ -161,13 +157,9 @@ def check_request(layers, default_kind, representation, stacked_layers=()) -> No
         )
     if layers is None:
         kinds = {"default_kind": default_kind}
-    elif isinstance(layers, Mapping):
-        kinds = {f"layer {path!r}": kind for path, kind in layers.items()}
     else:
-        raise TypeError(
-            f"layers must map layer paths to kinds, e.g. {{'Dense_0': 'relu'}}, got "
-            f"{type(layers).__name__}."
-        )
+        _check_layers_type(layers)
+        kinds = {f"layer {path!r}": kind for path, kind in layers.items()}
     for where, kind in kinds.items():
         if kind is not None:
             rfim_lib.resolve_kind(kind, where=where)
@@ -177,6 +169,14 @@ def check_request(layers, default_kind, representation, stacked_layers=()) -> No
         if rep != "auto":
             rfim_lib.check_representation(rep, where=f"layer {path!r}" if path else
                                           "representation")
+
+
+def _check_layers_type(layers) -> None:
+    if not isinstance(layers, Mapping):
+        raise TypeError(
+            f"layers must map layer paths to kinds, e.g. {{'Dense_0': 'relu'}}, got "
+            f"{type(layers).__name__}."
+        )
 
 
 def check_stacked_layers(stacked_layers) -> frozenset[str]:
