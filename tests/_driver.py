@@ -177,6 +177,7 @@ def sharding(out: str) -> None:
         rep: {str(ctx): _explicit_data_run(rep, ctx) for ctx in (False, True)}
         for rep in ("exact", "eigen", "diagonal")
     }
+    report["explicit_data_inject"] = _explicit_data_run("exact", False, inject=True)
     report["pmap"] = {str(name): _pmap_run(name) for name in ("d", None)}
     with open(out, "w") as f:
         json.dump(report, f)
@@ -276,9 +277,11 @@ def _explicit_run(rep: str) -> dict:
     }
 
 
-def _explicit_data_run(rep: str, set_mesh: bool) -> dict:
+def _explicit_data_run(rep: str, set_mesh: bool, inject: bool = False) -> dict:
     """Data parallel on ``jax.make_mesh``'s default (explicit) axes: the batch split over
     "data", params and state replicated, with or without ``jax.set_mesh``; against one device.
+    ``inject``: the same steps through ``optax.inject_hyperparams(rfim_jax.rngd)``, whose
+    hyperparameters (damping, decay) then live on the mesh too.
     """
     import contextlib
 
@@ -287,6 +290,10 @@ def _explicit_data_run(rep: str, set_mesh: bool) -> dict:
 
     params0, tx, batches, step, ref = _one_device_run(rep)
     ref = (ref[0], ref[1][0].metrics)
+    if inject:
+        tx = optax.inject_hyperparams(rfim_jax.rngd)(
+            learning_rate=0.1, layers=LAYERS, inverse_every=2, decay=0.8, representation=rep)
+        step = jax.jit(make_step(tx))
 
     mesh = jax.make_mesh((4,), ("data",))
     data = NamedSharding(mesh, P("data"))
@@ -295,8 +302,9 @@ def _explicit_data_run(rep: str, set_mesh: bool) -> dict:
         state = tx.init(params)
         for x, y in batches:
             params, state, _ = step(params, state, *jax.device_put((x, y), data))
+    inner = state.inner_state if inject else state
     return {"axis_types": str(mesh.axis_types),
-            "err": _max_err((params, state[0].metrics), ref)}
+            "err": _max_err((params, inner[0].metrics), ref)}
 
 
 def _sharding_runs(rep: str) -> dict:

@@ -160,3 +160,27 @@ def test_diagnostics_of_a_stacked_layer_are_per_slice():
         np.testing.assert_allclose(out[f"blk/{k}/relative_fisher_rao_norm"], want, rtol=1e-10)
         assert float(out[f"blk/{k}/trace"]) == 2 * 5  # identity blocks, m = 2, d = 5
     assert int(out["blk/skipped"]) == 0
+
+
+@pytest.mark.parametrize("representation", ["exact", "eigen", "diagonal"])
+def test_diagnostics_of_a_bfloat16_state_are_float32(representation):
+    """LAPACK has no bfloat16 eigensolver (diagnostics raised NotImplementedError), and a
+    bfloat16 trace has 3 digits: the figures are computed in float32."""
+    f32 = jnp.float32
+    params = {"Dense_0": {"kernel": jnp.full((3, 4), 0.3, f32), "bias": jnp.zeros(4, f32)},
+              "Dense_1": {"kernel": jnp.full((4, 2), 0.3, f32), "bias": jnp.zeros(2, f32)}}
+    layers = {"Dense_0": "relu", "Dense_1": "softmax"}
+    x = jnp.linspace(-1.0, 1.0, 24, dtype=f32).reshape(8, 3)
+    z0 = x @ params["Dense_0"]["kernel"]
+    acts = {"Dense_0": {"inputs": x, "preacts": z0},
+            "Dense_1": {"inputs": jax.nn.relu(z0), "preacts": jax.nn.relu(z0) @ params[
+                "Dense_1"]["kernel"]}}
+    figures = {}
+    for dtype in (None, jnp.bfloat16):
+        tx = rfim_jax.scale_by_rngd(layers, state_dtype=dtype, representation=representation)
+        _, state = tx.update(params, tx.init(params), params, activations=acts)
+        figures[dtype] = rfim_jax.diagnostics(state, params)
+    for key, value in figures[jnp.bfloat16].items():
+        if jnp.issubdtype(value.dtype, jnp.floating):
+            assert value.dtype == jnp.float32, key
+            np.testing.assert_allclose(value, figures[None][key], rtol=2e-2, err_msg=key)

@@ -102,6 +102,27 @@ def test_state_dtype_must_be_a_real_float(dtype):
         rfim_jax.scale_by_rngd({"Dense_0": "relu"}, state_dtype=dtype)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
+def test_eight_bit_state_is_refused_when_built(dtype):
+    with pytest.raises(TypeError, match=r"state_dtype float8_\w+ is not supported"):
+        rfim_jax.scale_by_rngd({"Dense_0": "relu"}, state_dtype=dtype)
+
+
+def test_an_injected_rngd_initialises_abstractly_and_under_jit():
+    """inject_hyperparams injects every numeric default; a numeric exact_budget_bytes default
+    was traced and refused by jax.eval_shape(tx.init) and jax.jit(tx.init)."""
+    params = {"Dense_0": {"kernel": jnp.ones((3, 4)), "bias": jnp.zeros(4)}}
+    tx = optax.inject_hyperparams(rfim_jax.rngd)(learning_rate=0.1, layers={"Dense_0": "relu"})
+    abstract = jax.eval_shape(tx.init, params)
+    concrete = jax.jit(tx.init)(params)
+    assert jax.tree.map(lambda a: a.shape, abstract) == jax.tree.map(lambda a: a.shape, concrete)
+    assert "exact_budget_bytes" not in concrete.hyperparams
+    budget = optax.inject_hyperparams(rfim_jax.rngd)(
+        learning_rate=0.1, layers={"Dense_0": "relu"}, exact_budget_bytes=2**20)
+    with pytest.raises(TypeError, match=r"static_args=\('exact_budget_bytes',\)"):
+        jax.eval_shape(budget.init, params)
+
+
 def test_complex_layers_are_refused_at_every_boundary():
     params, acts, grads, x, _ = _problem()
     cparams = jax.tree.map(lambda a: a.astype(jnp.complex64), params)

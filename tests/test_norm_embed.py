@@ -326,3 +326,20 @@ def test_embedding_ids_closed_over_by_a_jitted_step():
                                   "Dense_0": {"inputs": jnp.ones((1, 2, 3)),
                                               "preacts": jnp.ones((1, 2, 2))}}))(
             params, tx.init(params))
+
+
+def test_one_representation_for_all_layers_covers_norms_that_lack_it():
+    """representation="eigen" for a model with a LayerNorm was refused; the norm keeps its
+    small exact blocks (reported by rngd_plan), while a per-path request is still refused."""
+    params = {"d": {"kernel": jnp.ones((8, 4)), "bias": jnp.zeros(4)},
+              "ln": {"scale": jnp.ones(8), "bias": jnp.zeros(8)},
+              "tok": {"embedding": jnp.ones((5, 8))}}
+    layers = {"d": "relu", "ln": "linear", "tok": "linear"}
+    plan = rfim_jax.rngd_plan(params, layers, representation="eigen")
+    assert {p: v.representation for p, v in plan.items()} == {
+        "d": "eigen", "ln": "exact", "tok": "diagonal"}
+    state = rfim_jax.rngd(0.1, layers, representation="eigen").init(params)
+    assert set(state[0].metrics["d"]) == {"A", "S"}
+    with pytest.raises(ValueError, match=r"layer 'ln' \(ScaleShiftLayer\) supports the "
+                                         r"representations \('exact', 'diagonal'\), got 'eigen'"):
+        rfim_jax.rngd(0.1, layers, representation={"ln": "eigen"}).init(params)

@@ -25,6 +25,8 @@ import numpy as np
 import pytest
 from _driver import LAYERS, SHARD_DIMS, grads_and_acts, init_mlp, make_batch, np_first_step
 
+import rfim_jax
+
 DRIVER = Path(__file__).with_name("_driver.py")
 
 
@@ -114,9 +116,57 @@ def test_explicit_data_parallel_matches_one_device(report, representation, set_m
     assert r["err"] < 1e-12
 
 
+def test_explicit_data_parallel_with_injected_hyperparameters(report):
+    """inject_hyperparams's damping lives on the mesh after one step; it failed on step 2
+    ("context mesh ... should match the aval mesh")."""
+    assert report["explicit_data_inject"]["err"] < 1e-12
+
+
 def test_pmap_with_axis_name_keeps_replicas_identical_and_equal_to_one_device(report):
     r = report["pmap"]["d"]
     assert r["replica_spread"] < 1e-12
     assert r["vs_one_device"] < 1e-12
     # Without axis_name each replica averages its own quarter of the batch: they drift.
     assert report["pmap"]["None"]["replica_spread"] > 1e-3
+
+
+@pytest.mark.parametrize("representation", ["exact", "eigen", "diagonal"])
+def test_state_shardings_agrees_with_an_explicit_init(representation):
+    """state_shardings (for jit's out_shardings) and init on explicit axes apply one rule, for
+    every layer type: a stack's neuron axis is its second (not the layer axis), a norm's state
+    follows its scale, and an embedding's has no kernel (these raised or differed)."""
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    shapes = {
+        "stk": {"kernel": (3, 8, 4)},  # bias-free stack, declared
+        "stb": {"kernel": (3, 8, 4), "bias": (3, 4)},  # a stack by its bias
+        "lin": {"kernel": (2, 8, 4)},  # linear stack: its one shared block is replicated
+        "d": {"kernel": (8, 4), "bias": (4,)},
+        "ln": {"scale": (8,), "bias": (8,)},
+        "tok": {"embedding": (5, 8)},
+    }
+    params = jax.tree.map(lambda s: jax.numpy.ones(s), shapes, is_leaf=lambda s: isinstance(
+        s, tuple))
+    specs = {k: {n: P(*([None] * (len(s) - 1)), "model") for n, s in v.items()}
+             for k, v in shapes.items()}
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                             is_leaf=lambda s: isinstance(s, P))
+    layers = {"stk": "relu", "stb": "tanh", "lin": "linear", "d": "relu", "ln": "linear",
+              "tok": "linear"}
+    tx = rfim_jax.rngd(0.1, layers, stacked_layers=["stk", "lin"],
+                       representation={"stk": representation, "d": representation})
+    ruled = rfim_jax.state_shardings(jax.eval_shape(tx.init, params), shardings)
+
+    def full(spec, ndim):
+        return tuple(spec) + (None,) * (ndim - len(tuple(spec)))
+
+    with jax.set_mesh(mesh):
+        state = tx.init(jax.device_put(params, shardings))
+    got = jax.tree.map(lambda a: full(a.sharding.spec, a.ndim), state)
+    want = jax.tree.map(lambda s, a: full(s.spec, a.ndim), ruled, state)
+    assert got == want
+    inner = state[0]
+    stk = inner.metrics["stk"] if representation == "exact" else inner.metrics["stk"]["S"]
+    assert full(stk.sharding.spec, stk.ndim)[:2] == (None, "model")

@@ -380,12 +380,24 @@ def test_linen_scan_of_bias_free_layers_trains_with_stacked_layers():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_stacked_layers_as_any_iterable_or_none():
+    """A generator was used up by the build-time check, and the stack was then not declared."""
+    params = {"blk": {"kernel": jnp.ones((L, D_IN, M))}, "other": {"kernel": jnp.ones((D_IN, M))}}
+    layers = {"blk": "relu", "other": "linear"}
+    for declared in ((p for p in layers if p == "blk"), filter(lambda p: p == "blk", layers),
+                     {"blk": 1}.keys()):
+        state = rfim_jax.rngd(0.1, layers, stacked_layers=declared).init(params)
+        assert state[0].metrics["blk"].shape == (L, M, D_IN, D_IN)
+    state = rfim_jax.rngd(0.1, layers, stacked_layers=None).init(params)
+    assert state[0].metrics["blk"].shape == (M, L * D_IN, L * D_IN)
+
+
 def test_stacked_layers_errors():
     params = {"a": {"kernel": jnp.ones((D_IN, M))}, "b": {"kernel": jnp.ones((L, D_IN, M))}}
     with pytest.raises(TypeError, match="stacked_layers must be a list"):
         rfim_jax.scale_by_rngd({"b": "relu"}, stacked_layers="b")
     with pytest.raises(ValueError, match=r"stacked_layers names paths that are not among the "
                                          r"layers: \['c'\]"):
-        rfim_jax.scale_by_rngd({"b": "relu"}, stacked_layers=["c"]).init(params)
+        rfim_jax.scale_by_rngd({"b": "relu"}, stacked_layers=["c"])  # refused when built
     with pytest.raises(ValueError, match=r"layer 'a' is declared in stacked_layers.*\(4, 5\)"):
         rfim_jax.scale_by_rngd({"a": "relu"}, stacked_layers=["a"]).init(params)

@@ -12,7 +12,7 @@ import optax
 
 from rfim_jax._src import activations as act_lib
 from rfim_jax._src import rfim as rfim_lib
-from rfim_jax._src.plan import DEFAULT_EXACT_BUDGET, Representation
+from rfim_jax._src.plan import Representation
 from rfim_jax._src.transform import LayerKind, concrete_number, scale_by_rngd
 
 
@@ -30,7 +30,7 @@ def rngd(
     solver: str = "auto",
     default_kind: LayerKind = "linear",
     representation: Representation = "auto",
-    exact_budget_bytes: int = DEFAULT_EXACT_BUDGET,
+    exact_budget_bytes: int | None = None,
     max_state_bytes: int | None = None,
     state_dtype: Any = None,
     axis_name: str | None = None,

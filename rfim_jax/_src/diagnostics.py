@@ -22,6 +22,7 @@ from rfim_jax._src import paths as paths_lib
 from rfim_jax._src import plan as plan_lib
 from rfim_jax._src.layers import DenseLayer
 from rfim_jax._src.layers import stacked as stacked_lib
+from rfim_jax._src.metrics.base import sym_eigvalsh
 from rfim_jax._src.transform import ScaleByRNGDState, _estimator_of
 
 
@@ -130,6 +131,11 @@ def layer_metrics(state: Any, params: Any) -> dict[str, metrics_lib.AbstractMetr
     """
     state = _find_state(state)
     out = {}
+    # In at least float32, the precision the statistics are computed in: a state stored in
+    # bfloat16 (state_dtype) would otherwise give 3-digit traces.
+    state = jax.tree.map(
+        lambda a: a.astype(dtypes_lib.at_least_float32(a))
+        if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
     for path, stats in state.metrics.items():
         layer, stacked = _reading_of(path, paths_lib.get_by_path(params, path), stats)
         est = _estimator_of({path: stats}, layer)
@@ -186,7 +192,7 @@ def _extremes(metric) -> tuple[jax.Array, jax.Array]:
         return jnp.min(metric.scales), jnp.max(metric.scales)
     blocks = metric.stored_blocks()
     # One block at a time (lax.map): batched LAPACK has deadlocked on 2-core CPUs.
-    evals = jax.lax.map(lambda b: jnp.linalg.eigvalsh(0.5 * (b + b.T)), blocks)
+    evals = jax.lax.map(sym_eigvalsh, blocks)
     return jnp.min(evals), jnp.max(evals)
 
 

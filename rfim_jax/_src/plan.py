@@ -160,6 +160,16 @@ def check_request(layers, default_kind, representation, stacked_layers=()) -> No
     else:
         _check_layers_type(layers)
         kinds = {f"layer {path!r}": kind for path, kind in layers.items()}
+        named = {"stacked_layers": check_stacked_layers(stacked_layers),
+                 "representation": set(representation) if isinstance(
+                     representation, Mapping) else set()}
+        for arg, paths in named.items():
+            unknown = sorted(paths - set(layers))
+            if unknown:
+                raise ValueError(
+                    f"{arg} names paths that are not among the layers: {unknown}; layers: "
+                    f"{list(layers)}."
+                )
     for where, kind in kinds.items():
         if kind is not None:
             rfim_lib.resolve_kind(kind, where=where)
@@ -180,11 +190,13 @@ def _check_layers_type(layers) -> None:
 
 
 def check_stacked_layers(stacked_layers) -> frozenset[str]:
-    """``stacked_layers`` as a set of paths.
+    """``stacked_layers`` as a set of paths (None: none).
 
     Raises:
       TypeError: for a bare string (a path must come in a list) or a non-iterable.
     """
+    if stacked_layers is None:
+        return frozenset()
     if isinstance(stacked_layers, str) or not isinstance(stacked_layers, Iterable):
         raise TypeError(
             f"stacked_layers must be a list of layer paths, e.g. ['blocks/Dense_0'], got "
@@ -233,11 +245,13 @@ def plan_layers(
     specs: list,
     params,
     representation: Representation,
-    exact_budget_bytes: int,
+    exact_budget_bytes: int | None,
     state_dtype=None,
 ) -> dict[str, LayerPlan]:
     """The plan for already-resolved layers (see :func:`rngd_plan`)."""
     exact_budget_bytes = concrete_bytes("exact_budget_bytes", exact_budget_bytes)
+    if exact_budget_bytes is None:
+        exact_budget_bytes = DEFAULT_EXACT_BUDGET
     if isinstance(representation, Mapping):
         unknown = sorted(set(representation) - {s.path for s in specs})
         if unknown:
@@ -250,7 +264,14 @@ def plan_layers(
         kernel = paths_lib.get_by_path(params, layer.path)[layer.weights_key]
         size = _itemsize(storage_dtype(kernel, state_dtype))
         by_rep = {name: for_layer(name, layer).state_bytes(layer, size) for name in ESTIMATORS}
-        rep = layer.choose(_requested(representation, layer.path), by_rep, exact_budget_bytes)
+        requested = _requested(representation, layer.path)
+        if not isinstance(representation, Mapping) and requested not in (
+                "auto", *layer.representations):
+            # One name for every layer covers the layers that have it; a norm (exact or
+            # diagonal, a few bytes per feature) keeps "auto"'s choice, as rngd_plan reports.
+            # A per-path request for what a layer cannot hold is refused by choose().
+            requested = "auto"
+        rep = layer.choose(requested, by_rep, exact_budget_bytes)
         params_bytes = layer.num_params * _itemsize(kernel.dtype)
         plans[layer.path] = LayerPlan(
             layer.path, kind_name(layer.kind), rep, by_rep[rep], by_rep["exact"], params_bytes,
@@ -264,7 +285,7 @@ def rngd_plan(
     layers: Mapping[str, Any] | None,
     *,
     representation: Representation = "auto",
-    exact_budget_bytes: int = DEFAULT_EXACT_BUDGET,
+    exact_budget_bytes: int | None = None,
     state_dtype: Any = None,
     default_kind: Any = "linear",
     stacked_layers: Iterable[str] = (),
@@ -281,7 +302,8 @@ def rngd_plan(
       representation: ``"auto"``, ``"exact"``, ``"eigen"``, ``"diagonal"``, or a mapping from
         path to one of these (layers not in the mapping are ``"auto"``).  ``"auto"`` picks
         ``"exact"`` when the exact state fits ``exact_budget_bytes``, else ``"eigen"``.
-      exact_budget_bytes: the per-layer byte budget of ``"auto"`` (default 256 MiB).
+      exact_budget_bytes: the per-layer byte budget of ``"auto"``; None (the default) is
+        256 MiB.
       state_dtype: the dtype the state is stored in (default: the kernel's dtype promoted to at
         least float32).
       default_kind: the kind of every dense layer when ``layers`` is None.

@@ -36,8 +36,16 @@ def _kernel_m_axis(spec) -> Any:
 
 
 def _neuron_spec(leaf_shape, axis_name, key=None) -> P:
-    per_neuron = len(leaf_shape) >= 1 and leaf_shape[0] > 1 and key in (None, "S")
-    return P(axis_name) if (per_neuron and axis_name is not None) else P()
+    """A state leaf's spec: per-neuron leaves (exact blocks, ``S``) shard their neuron axis.
+
+    One layer's exact blocks have rank 3 and its ``S`` rank 2; a stack (SPEC §8) has one more
+    leading axis, the layer axis, so its neuron axis is the second.
+    """
+    lead = 1 if len(leaf_shape) == (3 if key is None else 2) + 1 else 0
+    per_neuron = (len(leaf_shape) > lead and leaf_shape[lead] > 1 and key in (None, "S"))
+    if not per_neuron or axis_name is None:
+        return P()
+    return P(*([None] * lead), axis_name)
 
 
 def state_shardings(opt_state: Any, param_shardings: Any) -> Any:
@@ -68,7 +76,11 @@ def state_shardings(opt_state: Any, param_shardings: Any) -> Any:
 
     def layer(path, tree):
         node = paths_lib.get_by_path(param_shardings, path)
-        axis = _kernel_m_axis(node["kernel"].spec) if isinstance(node, Mapping) else None
+        key = paths_lib.layer_key(node) if isinstance(node, Mapping) else None
+        weights = node.get(key) if key is not None else None
+        # Like shard_like_kernel at init: the weights' last axis is the neurons' (kernel m,
+        # norm feature D); a weight that is not a NamedSharding leaves the layer replicated.
+        axis = _kernel_m_axis(weights.spec) if isinstance(weights, NamedSharding) else None
         if isinstance(tree, Mapping):
             return {k: NamedSharding(mesh, _neuron_spec(v.shape, axis, k)) for k, v in tree.items()}
         return NamedSharding(mesh, _neuron_spec(tree.shape, axis))

@@ -139,6 +139,12 @@ def _check_state_dtype(state_dtype) -> None:
             f"state_dtype must be a real floating dtype (e.g. jnp.bfloat16), got {dtype.name}: "
             f"the moving averages would be truncated."
         )
+    if jnp.finfo(dtype).bits < 16:
+        raise TypeError(
+            f"state_dtype {dtype.name} is not supported: the state is stored in float16, "
+            f"bfloat16, float32 or float64 (an 8-bit float has a 2-3 bit mantissa, far below "
+            f"what a moving average at decay 0.995 resolves)."
+        )
 
 
 def _check_hyper_dtype(name: str, value) -> None:
@@ -177,7 +183,7 @@ def scale_by_rngd(
     solver: str = "auto",
     default_kind: LayerKind = "linear",
     representation: plan_lib.Representation = "auto",
-    exact_budget_bytes: int = plan_lib.DEFAULT_EXACT_BUDGET,
+    exact_budget_bytes: int | None = None,
     max_state_bytes: int | None = None,
     state_dtype: Any = None,
     axis_name: str | None = None,
@@ -230,7 +236,10 @@ def scale_by_rngd(
         mapping from path to one of these (unlisted layers are ``"auto"``).  ``"auto"`` keeps
         a layer exact while its exact state fits ``exact_budget_bytes``, else eigen.
         :func:`rfim_jax.rngd_plan` reports the choice before anything is allocated.
-      exact_budget_bytes: the per-layer budget of ``"auto"`` (default 256 MiB).
+      exact_budget_bytes: the per-layer budget of ``"auto"``; None (the default) is 256 MiB.
+        None rather than a number, so that ``optax.inject_hyperparams`` does not turn the
+        default into a traced hyperparameter (a budget decides the state's layout, so it must
+        be concrete; pass an explicit one with ``static_args=("exact_budget_bytes",)``).
       max_state_bytes: if set, ``init`` refuses any layer whose state needs more bytes,
         with an error naming the layer, its kind, representation and bytes, and the
         cheaper representations.
@@ -285,6 +294,8 @@ def scale_by_rngd(
     _check_number("decay", decay, 0.0, 1.0, high_open=True)
     _check_number("damping", damping, 0.0, None)
     _check_state_dtype(state_dtype)
+    # Read once: a generator would be used up by the first reading.
+    stacked_layers = plan_lib.check_stacked_layers(stacked_layers)
     plan_lib.check_request(layers, default_kind, representation, stacked_layers)
     stats_every_step = concrete_number(update_every) == 1
 
@@ -342,7 +353,7 @@ def scale_by_rngd(
         # One lax.cond for the statistics of all layers and one for all refreshes, not one
         # per layer: on a GPU each conditional costs a device-to-host read of its predicate,
         # and on any backend each is a separate region XLA cannot fuse across.
-        def layer_stats(stats, rows, factors, rates):
+        def layer_stats(stats, rows, factors, rates, damping):
             out, bad = {}, {}
             for layer, est in resolved:
                 x_aug, z = rows[layer.path]
@@ -352,9 +363,11 @@ def scale_by_rngd(
             return out, bad
 
         def all_stats(stats):
-            # Under explicit sharding the sample axes may be split over devices.
+            # Under explicit sharding the sample axes may be split over devices.  Every array
+            # goes in as an argument (a closed-over one, e.g. an injected damping, would keep
+            # its explicit mesh inside the automatic region).
             return sharding_lib.global_statistics(
-                layer_stats, stats, rows, work_factors, rates)
+                layer_stats, stats, rows, work_factors, rates, damping)
 
         def no_stats(stats):
             return stats, {layer.path: jnp.zeros([], jnp.int32) for layer, _ in resolved}

@@ -180,7 +180,9 @@ def check_columns(cols: jax.Array, d: int, m: int, name: str) -> None:
 
 
 def sym_eigvalsh(a: jax.Array) -> jax.Array:
-    """Eigenvalues of the symmetric part of ``a`` (batched), ascending."""
+    """Eigenvalues of the symmetric part of ``a`` (batched), ascending, in at least float32
+    (LAPACK has no bfloat16 or float16 eigensolver; a state stored in one is upcast)."""
+    a = a.astype(dtypes_lib.at_least_float32(a))
     return jnp.linalg.eigvalsh(0.5 * (a + jnp.swapaxes(a, -1, -2)))
 
 
