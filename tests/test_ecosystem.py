@@ -297,6 +297,12 @@ def test_partition_with_the_biases_under_adam_preconditions_the_kernels_alone():
     assert sorted(rfim_jax.layer_metrics(state, params)) == sorted(LAYERS)
     norms = rfim_jax.relative_fisher_rao_norm(state, params)
     assert all(np.isfinite(v) and v > 0 for v in norms.values())
+    # The step-to-gradient ratio covers what RNGD preconditioned: the kernel, not Adam's bias.
+    grads, _ = stream[-1]
+    figures = rfim_jax.diagnostics(state, params, grads=grads, updates=upd, spectrum=False)
+    for p in LAYERS:
+        want = np.linalg.norm(_node(upd, p)["kernel"]) / np.linalg.norm(_node(grads, p)["kernel"])
+        np.testing.assert_allclose(figures[f"{p}/step_to_grad_norm"], want, rtol=1e-12)
 
 
 # --------------------------------------------------------------------------- MultiSteps

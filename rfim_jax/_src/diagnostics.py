@@ -216,7 +216,8 @@ def diagnostics(
       per stored block, ``m d^3`` flops (as much as one refresh), so call it every k steps;
     * ``relative_fisher_rao_norm`` (with ``params``): ``sum_l w~_l^T G_l w~_l``;
     * ``step_to_grad_norm`` (with ``grads`` and ``updates``): ``|update| / |grad|`` over the
-      layer's kernel and bias, e.g. the output of ``scale_by_rngd`` against its input.
+      layer's kernel and bias, e.g. the output of ``scale_by_rngd`` against its input (with
+      ``params``, the kernel alone for a layer whose bias another optimiser owns).
 
     Plus ``count``, the number of updates, and ``rejected_updates``, the steps whose update
     was not finite and was replaced by zeros.  Everything is a jnp scalar, so the function can run
@@ -256,7 +257,12 @@ def diagnostics(
         if grads is not None and updates is not None:
             g = paths_lib.get_by_path(grads, path)
             u = paths_lib.get_by_path(updates, path)
-            keys = [k for k in ("kernel", "scale", "embedding", "bias") if k in g]
+            # Only what this state preconditions: a bias that optax.partition gave to another
+            # optimiser (the layer read as bias-free) is not part of RNGD's step.
+            first = metrics.get(path, metrics.get(f"{path}{paths_lib.SEP}0"))
+            with_bias = getattr(first, "has_bias", True)
+            keys = [k for k in ("kernel", "scale", "embedding", "bias")
+                    if k in g and (k != "bias" or with_bias)]
             gn = jnp.sqrt(sum(jnp.sum(jnp.square(g[k])) for k in keys))
             un = jnp.sqrt(sum(jnp.sum(jnp.square(u[k])) for k in keys))
             out[f"{path}/step_to_grad_norm"] = un / gn
