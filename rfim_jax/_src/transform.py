@@ -285,8 +285,8 @@ def scale_by_rngd(
       Modular Models", ICML 2017, Sec. 5.  George et al., "Fast Approximate Natural Gradient
       Descent in a Kronecker-factored Eigenbasis", NeurIPS 2018 (the eigen representation).
     """
-    # Under optax.inject_hyperparams numeric arguments arrive as arrays; only Python numbers
-    # can be validated (and specialised on) here.
+    # Under optax.inject_hyperparams numeric arguments arrive as arrays: those known now
+    # (concrete, at init) are validated, traced ones cannot be (see concrete_number).
     for name, val in (("inverse_every", inverse_every), ("update_every", update_every)):
         _check_count(name, val)
     for name, val in (("decay", decay), ("damping", damping)):
@@ -414,13 +414,16 @@ def scale_by_rngd(
         preconditioners = {}
         # Moving averages stored narrower than float32 are rounded stochastically, from a key
         # that depends only on the step count and the layer (see dtypes.stochastic_round).
-        store_key = jax.random.fold_in(jax.random.key(0), count)
+        narrow = any(dtypes_lib.narrower_than_float32(a.dtype)
+                     for a in jax.tree.leaves(state.metrics))
+        store_key = jax.random.fold_in(jax.random.key(0), count) if narrow else None
         for index, (layer, est) in enumerate(resolved):
             path = layer.path
             preconditioners[path] = (layer, est.preconditioner(
                 layer, stats[path], factors[path], normalize=normalize_max_eigenvalue))
             new_metrics[path] = _store_averages(
-                stats[path], state.metrics[path], jax.random.fold_in(store_key, index))
+                stats[path], state.metrics[path],
+                None if store_key is None else jax.random.fold_in(store_key, index))
             new_inverses[path] = jax.tree.map(
                 lambda a, s: a.astype(s.dtype), factors[path], state.inverses[path])
             new_skipped[path] = state.skipped[path] + bad[path]
@@ -511,7 +514,7 @@ def _distinct_buffers(tree: Any) -> Any:
     return jax.tree.map(distinct, tree)
 
 
-def _store_averages(work: Any, stored: Any, key: jax.Array) -> Any:
+def _store_averages(work: Any, stored: Any, key: jax.Array | None) -> Any:
     """Casts a layer's moving averages ``work`` back to the dtypes of ``stored``.
 
     A float narrower than float32 (bfloat16, float16) takes unbiased stochastic rounding; any
