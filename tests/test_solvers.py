@@ -429,3 +429,14 @@ def test_soak_default_method_does_not_deadlock():
         pytest.fail("1000 jitted refreshes with the default solver did not finish in 120 s")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "SOAK-OK" in proc.stdout
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_fallback_treats_an_infinite_diagonal_entry_as_unusable(method):
+    """1 / inf = 0 passed the finiteness check: the fallback froze that coordinate (0 where the
+    docs promise 1), and an all-inf block fell back to the zero matrix, not the identity."""
+    blocks = jnp.stack([jnp.diag(jnp.array([jnp.inf, 2.0, 4.0])), jnp.full((3, 3), jnp.inf)])
+    inv, ok = solvers.spd_inverse_and_status(blocks, method=method)
+    assert not np.asarray(ok).any()
+    np.testing.assert_array_equal(np.asarray(inv[0]), np.diag([1.0, 0.5, 0.25]))
+    np.testing.assert_array_equal(np.asarray(inv[1]), np.eye(3))

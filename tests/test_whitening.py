@@ -150,3 +150,24 @@ def test_apply_whitening_in_row_chunks_matches_numpy(shape, monkeypatch):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-12)
     assert whitening_module._row_chunk(97, 8) == 8  # no divisor of 97 in [2, 8]
     assert whitening_module._row_chunk(96, 8) == 8 and whitening_module._row_chunk(90, 8) == 6
+
+
+def test_a_large_offset_does_not_silence_the_other_features():
+    """One feature at 1e4 made the rounding floor (then global, max|x|) cut a well-resolved
+    feature of variance 1e-4 to 0; data at 1e6 + N(0, 1) in float32 gave A = 0."""
+    rng = np.random.default_rng(0)
+    cases = [
+        np.stack([1e4 + rng.standard_normal(1000), 0.01 * rng.standard_normal(1000)], 1),
+        1e6 + rng.standard_normal((200, 5)),
+    ]
+    for x in cases:
+        x = x.astype(np.float32)
+        big_a, a = whitening_map(jnp.asarray(x))
+        # Independently, in float64 from the same float32 data: ZCA = C^(-1/2).
+        x64 = x.astype(np.float64)
+        c = np.cov(x64, rowvar=False, bias=True)
+        lam, v = np.linalg.eigh(c)
+        want = v @ np.diag(lam ** -0.5) @ v.T
+        np.testing.assert_allclose(np.asarray(big_a), want, rtol=2e-3, atol=1e-6 * np.abs(
+            want).max())
+        np.testing.assert_allclose(np.asarray(a), x64.mean(0), rtol=1e-6)

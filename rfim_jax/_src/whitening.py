@@ -58,8 +58,10 @@ def whitening_map(
       rtol: eigenvalues at or below ``rtol * lambda_max`` are treated as singular.  Defaults
         to ``d * finfo(dtype).eps``, the accuracy of eigenvalues of a covariance matrix in
         floating point (the convention of ``numpy.linalg.matrix_rank``).  Eigenvalues at the
-        level of the centring's rounding noise, ``d (sqrt(n) eps max|x|)^2``, are singular
-        too, so that constant data give ``A = 0``.
+        level of the data's own rounding, ``d sum_j v_jk^2 (eps max_i |x_ij|)^2`` for
+        eigenvector ``v_k`` (feature by feature, after a two-pass centring), are singular too,
+        so that constant data give ``A = 0`` while a feature with a large offset does not
+        silence the others.
       method: ``"zca"`` (default; ``A`` symmetric, features stay aligned with the input
         coordinates) or ``"pca"``.
 
@@ -90,16 +92,22 @@ def whitening_map(
     if rtol is None:
         rtol = d * float(jnp.finfo(dtype).eps)
 
+    # Two-pass centring: the second pass removes the first mean's rounding error, which for a
+    # feature with a large offset (1e4 + N(0, 1e-4)) is as large as its spread.
     a = jnp.mean(x, axis=0)
     xc = x - a
+    shift = jnp.mean(xc, axis=0)
+    a, xc = a + shift, xc - shift
     cov = (xc.T @ xc) / n
     # Symmetrise so that eigh sees an exactly symmetric matrix regardless of matmul rounding.
     cov = 0.5 * (cov + cov.T)
     lam, v = jnp.linalg.eigh(cov)
     lam_max = jnp.maximum(jnp.max(lam), 0.0)
-    # Centring leaves an error of about sqrt(n) eps max|x| per entry, so variances at or below
-    # its square are rounding noise: this floor makes all-constant data map to 0 as well.
-    noise = (jnp.sqrt(n) * jnp.finfo(dtype).eps * jnp.max(jnp.abs(x))) ** 2 * d
+    # What is left is each entry's own rounding, eps |x_ij|: a direction whose variance is at
+    # or below that noise, projected on it (feature by feature, so that one feature's large
+    # offset does not silence another), is singular; constant data map to 0.
+    noise_j = (jnp.finfo(dtype).eps * jnp.max(jnp.abs(x), axis=0)) ** 2
+    noise = d * (noise_j @ (v * v))
     keep = (lam > rtol * lam_max) & (lam > noise)
     # The inner where keeps the discarded branch finite so gradients through it are too.
     safe = jnp.where(keep, lam + eps, 1.0)
