@@ -363,6 +363,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = set(args.workloads.split(",")) - set(WORKLOADS)
     if unknown:
         p.error(f"unknown workloads {sorted(unknown)}; choose from {list(WORKLOADS)}")
+    if args.methods:
+        known = [m.name for m in default_methods(not args.full)]
+        unknown = set(args.methods.split(",")) - set(known)
+        if unknown:
+            full_only = sorted(unknown & {m.name for m in default_methods(False)})
+            hint = f" ({full_only} run only with --full)" if full_only else ""
+            p.error(f"unknown methods {sorted(unknown)}{hint}; choose from {known}")
     if args.figures is None:
         args.figures = args.full and args.out == common.DEFAULT_OUT
     return args

@@ -640,7 +640,7 @@ def report(summary: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = common.make_parser(__doc__.splitlines()[0])
-    parser.add_argument("--iterations", type=int, default=None,
+    parser.add_argument("--iterations", type=common.positive_int, default=None,
                         help="override the iteration count")
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = {"seed": args.seed, "out": args.out,
@@ -650,6 +650,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.iterations is not None:
         overrides["iterations"] = args.iterations
     cfg = full_config(**overrides) if args.full else quick_config(**overrides)
+    common.check_data_dir(parser, args, cfg.dataset == "idx")
     results = run(cfg)
     print(report(results["summary"]))
     timing = ", ".join(f"{o} train {r['train_seconds']:.0f} s + measure "

@@ -299,6 +299,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     overrides, lrs = common.comparison_overrides(args)
     overrides["data_dir"] = args.data_dir
     cfg = full_config(**overrides) if args.full else CNNConfig(**overrides)
+    common.check_data_dir(parser, args, cfg.dataset == "fashion")
     cfg.learning_rates.update(lrs)
     results = run(cfg)
     common.finish_comparison(results, cfg, args.full, summary, plot)

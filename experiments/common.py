@@ -21,12 +21,31 @@ DEFAULT_OUT = "results"
 # ------------------------------------------------------------------------------ command line
 
 
-def make_parser(description: str) -> argparse.ArgumentParser:
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a count of epochs, steps, iterations)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def check_data_dir(parser: argparse.ArgumentParser, args, reads_idx: bool) -> None:
+    """Refuses ``--data-dir`` for a run that would not read it (a quick run on the digits).
+
+    Raises:
+      SystemExit: through ``parser.error``, saying which runs read it.
+    """
+    if args.data_dir is not None and not reads_idx:
+        parser.error("--data-dir is read only by the runs on Fashion-MNIST (--full); the quick "
+                     "run trains on the embedded 8x8 digits and would ignore it.")
+
+
+def make_parser(description: str, *, data_dir: bool = True) -> argparse.ArgumentParser:
     """An argument parser with the flags every experiment shares.
 
     ``--quick`` (the default) and ``--full`` select the scale, ``--seed`` the base seed,
-    ``--out`` the output directory (default ``results/``) and ``--data-dir`` an IDX directory
-    (default: Debian's Fashion-MNIST location).
+    ``--out`` the output directory (default ``results/``) and, with ``data_dir``,
+    ``--data-dir`` an IDX directory (default: Debian's Fashion-MNIST location).
     """
     parser = argparse.ArgumentParser(description=description)
     scale = parser.add_mutually_exclusive_group()
@@ -38,9 +57,10 @@ def make_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="base random seed (default 0)")
     parser.add_argument("--out", type=str, default=DEFAULT_OUT,
                         help=f"output directory for JSON and PNG (default {DEFAULT_OUT}/)")
-    parser.add_argument("--data-dir", type=str, default=None,
-                        help="directory of MNIST-format IDX files "
-                             "(default /usr/share/datasets/fashion-mnist)")
+    if data_dir:
+        parser.add_argument("--data-dir", type=str, default=None,
+                            help="directory of MNIST-format IDX files "
+                                 "(default /usr/share/datasets/fashion-mnist)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
@@ -264,7 +284,8 @@ def peer_version(method: str) -> str | None:
 
 def add_comparison_args(parser: argparse.ArgumentParser, methods: Sequence[str]) -> None:
     """``--steps``, ``--lr`` and ``--methods``, shared by the method-comparison experiments."""
-    parser.add_argument("--steps", type=int, default=None, help="training steps per method")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="training steps per method")
     parser.add_argument("--lr", type=str, default=None,
                         help="learning rates to override, e.g. rngd=0.02,adam=1e-3")
     parser.add_argument("--methods", type=str, default=None,

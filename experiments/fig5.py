@@ -629,7 +629,8 @@ def plot(summary: dict, runs: dict, cfg: Fig5Config, path: Path, *, dpi: int = 1
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = common.make_parser(__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=None, help="override the epoch count")
+    parser.add_argument("--epochs", type=common.positive_int, default=None,
+                        help="override the epoch count")
     parser.add_argument("--aggregate", nargs="+", default=None, metavar="DIR",
                         help="combine earlier runs on different seeds (directories holding "
                              "fig5.json) into <--out>/fig5_seeds.json, and print the table")
@@ -652,6 +653,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         overrides["methods"] = tuple(chosen)
         overrides["lrs"] = chosen
     cfg = full_config(**overrides) if args.full else quick_config(**overrides)
+    common.check_data_dir(parser, args, cfg.dataset == "idx")
     t0 = time.perf_counter()
     results = run(cfg)
     print(tau_table_markdown(results["summary"]))

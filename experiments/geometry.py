@@ -365,7 +365,7 @@ def plot(summary: dict, cfg: GeometryConfig, path: Path, *, dpi: int = 100) -> P
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    parser = common.make_parser(__doc__.splitlines()[0])
+    parser = common.make_parser(__doc__.splitlines()[0], data_dir=False)
     args = parser.parse_args(argv)
     overrides = {"out": args.out, "progress": not args.no_progress}
     if args.full:

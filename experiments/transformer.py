@@ -336,7 +336,7 @@ def summary(results: dict, cfg: TransformerConfig) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    parser = common.make_parser(__doc__.splitlines()[0])
+    parser = common.make_parser(__doc__.splitlines()[0], data_dir=False)
     common.add_comparison_args(parser, METHODS)
     parser.add_argument("--text", type=str, default=None,
                         help="a text file or directory (default: Debian's fortunes)")

@@ -396,3 +396,13 @@ def test_rngd_weight_decay_is_added_after_the_preconditioning():
             np.testing.assert_allclose(updates["d"][path][k] - updates["p"][path][k],
                                        -lr * wd * params[path][k], rtol=1e-5, atol=1e-7)
     assert "weight decay 0.01 after the preconditioning" in decayed.describe()
+
+
+def test_speed_cli_refuses_unknown_methods_and_workloads():
+    """Unknown --methods were dropped silently (the run went on with Adam alone)."""
+    with pytest.raises(SystemExit):
+        speed.parse_args(["--methods", "bogus"])
+    with pytest.raises(SystemExit):
+        speed.parse_args(["--workloads", "bogus"])
+    args = speed.parse_args(["--methods", "adam,muon"])
+    assert args.methods == "adam,muon"

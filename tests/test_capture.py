@@ -721,3 +721,26 @@ def test_capture_linen_accepts_bound_apply():
     np.testing.assert_allclose(out, model.apply(variables, x), **TIGHT)
     with pytest.raises(TypeError, match=r"linen Module or its bound `.apply`.*function"):
         cap.capture_linen(lambda v, x: x, variables, x)
+
+
+def test_a_masked_conv_is_refused_not_captured_as_unmasked():
+    """A masked conv's patches times its kernel do not give its outputs (they differed by
+    1.5): RNGD would have preconditioned the masked coordinates too."""
+    mask = jnp.asarray([[1.0], [0.0], [1.0]])[:, :, None] * jnp.ones((3, 1, 2))
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(2)(nn.Conv(2, (3,), mask=mask, name="masked")(x).mean(1))
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 1)))
+    model = Model()
+    variables = _init_linen(model, jax.random.PRNGKey(0), x)
+    with pytest.raises(ValueError, match=r"'masked' is a masked convolution.*kernel \* mask"):
+        cap.capture_linen(model, variables, x)
+    _, acts = cap.capture_linen(model, variables, x, skip_unsupported=True)
+    assert _captured(acts) == ["Dense_0"]
+    rngs = nnx.Rngs(0)
+    conv = nnx.Conv(1, 2, (3,), mask=mask, rngs=rngs)
+    with pytest.raises(ValueError, match=r"masked convolution"):
+        cap.capture_nnx(conv, x)

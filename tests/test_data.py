@@ -291,6 +291,16 @@ def test_parser_and_json(tmp_path):
     assert args.full and args.seed == 3 and args.data_dir == "/d"
     with pytest.raises(SystemExit):
         parser.parse_args(["--quick", "--full"])
+    # A quick run on the digits refuses --data-dir instead of ignoring it; counts are positive.
+    quick = parser.parse_args(["--data-dir", "/d"])
+    with pytest.raises(SystemExit):
+        common.check_data_dir(parser, quick, reads_idx=False)
+    common.check_data_dir(parser, quick, reads_idx=True)
+    with pytest.raises(SystemExit):
+        common.make_parser("x", data_dir=False).parse_args(["--data-dir", "/d"])
+    assert common.positive_int("3") == 3
+    with pytest.raises(Exception, match="must be a positive integer, got 0"):
+        common.positive_int("0")
     path = common.write_json(tmp_path / "sub" / "r.json",
                              {"a": np.array([1.0, np.nan, np.inf]), "b": np.float32(0.123456789)},
                              config={"t": (1, 2)}, digits=4)

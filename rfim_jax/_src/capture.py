@@ -279,6 +279,10 @@ def conv_rows(inputs, out, module, source: str, name: str):
     if any(v != 1 for v in _tuple(1 if dilation is None else dilation)):
         raise _unsupported(source, f"a convolution with input_dilation={dilation}", name,
                            "its patches are not windows of the input")
+    if getattr(module, "mask", None) is not None:
+        raise _unsupported(source, "a masked convolution (mask=...)", name,
+                           "its effective kernel is kernel * mask, so the patches times the "
+                           "kernel would not give its outputs")
     kernel_size = _tuple(module.kernel_size)
     x = jnp.asarray(inputs)
     if x.ndim == len(kernel_size) + 1:  # Flax adds the batch axis of an unbatched input
@@ -441,7 +445,8 @@ def capture_linen(
       read from the module): the inputs are the patches, :func:`rfim_jax.conv_patches`,
       ``(n, *out_spatial, d_in)``, or ``(n, *out_spatial, G, d_in)`` for
       ``feature_group_count`` G > 1.  Under ``jit`` the patches of a layer that no optimiser
-      reads are dead code and are never computed.
+      reads are dead code and are never computed.  A masked conv (``mask=...``) is
+      unsupported.
     - A layer applied several times in one apply (tied weights, a block used twice): every
       use is recorded, stacked as extra rows (SPEC §8).
     - Unsupported, with a ``ValueError`` that names the layer (or left out with
