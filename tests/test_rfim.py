@@ -774,3 +774,26 @@ def test_representation_errors():
         nonlinear_rfim(params, x, "tanh", representation="eigen", basis=jnp.eye(3))
     with pytest.raises(ValueError, match=r"basis is only used by representation='eigen'"):
         nonlinear_rfim(params, x, "tanh", representation="diagonal", basis=jnp.eye(4))
+
+
+def test_layer_rfim_from_activations_checks_its_rows_and_accumulates_in_float32():
+    """An empty batch gave an all-NaN metric, bad shapes raw reshape errors, and bfloat16 rows
+    bfloat16 blocks (3e-3 off) or a LAPACK error with the eigen representation."""
+    rng = np.random.default_rng(0)
+    x, z = rng.normal(size=(16, 3)), rng.normal(size=(16, 2))
+    for bad, match in (((np.ones((0, 3)), np.ones((0, 2))), r"the batch is empty"),
+                       ((np.ones((5, 3)), np.ones((4, 2))), r"different sample counts"),
+                       ((np.ones(3), np.ones(2)), r"expected x_aug \(n, d\)"),
+                       ((np.ones((2, 5, 3)), np.ones((2, 5, 2))), r"flatten leading batch")):
+        with pytest.raises(ValueError, match=match):
+            layer_rfim_from_activations(*map(jnp.asarray, bad), "tanh")
+    xb, zb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(z, jnp.bfloat16)
+    # Independently, in float64 from the same bfloat16 values (eq. 23, tanh: nu = 1 - tanh^2).
+    x64, z64 = np.asarray(xb, np.float64), np.asarray(zb, np.float64)
+    nu = 1.0 - np.tanh(z64) ** 2
+    want = np.einsum("nl,ni,nj->lij", nu, x64, x64) / len(x64)
+    got = layer_rfim_from_activations(xb, zb, "tanh")
+    assert got.blocks.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got.blocks), want, rtol=1e-5, atol=1e-6)
+    eigen = layer_rfim_from_activations(xb, zb, "tanh", representation="eigen")
+    assert eigen.scales.dtype == jnp.float32

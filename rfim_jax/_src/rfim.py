@@ -108,6 +108,24 @@ def check_representation(representation: str, *, where: str) -> str:
     return representation
 
 
+def _check_rows(x_aug, z) -> tuple[jax.Array, jax.Array]:
+    """``(x_aug, z)`` checked and in the statistics dtype (at least float32)."""
+    x_aug, z = jnp.asarray(x_aug), jnp.asarray(z)
+    where = "layer_rfim_from_activations"
+    shapes = f"x_aug {tuple(x_aug.shape)}, z {tuple(z.shape)}"
+    if z.ndim != 2 or x_aug.ndim not in (2, 3):
+        raise ValueError(
+            f"{where}: expected x_aug (n, d) (or (n, G, d), a grouped conv's rows) and z "
+            f"(n, m), got {shapes}; flatten leading batch axes (e.g. (batch, seq, d)) into n."
+        )
+    if x_aug.shape[0] != z.shape[0]:
+        raise ValueError(f"{where}: x_aug and z have different sample counts: {shapes}.")
+    if x_aug.shape[0] == 0:
+        raise ValueError(f"{where}: the batch is empty ({shapes}).")
+    dtype = stats_dtype(x_aug, z)
+    return x_aug.astype(dtype), z.astype(dtype)
+
+
 def layer_rfim_from_activations(
     x_aug: jax.Array,
     z: jax.Array,
@@ -139,13 +157,17 @@ def layer_rfim_from_activations(
       ``nu = eta_k (1 - eta_k)``, the cross-class blocks of eq. (25) are dropped.
     * ``"diagonal"``: :class:`DiagonalMetric`, ``diag(G_l)`` (softmax unit-wise as above).
 
+    The statistics are computed in at least float32, also for bfloat16 rows.
+
     Raises:
       ValueError: for an unknown kind or representation, a ``basis`` that is not (d, d)
-        or given with a representation other than ``"eigen"``, or grouped rows with
-        ``"eigen"`` or ``"softmax"``.
+        or given with a representation other than ``"eigen"``, grouped rows with
+        ``"eigen"`` or ``"softmax"``, rows that are not ``(n, d)`` / ``(n, G, d)`` and
+        ``(n, m)`` with the same n, or an empty batch (the shapes named).
     """
     check_representation(representation, where="layer_rfim_from_activations")
     kind = resolve_kind(kind)
+    x_aug, z = _check_rows(x_aug, z)
     d, m = x_aug.shape[-1], z.shape[-1]
     if basis is not None:
         if representation != "eigen":
