@@ -175,7 +175,7 @@ def _expected_fallback(blocks, previous):
             continue
         with np.errstate(divide="ignore", invalid="ignore"):
             dg = np.diag(0.5 * (b + b.T))
-            inv = np.where((dg > 0) & np.isfinite(1.0 / dg), 1.0 / dg, 1.0)
+            inv = np.where((dg > 0) & np.isfinite(dg) & np.isfinite(1.0 / dg), 1.0 / dg, 1.0)
         out.append(np.diag(inv))
     return np.stack(out)
 
