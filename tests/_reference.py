@@ -38,14 +38,22 @@ def _damp(block, eps0):
     return block + eps0 * np.trace(block) / block.shape[0] * np.eye(block.shape[0])
 
 
+def _linear_sigma(kind):
+    """sigma of the linear kind ("linear", or ("linear", sigma)); None for other kinds."""
+    if isinstance(kind, tuple) and kind[0] == "linear":
+        return float(kind[1])
+    return 1.0 if kind == "linear" else None
+
+
 def reference_blocks(kind, x, z, has_bias, eps0):
     """This batch's damped blocks, as a list."""
     xa = _aug(x, has_bias)
     n, d = xa.shape
     z = np.asarray(z, np.float64)
     m = z.shape[1]
-    if kind == "linear":
-        return [_damp(sum(np.outer(r, r) for r in xa) / n, eps0)]
+    sigma = _linear_sigma(kind)
+    if sigma is not None:  # eq. (22): A = mean x~ x~^T / sigma^2
+        return [_damp(sum(np.outer(r, r) for r in xa) / (n * sigma**2), eps0)]
     if kind == "softmax":
         full = np.zeros((m * d, m * d))
         for i in range(n):
@@ -65,7 +73,7 @@ def reference_precondition(kind, inverses, g_kernel, g_bias):
     if g_bias is not None:
         cols = np.concatenate([cols, np.asarray(g_bias)[None]], 0)
     d, m = cols.shape
-    if kind == "linear":
+    if _linear_sigma(kind) is not None:
         out = inverses[0] @ cols
     elif kind == "softmax":
         out = (inverses[0] @ cols.T.reshape(-1)).reshape(m, d).T
@@ -83,7 +91,8 @@ class ReferenceRNGD:
         self.G, self.inv = {}, {}
         for path, (kind, d_in, m, has_bias) in specs.items():
             d = d_in + has_bias
-            size, k = (m * d, 1) if kind == "softmax" else (d, 1 if kind == "linear" else m)
+            linear = _linear_sigma(kind) is not None
+            size, k = (m * d, 1) if kind == "softmax" else (d, 1 if linear else m)
             self.G[path] = [np.eye(size) for _ in range(k)]
             self.inv[path] = [np.eye(size) for _ in range(k)]
 

@@ -645,6 +645,10 @@ RNGD_CONV_CASES = {
                                     kernel_dilation=(2, 1)), ((1, 0), (2, 1))),
     "tanh_depthwise": ("tanh", (3, 5, 5, 3), 6, (3, 3),
                        dict(feature_group_count=3, padding="VALID"), ((0, 0), (0, 0))),
+    # The linear kind on a grouped conv: one block per channel, each its group's A (eq. 22);
+    # the reference is the shared-block linear kind within each group.
+    "linear_per_neuron_grouped": (Linear(sigma=1.5, per_neuron=True), (2, 5, 5, 4), 6, (2, 2),
+                                  dict(feature_group_count=2, strides=(2, 2)), "SAME"),
 }
 
 
@@ -697,8 +701,9 @@ def test_rngd_on_conv_matches_numpy_reference(name, api):
     state = tx.init(params)
     step = jax.jit(lambda g, s, a: tx.update(g, s, activations=a))
     # One reference per group: group g's channels see only group g's patches (SPEC §8).
-    refs = [ReferenceRNGD({"g": (kind, rows.shape[-1], per_group, has_bias)}, decay, every, eps0)
-            for _ in range(groups)]
+    ref_kind = ("linear", kind.sigma) if isinstance(kind, Linear) else kind
+    refs = [ReferenceRNGD({"g": (ref_kind, rows.shape[-1], per_group, has_bias)}, decay, every,
+                          eps0) for _ in range(groups)]
     for t in range(3):
         g = {"Conv_0": {k: jnp.asarray(rng.normal(size=v.shape))
                         for k, v in params["Conv_0"].items()}}
@@ -825,3 +830,59 @@ def test_cnn_rngd_beats_sgd_momentum_on_digits(train):
         optax.sgd(0.05, momentum=0.9)))
     assert np.isfinite(rngd_loss) and np.isfinite(sgd_loss)
     assert rngd_loss < CNN_MARGIN * sgd_loss, (rngd_loss, sgd_loss)
+
+
+class _LinenSeparableCNN(nn.Module):
+    """A depthwise-separable block (MobileNet-style): the depthwise conv has no activation
+    after it, so its kind is linear, and each channel sees only its own input channel."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(8, (3, 3))(x))
+        x = nn.Conv(8, (3, 3), feature_group_count=8)(x)  # depthwise, linear
+        x = nn.relu(nn.Conv(16, (1, 1), strides=2)(x))  # pointwise
+        return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+def test_depthwise_linear_conv_needs_per_neuron_linear_and_then_trains():
+    """layers=None gives the depthwise conv the shared 'linear' kind, which cannot hold one
+    block per group: the first update names the layer and Linear(per_neuron=True), and with
+    that kind the model trains (digits, 100 steps)."""
+    import optax
+
+    from rfim_jax import Linear, capture_linen, rngd
+
+    x, y = _digits_images()
+    model = _LinenSeparableCNN()
+    params = model.init(jax.random.PRNGKey(0), jnp.asarray(x[:1]))["params"]
+
+    def make_step(tx):
+        @jax.jit
+        def step(p, s, xb, yb):
+            def loss(p):
+                logits, acts = capture_linen(model, {"params": p}, xb)
+                return _ce(logits, yb), acts
+
+            (_, acts), g = jax.value_and_grad(loss, has_aux=True)(p)
+            u, s = tx.update(g, s, p, activations=acts)
+            return optax.apply_updates(p, u), s
+        return step
+
+    xb, yb = jnp.asarray(x[:32]), jnp.asarray(y[:32])
+    tx = rngd(0.05, None, **CNN_RNGD)
+    with pytest.raises(ValueError, match=r"'Conv_1'.*grouped convolution \(groups=8.*"
+                                         r"Linear\(per_neuron=True\).*d=10"):
+        make_step(tx)(params, tx.init(params), xb, yb)
+
+    tx = rngd(0.05, {"Conv_0": "relu", "Conv_1": Linear(per_neuron=True), "Conv_2": "relu",
+                     "Dense_0": "linear"}, **CNN_RNGD)
+    state = tx.init(params)
+    assert state[0].metrics["Conv_1"].shape == (8, 10, 10)  # one (9 + 1)^2 block per channel
+    step = make_step(tx)
+    start = float(_ce(model.apply({"params": params}, jnp.asarray(x)), jnp.asarray(y)))
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        i = rng.choice(len(x), CNN_BATCH, replace=False)
+        params, state = step(params, state, jnp.asarray(x[i]), jnp.asarray(y[i]))
+    end = float(_ce(model.apply({"params": params}, jnp.asarray(x)), jnp.asarray(y)))
+    assert np.isfinite(end) and end < 0.3 * start, (start, end)

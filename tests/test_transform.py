@@ -300,6 +300,53 @@ def test_scale_by_whitening_accepts_a_list_of_paths():
     np.testing.assert_allclose(out["Dense_1"]["bias"], bias, rtol=1e-7)
 
 
+def test_scale_by_whitening_keeps_a_linear_sigma():
+    """A mapping's Linear(sigma) is kept: A = mean x~ x~^T / sigma^2 (eq. 22), not sigma 1."""
+    rng = np.random.default_rng(2)
+    params, specs = _make_problem(rng, ["linear"])
+    acts = _random_acts(rng, specs, n=5)
+    grads = _random_grads(rng, params)
+    tx = rfim_jax.scale_by_whitening({"Dense_0": rfim_jax.Linear(sigma=3.0)}, inverse_every=1)
+    out, _ = tx.update(grads, tx.init(params), activations=acts)
+    ref = ReferenceRNGD({"Dense_0": (("linear", 3.0),) + specs["Dense_0"][1:]}, 0.995, 1, 1e-2)
+    kernel, bias = ref.update(grads, _flat_acts(acts))["Dense_0"]
+    np.testing.assert_allclose(out["Dense_0"]["kernel"], kernel, rtol=1e-7)
+    np.testing.assert_allclose(out["Dense_0"]["bias"], bias, rtol=1e-7)
+
+
+def test_scale_by_whitening_refuses_per_neuron_linear_and_a_bare_path():
+    with pytest.raises(ValueError, match=r"scale_by_whitening: layer 'Dense_0'.*per_neuron"):
+        rfim_jax.scale_by_whitening({"Dense_0": rfim_jax.Linear(per_neuron=True)})
+    with pytest.raises(TypeError, match=r"scale_by_whitening: layers.*list.*\['Dense_0'\]"):
+        rfim_jax.scale_by_whitening("Dense_0")
+
+
+@pytest.mark.parametrize("representation", ["exact", "diagonal"])
+def test_per_neuron_linear_is_the_shared_linear_metric(representation):
+    """Linear(per_neuron=True) stores m copies of the shared block: the same updates, and the
+    exact state is (m, d, d) instead of (1, d, d).  (Eigen differs by design: the shared
+    kind's eigen form is exact, a per-neuron one keeps per-neuron scales in a basis.)"""
+    rng = np.random.default_rng(3)
+    params, specs = _make_problem(rng, ["linear"], widths=[4, 3])
+    kinds = {"shared": "linear", "per_neuron": rfim_jax.Linear(sigma=0.7, per_neuron=True)}
+    shared_sigma = rfim_jax.Linear(sigma=0.7)
+    txs = {name: rfim_jax.scale_by_rngd({"Dense_0": kind}, decay=0.6, inverse_every=2,
+                                         representation=representation)
+           for name, kind in (("shared", shared_sigma), ("per_neuron", kinds["per_neuron"]))}
+    states = {name: tx.init(params) for name, tx in txs.items()}
+    for _ in range(4):
+        acts, grads = _random_acts(rng, specs, n=6), _random_grads(rng, params)
+        outs = {}
+        for name, tx in txs.items():
+            outs[name], states[name] = jax.jit(tx.update)(grads, states[name],
+                                                          activations=acts)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12),
+                     outs["per_neuron"], outs["shared"])
+    if representation == "exact":
+        assert states["shared"].metrics["Dense_0"].shape == (1, 5, 5)
+        assert states["per_neuron"].metrics["Dense_0"].shape == (3, 5, 5)
+
+
 # ------------------------------------------------------------------ representations (SPEC §7)
 
 

@@ -331,14 +331,35 @@ class Softplus(Activation):
 
 @dataclasses.dataclass(frozen=True)
 class Linear(Activation):
-    """Linear neuron with Gaussian response y ~ N(z, sigma^2); nu = 1/sigma^2 (eq. 22)."""
+    """Linear neuron with Gaussian response y ~ N(z, sigma^2); nu = 1/sigma^2 (eq. 22).
+
+    All of a linear layer's neurons share one block, ``A = mean x~ x~^T / sigma^2`` (eq. 22),
+    so the optimiser stores a single (d, d) block for the layer.  ``per_neuron=True`` stores
+    the same metric as one block per neuron (m d^2 numbers, like an activation kind): that
+    is what a grouped or depthwise convolution needs, whose output channels see only their
+    group's patches, so that each group has its own A.  In the diagonal representation the
+    two agree too; in the eigen one a per-neuron Linear is read like an activation kind
+    (per-neuron scales in the basis of A), where the shared one is exact (SPEC §7).
+
+    Args:
+      sigma: the response's standard deviation, > 0.
+      per_neuron: store one block per neuron instead of one shared block.
+
+    Raises:
+      ValueError: for sigma <= 0 or a non-bool ``per_neuron``.
+    """
 
     sigma: float = 1.0
+    per_neuron: bool = False
     name = "linear"
     response = "gaussian"
 
     def __post_init__(self):
         object.__setattr__(self, "sigma", _check_sigma("Linear", self.sigma))
+        if not isinstance(self.per_neuron, bool):
+            raise ValueError(
+                f"Linear: per_neuron must be True or False, got {self.per_neuron!r}."
+            )
 
     def f(self, z):
         return z
@@ -348,6 +369,11 @@ class Linear(Activation):
 
     def nu(self, z):
         return jnp.full_like(z, 1.0 / self.sigma**2)
+
+
+def is_shared_linear(kind) -> bool:
+    """Whether ``kind`` is the linear kind with one block shared by all neurons (eq. 22)."""
+    return isinstance(kind, Linear) and not kind.per_neuron
 
 
 ActivationLike = str | Activation

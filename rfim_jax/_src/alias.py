@@ -111,7 +111,8 @@ def scale_by_whitening(
 
     Args:
       layers: the layers to whiten: a list of paths, or None for every dense layer.  A mapping
-        is accepted too; its values must be ``"linear"`` (or a ``Linear`` object).
+        is accepted too; its values must be ``"linear"`` or a ``Linear(sigma)`` (one shared
+        block: ``per_neuron=False``), and a sigma is kept.
       decay, inverse_every, damping, update_every, solver, stacked_layers: as in
         :func:`scale_by_rngd`.
 
@@ -119,19 +120,28 @@ def scale_by_whitening(
       An ``optax.GradientTransformationExtraArgs``; its update needs ``activations=``.
 
     Raises:
-      ValueError: for a mapping whose kind is not linear (whitening is the linear kind; use
-        :func:`scale_by_rngd` for other kinds), and as :func:`scale_by_rngd`.
+      TypeError: for a bare string (a single layer comes as a list, ``["Dense_0"]``).
+      ValueError: for a mapping whose kind is not the shared linear kind (whitening is the
+        linear kind; use :func:`scale_by_rngd` for other kinds), and as :func:`scale_by_rngd`.
     """
+    if isinstance(layers, str):
+        raise TypeError(
+            f"scale_by_whitening: layers must be a list of paths, a mapping or None, got the "
+            f"string {layers!r}; a single layer is [{layers!r}]."
+        )
     if isinstance(layers, Mapping):
         for path, kind in layers.items():
-            if not isinstance(rfim_lib.resolve_kind(kind, where=f"layer {path!r}"),
-                              act_lib.Linear):
+            if not act_lib.is_shared_linear(rfim_lib.resolve_kind(kind,
+                                                                   where=f"layer {path!r}")):
                 raise ValueError(
                     f"scale_by_whitening: layer {path!r} was given kind {kind!r}, but whitening "
-                    f"is the 'linear' kind; use rfim_jax.scale_by_rngd for other kinds."
+                    f"is the 'linear' kind with one shared block (per_neuron=False); use "
+                    f"rfim_jax.scale_by_rngd for other kinds."
                 )
-    if layers is not None:
-        # A list of paths or a mapping of linear kinds: every listed layer is linear.
+    if isinstance(layers, Mapping):
+        layers = dict(layers)  # its kinds, a Linear(sigma)'s sigma included
+    elif layers is not None:
+        # A list of paths: every listed layer is linear.
         layers = {p: "linear" for p in layers}
     return scale_by_rngd(
         layers,

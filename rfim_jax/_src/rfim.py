@@ -182,7 +182,7 @@ def layer_rfim_from_activations(
             )
         basis = jnp.asarray(basis, x_aug.dtype)
     static = {"has_bias": has_bias, "layout": layout}
-    linear = isinstance(kind, act_lib.Linear)
+    linear = act_lib.is_shared_linear(kind)
     if x_aug.ndim == 3:
         return _grouped_rfim(x_aug, z, kind, representation, static)
     if representation == "exact":

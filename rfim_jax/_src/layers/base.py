@@ -67,7 +67,7 @@ class LayerAdapter:
 
     @property
     def is_linear(self) -> bool:
-        return isinstance(self.kind, act_lib.Linear)
+        return act_lib.is_shared_linear(self.kind)
 
     @property
     def is_softmax(self) -> bool:

@@ -235,24 +235,31 @@ class DenseLayer(LayerAdapter):
 
         Raises:
           ValueError: naming the layer, for grouped rows with the ``"eigen"`` representation
-            (one input basis per layer), the ``"linear"`` kind (one shared block) or
+            (one input basis per layer), the shared ``"linear"`` kind (one block; use
+            ``Linear(per_neuron=True)``) or
             ``"softmax"`` (channels of different groups coupled).
         """
         if x_aug.ndim != 3:
             return
-        groups = x_aug.shape[1]
+        groups, d = x_aug.shape[1], x_aug.shape[-1]
+        where = (f"layer {self.path!r}: a grouped convolution (groups={groups}, patches "
+                 f"{tuple(x_aug.shape)}) gives each group of output channels its own inputs")
+        if self.is_linear:
+            raise ValueError(
+                f"{where}, but the 'linear' kind keeps one block shared by all neurons (the "
+                f"default kind of layers=None). Give the layer "
+                f"rfim_jax.Linear(per_neuron=True): the same metric, one block per output "
+                f"channel (each its group's, d={d}), in the exact or diagonal representation."
+            )
         why = None
         if representation == "eigen":
             why = "the eigen representation keeps one input basis per layer"
-        elif self.is_linear:
-            why = "the 'linear' kind keeps one block shared by all neurons"
         elif self.is_softmax:
             why = "'softmax' couples channels that see different inputs"
         if why:
             raise ValueError(
-                f"layer {self.path!r}: a grouped convolution (groups={groups}, patches "
-                f"{tuple(x_aug.shape)}) gives each group of output channels its own inputs, "
-                f"but {why}. Give the layer an activation kind with "
+                f"{where}, but {why}. Give the layer an activation kind (or "
+                f"rfim_jax.Linear(per_neuron=True)) with "
                 f"representation={{{self.path!r}: 'exact'}} (grouped blocks are small, "
-                f"d={x_aug.shape[-1]}) or 'diagonal'."
+                f"d={d}) or 'diagonal'."
             )
