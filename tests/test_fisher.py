@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import rfim_jax
 from rfim_jax import ReLU, Sigmoid, Tanh, linear_rfim, nonlinear_rfim, softmax_rfim, two_layer_rfim
 from rfim_jax._src.fisher import (
     FullFisher,
@@ -396,3 +397,15 @@ def test_errors():
     with pytest.raises(ValueError, match=r"layer 'Dense_1' has kernel shape \(4, 2\) but bias "
                        r"shape \(5,\); expected \(2,\)"):
         full_fisher(_mlp, bad, x, "bernoulli")
+    with pytest.raises(ValueError, match=r"^ravel_neuron_major: layer 'Dense_1' has kernel"):
+        rfim_jax.ravel_neuron_major(bad)
+
+
+def test_fim_rank_of_a_non_finite_matrix_is_minus_one():
+    """Eigenvalues of a NaN matrix are NaN and none is above the threshold, which read as
+    rank 0; the rank is undefined, so the answer is -1, eagerly and under jit."""
+    good = np.diag([3.0, 1.0, 0.0])  # rank 2 by construction
+    assert int(rfim_jax.fim_rank(good)) == 2
+    for bad in (np.full((3, 3), np.nan), np.where(np.eye(3) > 0, np.inf, 0.0)):
+        assert int(rfim_jax.fim_rank(bad)) == -1
+        assert int(jax.jit(rfim_jax.fim_rank)(bad)) == -1

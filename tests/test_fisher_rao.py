@@ -313,6 +313,10 @@ def test_errors():
     with pytest.raises(ValueError, match=r"'gaussian' response, labels must have the outputs' "
                        r"shape \(5,\); got labels of shape \(5, 1\)"):
         fisher_rao_norm(_net_first, params, x, "gaussian", labels=jnp.zeros((5, 1)))
+    ints = jax.tree.map(lambda a: a.astype(jnp.int32), params)
+    with pytest.raises(TypeError, match=r"fisher_rao_norm: params must be floating point.*"
+                                        r"dtype int32 and shape"):
+        fisher_rao_norm(_net, ints, x, "categorical")
     # Errors are raised at trace time under jit too.
     with pytest.raises(ValueError, match=r"labels must have the outputs' shape"):
         jax.jit(lambda p: fisher_rao_norm(_net, p, x, "gaussian", labels=jnp.zeros((5, 2))))(

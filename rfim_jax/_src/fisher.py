@@ -93,7 +93,7 @@ class _Segment:
     dense: bool
 
 
-def _layout(params: Any) -> tuple[list, Any, tuple[_Segment, ...]]:
+def _layout(params: Any, where: str = "full_fisher") -> tuple[list, Any, tuple[_Segment, ...]]:
     """Finds the dense layers and other leaves of ``params`` and their offsets in Theta."""
     with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
     leaves = [jnp.asarray(leaf) for _, leaf in with_path]
@@ -108,7 +108,7 @@ def _layout(params: Any) -> tuple[list, Any, tuple[_Segment, ...]]:
             m = leaves[kernels[layer]].shape[1]
             if jnp.shape(leaf) != (m,):
                 raise ValueError(
-                    f"full_fisher: layer {layer!r} has kernel shape "
+                    f"{where}: layer {layer!r} has kernel shape "
                     f"{tuple(leaves[kernels[layer]].shape)} but bias shape "
                     f"{tuple(jnp.shape(leaf))}; expected ({m},)."
                 )
@@ -177,7 +177,7 @@ def ravel_neuron_major(params: Any) -> tuple[jax.Array, Callable[[jax.Array], An
     ``unravel(theta)`` rebuilds the pytree with the original leaf dtypes.  Theta has the
     leaves' result dtype, promoted to at least float32.
     """
-    leaves, treedef, segments = _layout(params)
+    leaves, treedef, segments = _layout(params, "ravel_neuron_major")
     theta = _ravel(leaves, segments, _theta_dtype(leaves))
     return theta, lambda t: _unravel(t, leaves, treedef, segments)
 
@@ -330,9 +330,14 @@ def fim_rank(matrix: Any, rtol: float | None = None) -> jax.Array:
     ``matrix`` is a (D, D) array or any metric with ``to_dense()``.  The default ``rtol`` is
     ``D * eps`` of the dtype, as in ``numpy.linalg.matrix_rank``.  Used for the Sec. 4
     comparison: rank(FIM) <= n rank(F_out) against rank(nonlinear-layer RFIM) <= n D_h.
+
+    Returns:
+      An int array: the rank, or -1 when the matrix has a NaN or infinite entry (its rank is
+      undefined; a count over NaN eigenvalues would read 0).
     """
     eig = _spectrum(matrix)
-    return jnp.sum(eig > _threshold(eig, rtol))
+    rank = jnp.sum(eig > _threshold(eig, rtol))
+    return jnp.where(jnp.all(jnp.isfinite(eig)), rank, -1)
 
 
 def condition_number(

@@ -144,6 +144,8 @@ def fisher_rao_norm(
       fall outside ``[0, k)`` (concrete ones raise).
 
     Raises:
+      TypeError: for a params leaf that is not floating point (integer, bool or complex),
+        naming its path, dtype and shape.
       ValueError: for an unknown ``response``, a Python ``sigma <= 0``, outputs of the wrong
         rank (a categorical response needs (n, k)), or ``labels`` whose shape (or, for a
         categorical response given class indices, dtype) does not match the outputs, or
@@ -164,7 +166,15 @@ def fisher_rao_norm(
     if isinstance(sigma, (int, float)) and not sigma > 0:
         raise ValueError(f"fisher_rao_norm: sigma must be > 0, got sigma={sigma}.")
 
-    leaves = jax.tree_util.tree_leaves(params)
+    with_path = jax.tree_util.tree_leaves_with_path(params)
+    for path, leaf in with_path:
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+            raise TypeError(
+                f"fisher_rao_norm: params must be floating point (they are the tangent of a "
+                f"JVP), but the leaf at {jax.tree_util.keystr(path)!r} has dtype "
+                f"{jnp.result_type(leaf)} and shape {tuple(jnp.shape(leaf))}."
+            )
+    leaves = [leaf for _, leaf in with_path]
     dtype = at_least_float32(*leaves) if leaves else jnp.float32
     out, v = jax.jvp(lambda p: jnp.asarray(model_fn(p, x)), (params,), (params,))
     out_shape = tuple(out.shape)
