@@ -440,3 +440,17 @@ def test_the_fallback_treats_an_infinite_diagonal_entry_as_unusable(method):
     assert not np.asarray(ok).any()
     np.testing.assert_array_equal(np.asarray(inv[0]), np.diag([1.0, 0.5, 0.25]))
     np.testing.assert_array_equal(np.asarray(inv[1]), np.eye(3))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("shape", [(3, 0, 0), (0, 0)])
+def test_zero_by_zero_blocks_are_their_own_inverse(method, shape):
+    """A layer block of size 0 (nothing to precondition) inverts and solves to empty arrays,
+    flagged ok, where the pure methods divided by zero or indexed out of bounds."""
+    blocks = jnp.zeros(shape)
+    inv, ok = solvers.spd_inverse_and_status(blocks, method=method)
+    assert inv.shape == shape and ok.shape == shape[:-2] and bool(jnp.all(ok))
+    x = solvers.spd_solve(blocks, jnp.zeros(shape[:-1]), method=method)
+    assert x.shape == shape[:-1]
+    x = solvers.spd_solve(blocks, jnp.zeros(shape[:-1] + (2,)), method=method)
+    assert x.shape == shape[:-1] + (2,)

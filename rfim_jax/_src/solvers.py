@@ -725,6 +725,8 @@ def spd_inverse_and_status(
     blocks = _as_blocks(blocks)
     previous = _check_previous(previous, blocks)
     method = resolve_method(method)
+    if blocks.shape[-1] == 0:  # 0 x 0 blocks: their inverse is empty, and every method agrees
+        return blocks, jnp.ones(blocks.shape[:-2], bool)
     g, finite = _sanitise(blocks)
     if method == "gauss_jordan":
         inv, ok = _gauss_jordan(g)
@@ -804,6 +806,8 @@ def spd_solve(
     b = jnp.broadcast_to(b, batch + b.shape[-2:])
     if previous is not None:
         previous = jnp.broadcast_to(previous, blocks.shape)
+    if d == 0:  # 0 x 0 blocks: the solution has no entries
+        return b[..., 0] if vector else b
 
     g, finite = _sanitise(blocks)
     if method == "cholesky":
