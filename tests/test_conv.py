@@ -850,7 +850,7 @@ def test_depthwise_linear_conv_needs_per_neuron_linear_and_then_trains():
     that kind the model trains (digits, 100 steps)."""
     import optax
 
-    from rfim_jax import Linear, capture_linen, rngd
+    from rfim_jax import Linear, capture_linen, rngd, rngd_plan
 
     x, y = _digits_images()
     model = _LinenSeparableCNN()
@@ -878,6 +878,8 @@ def test_depthwise_linear_conv_needs_per_neuron_linear_and_then_trains():
                      "Dense_0": "linear"}, **CNN_RNGD)
     state = tx.init(params)
     assert state[0].metrics["Conv_1"].shape == (8, 10, 10)  # one (9 + 1)^2 block per channel
+    plan = rngd_plan(params, {"Conv_1": Linear(per_neuron=True)})["Conv_1"]
+    assert (plan.kind, plan.state_bytes) == ("linear (per neuron)", 2 * 8 * 10 * 10 * 4)
     step = make_step(tx)
     start = float(_ce(model.apply({"params": params}, jnp.asarray(x)), jnp.asarray(y)))
     rng = np.random.default_rng(0)

@@ -47,7 +47,7 @@ class LayerPlan(NamedTuple):
 
     Attributes:
       path: the layer's path.
-      kind: the kind's name ("relu", "linear", "softmax", ...).
+      kind: the kind's name ("relu", "linear", "linear (per neuron)", "softmax", ...).
       representation: "exact", "eigen" or "diagonal".
       state_bytes: bytes of the layer's RNGD state (stats and factors).
       exact_bytes: what the exact representation would need.

@@ -31,6 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from rfim_jax._src import activations as act_lib
 from rfim_jax._src import dtypes as dtypes_lib
 from rfim_jax._src import metrics as metrics_lib
 from rfim_jax._src import paths as paths_lib
@@ -40,7 +41,12 @@ from rfim_jax._src.layers.base import LayerAdapter
 
 
 def kind_name(kind: Any) -> str:
-    """A readable name of a resolved kind ("softmax", "relu", "linear", ...)."""
+    """A readable name of a resolved kind ("softmax", "relu", "linear", ...).
+
+    ``Linear(per_neuron=True)`` reads "linear (per neuron)": its state is m blocks, not one.
+    """
+    if isinstance(kind, act_lib.Linear) and kind.per_neuron:
+        return "linear (per neuron)"
     return kind if isinstance(kind, str) else kind.name
 
 
