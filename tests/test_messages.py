@@ -141,3 +141,27 @@ def test_a_state_from_other_layers_is_refused_with_the_layer_named():
     state = rfim_jax.scale_by_rngd({"Dense_0": "relu", "Dense_1": "linear"}).init(both)
     with pytest.raises(ValueError, match=r"does not precondition: \['Dense_1'\]"):
         update(relu, state, p8)
+
+
+def test_missing_activations_say_what_the_activations_hold():
+    """Activations nested one level too deep, or with other keys, were reported as 'no
+    activations passed' with no word of what was passed."""
+    params = {"Dense_0": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)},
+              "LayerNorm_0": {"scale": jnp.ones(2), "bias": jnp.zeros(2)}}
+    tx = rfim_jax.scale_by_rngd({"Dense_0": "relu"})
+    state = tx.init(params)
+    rows = {"inputs": jnp.ones((4, 3)), "preacts": jnp.ones((4, 2))}
+    cases = [
+        ({"params": {"Dense_0": rows}},
+         r"layer 'Dense_0': no activations passed; .*the activations hold the layers "
+         r"\['params/Dense_0'\]"),
+        ({"Dense_0": {"x": 1, "z": 2}}, r"'Dense_0'.*has the keys \['x', 'z'\]"),
+        ({"other": 1}, r"'Dense_0'.*no recorded layer"),
+    ]
+    for acts, match in cases:
+        with pytest.raises(ValueError, match=match):
+            tx.update(params, state, activations=acts)
+    norm = rfim_jax.scale_by_rngd({"LayerNorm_0": "linear"})
+    with pytest.raises(ValueError, match=r"'LayerNorm_0'.*BatchNorm and GroupNorm are not "
+                                         r"recorded"):
+        norm.update(params, norm.init(params), activations={})

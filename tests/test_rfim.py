@@ -792,8 +792,26 @@ def test_layer_rfim_from_activations_checks_its_rows_and_accumulates_in_float32(
     x64, z64 = np.asarray(xb, np.float64), np.asarray(zb, np.float64)
     nu = 1.0 - np.tanh(z64) ** 2
     want = np.einsum("nl,ni,nj->lij", nu, x64, x64) / len(x64)
-    got = layer_rfim_from_activations(xb, zb, "tanh")
+    got = layer_rfim_from_activations(xb, zb, "tanh", has_bias=False)
     assert got.blocks.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got.blocks), want, rtol=1e-5, atol=1e-6)
-    eigen = layer_rfim_from_activations(xb, zb, "tanh", representation="eigen")
+    eigen = layer_rfim_from_activations(xb, zb, "tanh", representation="eigen", has_bias=False)
     assert eigen.scales.dtype == jnp.float32
+
+
+def test_layer_rfim_from_activations_refuses_rows_without_the_bias_column():
+    """Captured inputs come without the 1: read as augmented, their last input was taken for
+    the bias and the metric came out (m, d_in, d_in) with no error."""
+    rng = np.random.default_rng(1)
+    x, z = rng.normal(size=(20, 4)), rng.normal(size=(20, 3))
+    with pytest.raises(ValueError, match=r"has_bias=True takes the augmented inputs.*"
+                                         r"\(20, 4\).*has_bias=False"):
+        layer_rfim_from_activations(jnp.asarray(x), jnp.asarray(z), "relu")
+    x_aug = np.concatenate([x, np.ones((20, 1))], 1)
+    got = layer_rfim_from_activations(jnp.asarray(x_aug), jnp.asarray(z), "relu")
+    nu = (1.0 / (1.0 + np.exp(-z))) ** 2  # relu(omega=1): nu = sigmoid(z)^2 (eq. 18)
+    want = np.einsum("nl,ni,nj->lij", nu, x_aug, x_aug) / 20
+    np.testing.assert_allclose(np.asarray(got.blocks), want, rtol=1e-6)
+    # Inside jit the rows are traced and not checked (the optimiser's own rows are built
+    # augmented).
+    jax.jit(lambda a, b: layer_rfim_from_activations(a, b, "relu").blocks)(x_aug, z)

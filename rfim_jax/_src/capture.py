@@ -62,6 +62,7 @@ from flax.core import tracers
 from rfim_jax._src import paths as paths_lib
 from rfim_jax._src.layers import conv as conv_lib
 from rfim_jax._src.layers.embed import ATTEND_INPUTS, ATTEND_PREACTS
+from rfim_jax._src.paths import activation_paths  # noqa: F401 - public, re-exported
 
 LayerActivations = dict[str, jax.Array]
 
@@ -161,26 +162,6 @@ def _stack_uses(uses: Sequence[tuple[Any, Any]], where: str) -> tuple[jax.Array,
                 f"{sorted(tails)}; every use of one layer must have the same shapes per row."
             )
     return jnp.concatenate(xs), jnp.concatenate(zs)
-
-
-def activation_paths(activations: Any) -> list[str]:
-    """Paths of the layers recorded in ``activations`` (mappings holding ``"inputs"``).
-
-    Compare with ``layer_paths(params)`` to see which dense layers a capture found.
-    """
-    out: list[str] = []
-
-    def walk(node: Any, prefix: str) -> None:
-        if not isinstance(node, Mapping):
-            return
-        if INPUTS in node:
-            out.append(prefix)
-            return
-        for k in node:
-            walk(node[k], f"{prefix}{paths_lib.SEP}{k}" if prefix else str(k))
-
-    walk(activations, "")
-    return out
 
 
 # --------------------------------------------------------------------------------------------

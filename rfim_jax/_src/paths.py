@@ -190,6 +190,53 @@ def layer_paths(tree: Any) -> list[str]:
     ]
 
 
+def activation_paths(activations: Any) -> list[str]:
+    """Paths of the layers recorded in ``activations`` (mappings holding ``"inputs"``).
+
+    Compare with ``layer_paths(params)`` to see which dense layers a capture found.
+    """
+    out: list[str] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        if not isinstance(node, Mapping):
+            return
+        if "inputs" in node:
+            out.append(prefix)
+            return
+        for k in node:
+            walk(node[k], f"{prefix}{SEP}{k}" if prefix else str(k))
+
+    walk(activations, "")
+    return out
+
+
+def activation_entry(activations: Any, path: str, expected: str, hint: str = "") -> Mapping:
+    """The activations' entry for the layer at ``path``, holding "inputs" and "preacts".
+
+    Raises:
+      ValueError: naming the layer, what it expects (``expected``) and what the activations
+        hold instead: nothing (None), other recorded paths (an extra level of nesting, a
+        different model), or an entry with other keys.
+    """
+    entry = None if activations is None else get_by_path(activations, path)
+    if isinstance(entry, Mapping) and "inputs" in entry and "preacts" in entry:
+        return entry
+    if activations is None:
+        got = " (activations=None)"
+    elif entry is None:
+        found = activation_paths(activations)
+        got = (f" Nothing is at that path; the activations hold the layers {found}." if found
+               else " Nothing is at that path, and no recorded layer (a mapping with 'inputs') "
+               "is anywhere in the activations.")
+    elif isinstance(entry, Mapping):
+        got = f" The entry at that path has the keys {sorted(map(str, entry))}."
+    else:
+        got = f" The entry at that path is a {type(entry).__name__}."
+    if activations is None:
+        raise ValueError(f"layer {path!r}: no activations passed; {expected}{got}.{hint}")
+    raise ValueError(f"layer {path!r}: no activations passed; {expected}.{got}{hint}")
+
+
 def get_by_path(tree: Any, path: str, default: Any = None) -> Any:
     """The node at ``path`` (keys joined by "/"), or ``default`` if it does not exist.
 

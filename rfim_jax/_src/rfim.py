@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rfim_jax._src import activations as act_lib
 from rfim_jax._src import dtypes as dtypes_lib
@@ -126,6 +127,26 @@ def _check_rows(x_aug, z) -> tuple[jax.Array, jax.Array]:
     return x_aug.astype(dtype), z.astype(dtype)
 
 
+def _check_augmented(x_aug) -> None:
+    """Refuses concrete rows whose last column is not the bias's 1 (x~ = [x, 1]).
+
+    Captured inputs come without it, and a last input column read as the bias's would give
+    a metric of the wrong size with no error.  Traced rows (inside the optimiser's jit) are
+    left unchecked.
+    """
+    if isinstance(x_aug, jax.core.Tracer) or jnp.ndim(x_aug) < 2 or not jnp.size(x_aug):
+        return
+    last = np.asarray(x_aug)[..., -1]
+    if not np.all(last == 1):
+        shape = tuple(jnp.shape(x_aug))
+        raise ValueError(
+            f"layer_rfim_from_activations: has_bias=True takes the augmented inputs x~ = "
+            f"[x, 1], but the last column of x_aug {shape} is not all ones (captured "
+            f"inputs come without it). Append it, jnp.concatenate([x, jnp.ones_like(x[..., "
+            f":1])], -1), or pass has_bias=False for a layer without a bias."
+        )
+
+
 def layer_rfim_from_activations(
     x_aug: jax.Array,
     z: jax.Array,
@@ -160,13 +181,17 @@ def layer_rfim_from_activations(
     The statistics are computed in at least float32, also for bfloat16 rows.
 
     Raises:
-      ValueError: for an unknown kind or representation, a ``basis`` that is not (d, d)
+      ValueError: with ``has_bias=True``, for concrete rows whose last column is not all
+        ones (the inputs not augmented); for an unknown kind or representation, a ``basis``
+        that is not (d, d)
         or given with a representation other than ``"eigen"``, grouped rows with
         ``"eigen"`` or ``"softmax"``, rows that are not ``(n, d)`` / ``(n, G, d)`` and
         ``(n, m)`` with the same n, or an empty batch (the shapes named).
     """
     check_representation(representation, where="layer_rfim_from_activations")
     kind = resolve_kind(kind)
+    if has_bias:
+        _check_augmented(x_aug)
     x_aug, z = _check_rows(x_aug, z)
     d, m = x_aug.shape[-1], z.shape[-1]
     if basis is not None:

@@ -185,13 +185,10 @@ class DenseLayer(LayerAdapter):
             counts, or no samples.
         """
         where = f"layer {self.path!r}"
-        entry = None if activations is None else paths_lib.get_by_path(activations, self.path)
-        if not isinstance(entry, Mapping) or "inputs" not in entry or "preacts" not in entry:
-            raise ValueError(
-                f"{where}: no activations passed; {self._expected()}. capture_linen and "
-                f"capture_nnx record the layer types their docstrings list; for any other "
-                f"module, record its inputs and outputs with rfim_jax.record."
-            )
+        entry = paths_lib.activation_entry(
+            activations, self.path, self._expected(),
+            " capture_linen and capture_nnx record the layer types their docstrings list; for "
+            "any other module, record its inputs and outputs with rfim_jax.record.")
         x, z = jnp.asarray(entry["inputs"]), jnp.asarray(entry["preacts"])
         for arr in (x, z):
             dtypes_lib.reject_complex(arr.dtype, where)

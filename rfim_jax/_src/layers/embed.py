@@ -215,9 +215,7 @@ class EmbedLayer(LayerAdapter):
         expected = (f"expected activations[{self.path!r}] = {{'inputs': ids (n...), "
                     f"'preacts': (n..., {self.d_in})}}, and for a tied head also "
                     f"'attend_inputs': (n..., {self.d_in}) and 'attend_preacts': (n..., {self.m})")
-        entry = None if activations is None else paths_lib.get_by_path(activations, self.path)
-        if not isinstance(entry, Mapping) or "inputs" not in entry or "preacts" not in entry:
-            raise ValueError(f"{where}: no activations passed; {expected}.")
+        entry = paths_lib.activation_entry(activations, self.path, expected)
         ids, out = jnp.asarray(entry["inputs"]), jnp.asarray(entry["preacts"])
         ids = _check_ids(ids, self.m, where)
         if _shape(out) != _shape(ids) + (self.d_in,):

@@ -184,9 +184,11 @@ class ScaleShiftLayer(LayerAdapter):
         where = f"layer {self.path!r}"
         expected = (f"expected activations[{self.path!r}] = {{'inputs': (n..., {self.m}) "
                     f"normalised, 'preacts': (n..., {self.m})}}")
-        entry = None if activations is None else paths_lib.get_by_path(activations, self.path)
-        if not isinstance(entry, Mapping) or "inputs" not in entry or "preacts" not in entry:
-            raise ValueError(f"{where}: no activations passed; {expected}.")
+        entry = paths_lib.activation_entry(
+            activations, self.path, expected,
+            " capture_linen and capture_nnx record LayerNorm and RMSNorm; BatchNorm and "
+            "GroupNorm are not recorded: leave them out of `layers` (their params then get "
+            "the plain gradient) or record them with rfim_jax.record.")
         u, z = jnp.asarray(entry["inputs"]), jnp.asarray(entry["preacts"])
         if u.shape != z.shape or u.ndim < 2 or u.shape[-1] != self.m:
             raise ValueError(

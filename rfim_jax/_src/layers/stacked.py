@@ -114,13 +114,10 @@ class StackedLayer(LayerAdapter):
             length L, or a slice's rows do not fit (the inner layer's errors).
         """
         where = f"layer {self.path!r}"
-        entry = None if activations is None else paths_lib.get_by_path(activations, self.path)
-        if not isinstance(entry, Mapping) or "inputs" not in entry or "preacts" not in entry:
-            raise ValueError(
-                f"{where}: no activations passed; a stack of {self.num} layers expects "
-                f"{{'inputs': ({self.num}, n..., {self.d_in}), 'preacts': ({self.num}, n..., "
-                f"{self.m})}}."
-            )
+        entry = paths_lib.activation_entry(
+            activations, self.path,
+            f"a stack of {self.num} layers expects {{'inputs': ({self.num}, n..., "
+            f"{self.d_in}), 'preacts': ({self.num}, n..., {self.m})}}")
         x, z = entry["inputs"], entry["preacts"]
         for name, arr in (("inputs", x), ("preacts", z)):
             if not arr.shape or arr.shape[0] != self.num:
