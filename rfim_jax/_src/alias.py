@@ -40,8 +40,10 @@ def rngd(
     """Relative natural gradient descent: ``chain(scale_by_rngd, trace, -learning_rate)``.
 
     The update is ``-learning_rate * trace_momentum(G^-1 grad)`` (eqs. 32-33 with heavy-ball
-    momentum).  Every numeric argument can be an ``optax.inject_hyperparams`` hyperparameter
-    (give it ``hyperparam_dtype=jnp.float32`` when the params are bfloat16).
+    momentum).  Every numeric argument except ``exact_budget_bytes`` and ``max_state_bytes``
+    can be an ``optax.inject_hyperparams`` hyperparameter (give it
+    ``hyperparam_dtype=jnp.float32`` when the params are bfloat16); those two size the state
+    when it is built, so they must stay static (``static_args``).
 
     Args:
       learning_rate: a float or an optax schedule.
