@@ -744,3 +744,58 @@ def test_a_masked_conv_is_refused_not_captured_as_unmasked():
     conv = nnx.Conv(1, 2, (3,), mask=mask, rngs=rngs)
     with pytest.raises(ValueError, match=r"masked convolution"):
         cap.capture_nnx(conv, x)
+
+
+class _RawScanRNN(nn.Module):
+    """An RNN cell stepped by jax.lax.scan inside the module (not nn.scan)."""
+
+    @nn.compact
+    def __call__(self, xs):
+        cell = nn.Dense(4)
+        h0 = jnp.zeros((xs.shape[0], 4))
+        cell(jnp.concatenate([h0, xs[:, 0]], -1))  # builds the params outside the scan
+
+        def step(h, xt):
+            h = jnp.tanh(cell(jnp.concatenate([h, xt], -1)))
+            return h, h
+
+        return jax.lax.scan(step, h0, xs.swapaxes(0, 1))[0]
+
+
+class _RawVmap(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return jax.vmap(nn.Dense(3))(x)
+
+
+class _RawCheckpoint(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        dense = nn.Dense(3)
+        dense(x)
+        return jax.checkpoint(lambda y: dense(y))(x) + nn.Dense(3, name="outside")(x)
+
+
+@pytest.mark.parametrize("model,x", [
+    (_RawScanRNN(), jnp.ones((2, 5, 3))),
+    (_RawVmap(), jnp.ones((5, 4))),
+    (_RawCheckpoint(), jnp.ones((2, 4))),
+], ids=["lax.scan", "vmap", "checkpoint"])
+def test_capture_linen_refuses_layers_inside_plain_jax_transforms(model, x):
+    """Their rows leaked out as tracers: a raw UnexpectedTracerError naming no layer (scan,
+    checkpoint), or per-example BatchTracer rows that the update then misread (vmap)."""
+    from rfim_jax import capture_linen
+
+    params = model.init(jax.random.PRNGKey(0), x)
+    def capture(p):
+        return capture_linen(model, p, x)
+
+    for run in (capture, jax.jit(capture)):
+        with pytest.raises(ValueError, match=r"capture_linen: layer 'Dense_0' is called inside "
+                                             r"a plain JAX transform.*nn.scan"):
+            run(params)
+    # skip_unsupported leaves the layer out, and records the others.
+    _, acts = capture_linen(model, params, x, skip_unsupported=True)
+    assert "Dense_0" not in acts
+    if isinstance(model, _RawCheckpoint):
+        assert set(acts) == {"outside"}

@@ -175,6 +175,9 @@ class _Recorder:
         self.source = source
         self.layers: dict[tuple, list[tuple[jax.Array, jax.Array]]] = {}
         self.attends: dict[tuple, list[tuple[jax.Array, jax.Array]]] = {}
+        # Layers with a use that could not be recorded and was skipped: left out whole, as
+        # rows from their other uses alone would give a metric of part of the layer's data.
+        self.dropped: set[tuple] = set()
 
     def add(self, keys: tuple, inputs: Any, preacts: Any) -> None:
         self.layers.setdefault(keys, []).append((jnp.asarray(inputs), preacts))
@@ -192,6 +195,8 @@ class _Recorder:
     def tree(self) -> dict:
         out: dict = {}
         for keys, uses in self.layers.items():
+            if keys in self.dropped:
+                continue
             inputs, preacts = self._stacked(keys, uses)
             acts = {INPUTS: inputs, PREACTS: preacts}
             if keys in self.attends:
@@ -433,7 +438,9 @@ def capture_linen(
     - Unsupported, with a ``ValueError`` that names the layer (or left out with
       ``skip_unsupported=True``): ``nn.ConvTranspose``, ``nn.ConvLocal``, a conv with
       ``input_dilation``, a DenseGeneral with ``batch_dims``, or without bias and with several
-      feature axes.
+      feature axes; and a layer called inside a plain JAX transform in the model's code
+      (``jax.lax.scan``, ``jax.vmap``, ``jax.checkpoint``: use ``nn.scan``, ``nn.vmap``,
+      ``nn.remat``), whose values cannot leave it (skipped, the layer is left out whole).
 
     - ``nn.Embed``: ``{"inputs": ids, "preacts": embeddings}``, and ``Embed.attend`` (a tied
       output head) as a dense use of the table.
@@ -481,6 +488,9 @@ def capture_linen(
         if context.method_name == "attend" and isinstance(module, nn.Embed):
             out = next_fun(*call_args, **call_kwargs)
             query = call_args[0] if call_args else call_kwargs.get("query")
+            if _in_plain_jax_transform(module, outer[0], tuple(module.path), recorder,
+                                       skip_unsupported):
+                return out
             recorder.add_attend(tuple(module.path), query, out)
             return out
         if context.method_name != "__call__":
@@ -496,7 +506,8 @@ def capture_linen(
             if skip_unsupported:
                 return out
             raise
-        if rows is None:
+        if rows is None or _in_plain_jax_transform(module, outer[0], keys, recorder,
+                                                   skip_unsupported):
             return out
         if tracers.current_trace() != outer[0]:
             # Inside a lifted transform (nn.scan, nn.vmap, nn.remat): values of the inner trace
@@ -524,6 +535,35 @@ def capture_linen(
     if user_mutable is False:
         return output, recorder.tree()
     return (output, new_vars), recorder.tree()
+
+
+def _in_plain_jax_transform(module: Any, outer_trace: Any, keys: tuple, recorder: _Recorder,
+                            skip_unsupported: bool) -> bool:
+    """Whether a linen layer runs inside a plain JAX transform of the model's own code
+    (``jax.lax.scan``, ``jax.vmap``, ``jax.checkpoint``, ...), from which its rows cannot
+    leave; True means skip it (``skip_unsupported``), and the layer is left out of the
+    recorder whole.
+
+    Flax's lifted transforms (``nn.scan``, ``nn.vmap``, ``nn.remat``) give the module a scope
+    made under the current trace; a plain transform leaves the scope's trace behind.
+
+    Raises:
+      ValueError: naming the layer and the two ways out, unless ``skip_unsupported``.
+    """
+    current = tracers.current_trace()
+    if current == outer_trace or getattr(module.scope, "trace_level", current) == current:
+        return False
+    if skip_unsupported:
+        recorder.dropped.add(keys)
+        return True
+    raise ValueError(
+        f"capture_linen: layer {paths_lib.SEP.join(keys) or '<root>'!r} is called inside a "
+        f"plain JAX transform in the model's code (jax.lax.scan, jax.vmap, jax.checkpoint, "
+        f"...), whose values cannot leave it to be recorded. Use Flax's lifted version "
+        f"(nn.scan, nn.vmap, nn.remat) with {LIFTED_COLLECTION!r} in its variable_axes, or "
+        f"record the layer's inputs and outputs with rfim_jax.record and return them from "
+        f"the transformed function."
+    )
 
 
 def _add_lifted(recorder: _Recorder, sown: Mapping, lifted: set[tuple]) -> None:
