@@ -98,3 +98,61 @@ def test_eigen_soak_1000_refreshes_in_one_jitted_loop():
         pytest.fail("1000 jitted eigen refreshes did not finish in 240 s")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "SOAK-OK 0 " in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("representation", ["eigen", "diagonal"])
+def test_a_row_with_no_signal_keeps_the_updates_finite(representation):
+    """A dead neuron's fresh scale is 0 (relative damping included), so its average decays to
+    0; 1/0 times its zero gradient was NaN and every later update was rejected (from about
+    17,000 steps at the default decay; here decay=0.5 gets there in about 150)."""
+    from _reference import ReferenceEigenRNGD
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 3)).astype(np.float32)
+    kernel = rng.normal(size=(3, 2)).astype(np.float32)
+    bias = np.array([-100.0, 0.5], np.float32)  # neuron 0: nu = sigmoid(-100)^2 = 0 in float32
+    z = x @ kernel + bias
+    params = {"d": {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)}}
+    acts = {"d": {"inputs": jnp.asarray(x), "preacts": jnp.asarray(z)}}
+    tx = rfim_jax.scale_by_rngd({"d": "relu"}, decay=0.5, inverse_every=1,
+                                representation=representation)
+    step = jax.jit(lambda g, s: tx.update(g, s, activations=acts))
+    state = tx.init(params)
+    ref = ReferenceEigenRNGD({"d": ("relu", 3, 2, True)}, 0.5, 1, 1e-2,
+                             diagonal=representation == "diagonal")
+    for t in range(200):
+        # A hard ReLU's gradient for the dead neuron is exactly 0.
+        gk = rng.normal(size=(3, 2)) * np.array([0.0, 1.0])
+        gb = rng.normal(size=2) * np.array([0.0, 1.0])
+        grads = {"d": {"kernel": jnp.asarray(gk, jnp.float32),
+                       "bias": jnp.asarray(gb, jnp.float32)}}
+        out, state = step(grads, state)
+        want_k, want_b = ref.update({"d": {"kernel": gk, "bias": gb}},
+                                    {"d": {"inputs": x, "preacts": z}})["d"]
+        np.testing.assert_allclose(out["d"]["kernel"], want_k, rtol=2e-3, atol=1e-5,
+                                   err_msg=f"step {t}")
+        np.testing.assert_allclose(out["d"]["bias"], want_b, rtol=2e-3, atol=1e-5)
+    assert int(state.rejected_updates) == 0
+    assert float(jnp.max(state.metrics["d"]["S"][0])) == 0.0  # the dead row did reach 0
+
+
+def test_embedding_rows_never_looked_up_keep_the_updates_finite():
+    """An untied embedding's unused rows (padding, special tokens) have S decaying to 0."""
+    table = jax.random.normal(jax.random.PRNGKey(0), (6, 3), jnp.float32)
+    params = {"emb": {"embedding": table}}
+    ids = jnp.array([0, 1, 2, 3])  # rows 4 and 5 never used
+    tx = rfim_jax.scale_by_rngd({"emb": "linear"}, decay=0.5)
+
+    def body(_, carry):
+        p, s = carry
+        h = p["emb"]["embedding"][ids]
+        g = jax.grad(lambda q: jnp.sum(q["emb"]["embedding"][ids] ** 2))(p)
+        u, s = tx.update(g, s, activations={"emb": {"inputs": ids, "preacts": h}})
+        return jax.tree.map(lambda a, b: a - 0.01 * b, p, u), s
+
+    params, state = jax.jit(lambda c: jax.lax.fori_loop(0, 300, body, c))(
+        (params, tx.init(params)))
+    assert int(state.rejected_updates) == 0
+    assert float(jnp.max(state.metrics["emb"]["S"][4:])) == 0.0
+    np.testing.assert_array_equal(params["emb"]["embedding"][4:], table[4:])
+    assert bool(jnp.all(jnp.isfinite(params["emb"]["embedding"])))
