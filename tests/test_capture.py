@@ -799,3 +799,33 @@ def test_capture_linen_refuses_layers_inside_plain_jax_transforms(model, x):
     assert "Dense_0" not in acts
     if isinstance(model, _RawCheckpoint):
         assert set(acts) == {"outside"}
+
+
+class _ScaledDense(nn.Dense):
+    """A Dense subclass whose __call__ wraps the parent's: input halved, output tripled."""
+
+    @nn.compact
+    def __call__(self, x):
+        return super().__call__(x / 2.0) * 3.0
+
+
+def test_capture_linen_records_a_wrapping_subclass_once_with_the_layer_s_own_rows():
+    """Both __call__s passed the interceptor: the rows were stacked twice, half of them
+    (x, 3 z) not the layer's product."""
+    from rfim_jax import capture_linen
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            shared = _ScaledDense(3)
+            return shared(x) + shared(x + 1.0)  # two real uses: two blocks of rows
+
+    model, x = Model(), jnp.arange(8.0).reshape(2, 4)
+    params = model.init(jax.random.PRNGKey(0), x)["params"]
+    _, acts = capture_linen(model, {"params": params}, x)
+    rows = acts["_ScaledDense_0"]
+    x_np = np.asarray(x)
+    np.testing.assert_allclose(rows["inputs"], np.concatenate([x_np / 2, (x_np + 1) / 2]))
+    layer = params["_ScaledDense_0"]
+    np.testing.assert_allclose(rows["preacts"], rows["inputs"] @ layer["kernel"] + layer["bias"],
+                               rtol=1e-6)

@@ -497,7 +497,16 @@ def capture_linen(
             return next_fun(*call_args, **call_kwargs)
         keys = tuple(module.path)
         inputs = call_args[0] if call_args else call_kwargs.get("inputs")
-        out = next_fun(*call_args, **call_kwargs)
+        # A subclass whose __call__ wraps super().__call__ (scaling the input or the output)
+        # passes here twice for one use; the innermost call is the layer's own product.
+        frame = [module, False]
+        calls.append(frame)
+        try:
+            out = next_fun(*call_args, **call_kwargs)
+        finally:
+            calls.pop()
+        if frame[1]:
+            return out
         try:
             call_str = call_args[1] if len(call_args) > 1 else call_kwargs.get("einsum_str")
             rows = _linen_rows(module, inputs, out, paths_lib.SEP.join(keys) or "<root>",
@@ -509,6 +518,10 @@ def capture_linen(
         if rows is None or _in_plain_jax_transform(module, outer[0], keys, recorder,
                                                    skip_unsupported):
             return out
+        for enclosing in reversed(calls):
+            if enclosing[0] is module:
+                enclosing[1] = True
+                break
         if tracers.current_trace() != outer[0]:
             # Inside a lifted transform (nn.scan, nn.vmap, nn.remat): values of the inner trace
             # must leave through a collection, which the transform stacks along its axis.
@@ -520,6 +533,7 @@ def capture_linen(
         return out
 
     lifted: set[tuple] = set()
+    calls: list[list] = []  # the __call__s in progress: [module, an inner call recorded it]
     user_mutable = kwargs.pop("mutable", False)
     if user_mutable is True:
         mutable = True
