@@ -401,3 +401,48 @@ def test_stacked_layers_errors():
         rfim_jax.scale_by_rngd({"b": "relu"}, stacked_layers=["c"])  # refused when built
     with pytest.raises(ValueError, match=r"layer 'a' is declared in stacked_layers.*\(4, 5\)"):
         rfim_jax.scale_by_rngd({"a": "relu"}, stacked_layers=["a"]).init(params)
+
+
+def test_a_stack_whose_input_width_is_its_length_is_named_in_the_error_and_declared():
+    """nn.scan over Dense(4) with length 4: kernel (4, 4, 4) and bias (4, 4) are also one
+    DenseGeneral's shapes.  The update error now says to declare the stack; declared, it is 4
+    layers matching the numpy reference slice by slice."""
+    import flax.linen as nn
+
+    from rfim_jax import capture_linen
+
+    class Body(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return jnp.tanh(nn.Dense(4)(x)), None
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            scan = nn.scan(Body, variable_axes={"params": 0, "rfim_activations": 0},
+                           split_rngs={"params": True}, length=4)
+            return scan()(x, None)[0]
+
+    model = Model()
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 4))
+    params = model.init(jax.random.PRNGKey(0), x)["params"]
+    _, acts = capture_linen(model, {"params": params}, x)
+    path = "ScanBody_0/Dense_0"
+    grads = jax.tree.map(lambda p: jnp.cos(p), params)
+    tx = rfim_jax.scale_by_rngd({path: "tanh"}, inverse_every=1)
+    with pytest.raises(ValueError, match=r"'ScanBody_0/Dense_0'.*stack of 4 layers.*"
+                                         r"stacked_layers=\['ScanBody_0/Dense_0'\]"):
+        tx.update(grads, tx.init(params), activations=acts)
+    tx = rfim_jax.scale_by_rngd({path: "tanh"}, inverse_every=1, stacked_layers=[path])
+    out, _ = tx.update(grads, tx.init(params), activations=acts)
+    node, rows, g = params["ScanBody_0"]["Dense_0"], acts["ScanBody_0"]["Dense_0"], grads
+    for i in range(4):
+        ref = ReferenceRNGD({"l": ("tanh", 4, 4, True)}, 0.995, 1, 1e-2)
+        k, b = ref.update(
+            {"l": {"kernel": g["ScanBody_0"]["Dense_0"]["kernel"][i],
+                   "bias": g["ScanBody_0"]["Dense_0"]["bias"][i]}},
+            {"l": {"inputs": np.asarray(rows["inputs"][i]),
+                   "preacts": np.asarray(rows["preacts"][i])}})["l"]
+        np.testing.assert_allclose(out["ScanBody_0"]["Dense_0"]["kernel"][i], k, rtol=1e-5)
+        np.testing.assert_allclose(out["ScanBody_0"]["Dense_0"]["bias"][i], b, rtol=1e-5)
+    assert node["kernel"].shape == (4, 4, 4)

@@ -163,11 +163,13 @@ class DenseLayer(LayerAdapter):
                 f"padding=..., kernel_dilation=..., feature_group_count=...) builds them."
             )
         lead = self.kernel_shape[0]
-        if (not self.has_bias and len(self.kernel_shape) > 2 and len(shape) > 2
-                and shape[0] == lead):
+        if len(self.kernel_shape) > 2 and len(shape) > 2 and shape[0] == lead:
+            what = ("bias-free layers" if not self.has_bias else
+                    f"layers (a stack with a bias whose input width equals its length, kernel "
+                    f"{self.kernel_shape}, has the shapes of one multi-axis dense layer)")
             hint += (
-                f" If the params are a stack of {lead} bias-free layers (nn.scan, nnx.scan, a "
-                f"vmap over layers), declare it: stacked_layers=[{self.path!r}]."
+                f" If the params are a stack of {lead} {what} (nn.scan, nnx.scan, a vmap over "
+                f"layers), declare it: stacked_layers=[{self.path!r}]."
             )
         return ValueError(
             f"layer {self.path!r}: {name} have shape {shape}, but the kernel "
