@@ -267,6 +267,25 @@ def test_partition_with_a_dense_layer_under_adam():
         bad.init(params)
 
 
+def test_partition_giving_a_kernel_away_but_not_its_bias_is_refused():
+    """The bias alone was silently passed through with layers=None, and naming the layer said
+    it was masked out, though only its kernel was."""
+    params = {"Dense_0": {"kernel": jnp.ones((4, 8)), "bias": jnp.zeros(8)},
+              "Dense_1": {"kernel": jnp.ones((8, 2)), "bias": jnp.zeros(2)}}
+    labels = {"Dense_0": {"kernel": "adam", "bias": "rngd"},
+              "Dense_1": {"kernel": "rngd", "bias": "rngd"}}
+    for layers in (None, {"Dense_0": "relu", "Dense_1": "linear"}):
+        tx = optax.partition({"rngd": rfim_jax.rngd(LR, layers), "adam": ADAM}, labels)
+        with pytest.raises(ValueError, match=r"layer 'Dense_0': optax.partition .* gives its "
+                                             r"kernel to another transform but its bias to "
+                                             r"this one"):
+            tx.init(params)
+    # Not named in an explicit `layers`, the bias passes through as documented.
+    tx = optax.partition({"rngd": rfim_jax.rngd(LR, {"Dense_1": "linear"}), "adam": ADAM},
+                         labels)
+    tx.init(params)
+
+
 def test_partition_with_the_biases_under_adam_preconditions_the_kernels_alone():
     """Biases to Adam, kernels to RNGD (a common split): each kernel gets its own block of the
     RFIM, the layer read as bias-free, against the numpy reference."""

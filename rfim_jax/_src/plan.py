@@ -97,6 +97,7 @@ def resolve_layers(layers, default_kind, params, stacked_layers=()) -> list:
         p for p in paths_lib.layer_paths(params)
         if not isinstance(paths_lib.get_by_path(params, p)["kernel"], optax.MaskedNode)
     ]
+    _refuse_bias_without_kernel(params, layers)
     if layers is None:
         if not available:
             raise paths_lib.no_layers_error(params)
@@ -138,6 +139,27 @@ def resolve_layers(layers, default_kind, params, stacked_layers=()) -> list:
         else:
             out.append(adapter_for(node).from_params(path, kind, node))
     return out
+
+
+def _refuse_bias_without_kernel(params, layers) -> None:
+    """Refuses a layer whose kernel another transform owns while this one gets its bias.
+
+    RNGD preconditions a kernel, with or without its bias; a bias alone would pass through
+    with no word (``layers=None``), so the split is refused, naming the layer.
+    """
+    for path in paths_lib.layer_paths(params):
+        node = paths_lib.get_by_path(params, path)
+        bias = node.get("bias")
+        if (isinstance(node.get("kernel"), optax.MaskedNode) and bias is not None
+                and not isinstance(bias, optax.MaskedNode)
+                and (layers is None or path in layers)):
+            raise ValueError(
+                f"layer {path!r}: optax.partition (or optax.masked) gives its kernel to "
+                f"another transform but its bias to this one. RNGD preconditions a kernel, "
+                f"with or without its bias (the other split, bias elsewhere, is supported), "
+                f"not a bias alone; give this layer's bias to the transform that has its "
+                f"kernel."
+            )
 
 
 def check_request(layers, default_kind, representation, stacked_layers=()) -> None:
