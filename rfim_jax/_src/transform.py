@@ -152,9 +152,10 @@ def _check_hyper_dtype(name: str, value) -> None:
     dtype = getattr(value, "dtype", None)
     if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
         raise TypeError(
-            f"{name} arrived as {jnp.dtype(dtype).name}, which cannot hold it (decay=0.9995 "
-            f"rounds to 1.0 in bfloat16). optax.inject_hyperparams stores hyperparameters in "
-            f"the params' dtype; pass hyperparam_dtype=jnp.float32 to it."
+            f"{name} arrived as {jnp.dtype(dtype).name}, which holds about "
+            f"{jnp.finfo(dtype).precision} significant digits: too few for a hyperparameter "
+            f"(a decay of 0.9995 rounds to 1.0 in bfloat16). optax.inject_hyperparams stores "
+            f"hyperparameters in the params' dtype; pass hyperparam_dtype=jnp.float32 to it."
         )
 
 

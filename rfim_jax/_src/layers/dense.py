@@ -190,7 +190,11 @@ class DenseLayer(LayerAdapter):
         entry = paths_lib.activation_entry(
             activations, self.path, self._expected(),
             " capture_linen and capture_nnx record the layer types their docstrings list; for "
-            "any other module, record its inputs and outputs with rfim_jax.record.")
+            "any other dense module, record its inputs and outputs with rfim_jax.record. A "
+            "layer the capture refuses (ConvTranspose, ConvLocal) is not a dense layer over "
+            "its input's windows and cannot be preconditioned: leave it out of `layers` (name "
+            "the layers instead of layers=None) or give it to another optimiser with "
+            "optax.partition.")
         x, z = jnp.asarray(entry["inputs"]), jnp.asarray(entry["preacts"])
         for arr in (x, z):
             dtypes_lib.reject_complex(arr.dtype, where)
