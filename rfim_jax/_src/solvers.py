@@ -664,6 +664,21 @@ def check_damping(damping) -> None:
         raise ValueError(f"damping must be >= 0, got {damping}.")
 
 
+def reciprocal_scales(scales: ArrayLike) -> jax.Array:
+    """``1 / s`` per scale of a diagonal or eigen-diagonal metric, and 1 where ``s`` has none.
+
+    A scale below the dtype's smallest normal number, or not finite, is read as carrying no
+    information and gets 1, the rule the block solvers use for a non-positive diagonal entry
+    (module docstring, "Failure and fallback"); above it ``1 / s`` stays finite (at most
+    ``1 / tiny``).  Such scales arise where a unit sees no signal (a dead ReLU, a saturated
+    unit, an embedding row never looked up): relative damping adds nothing there either, so a
+    moving average decays to 0, and ``1 / 0`` times the unit's zero gradient would be NaN.
+    """
+    s = jnp.asarray(scales)
+    ok = jnp.isfinite(s) & (s >= jnp.finfo(s.dtype).tiny)
+    return jnp.where(ok, 1.0 / jnp.where(ok, s, 1.0), 1.0).astype(s.dtype)
+
+
 def block_traces(blocks: ArrayLike) -> jax.Array:
     """``tr(G)`` per block of a (..., d, d) stack, (...,).
 
@@ -688,12 +703,25 @@ def add_damping(blocks: ArrayLike, damping: ArrayLike, *, relative: bool = False
 
     Raises:
       ValueError: for a ``damping`` given as a Python number that is negative or NaN (it
-        would make the blocks indefinite).
+        would make the blocks indefinite), or an array that does not broadcast to the
+        blocks' batch shape (naming both shapes).
     """
     check_damping(damping)
     blocks = _as_blocks(blocks, promote=False)
     d = blocks.shape[-1]
     damping = jnp.asarray(damping, blocks.dtype)
+    batch = blocks.shape[:-2]
+    try:
+        fits = jnp.broadcast_shapes(damping.shape, batch) == batch
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"damping has shape {tuple(damping.shape)}, but the blocks {tuple(blocks.shape)} "
+            f"have the batch shape {tuple(batch)}: give a scalar or one value per block (a "
+            f"metric with one shared block, SharedBlockMetric or DenseMetric, takes a "
+            f"scalar)."
+        )
     if relative:
         eps = damping * block_traces(blocks) / d
     else:
@@ -829,10 +857,18 @@ def spd_max_eigenvalue(blocks: ArrayLike, num_iters: int = 30) -> jax.Array:
     Returns the Rayleigh quotient ``v^T G v`` of the final iterate, a lower bound that
     converges like ``(lambda_2 / lambda_1)^(2 num_iters)``.  The start vector has unequal
     positive entries, so it is not orthogonal to the top eigenvector of the usual
-    structured blocks (e.g. ``[[1, -1], [-1, 1]]``, where all-ones fails).
+    structured blocks (e.g. ``[[1, -1], [-1, 1]]``, where all-ones fails).  Each block is
+    iterated divided by its largest entry and the result scaled back, so that the norms
+    cannot overflow (an eigenvalue of 5e19 in float32 read 0 before).  For PSD blocks only:
+    on an indefinite one it finds the eigenvalue of largest magnitude.  The metrics'
+    ``max_eigenvalue()`` is exact (``eigvalsh``); this is the cheap bound that
+    ``normalize_max_eigenvalue`` uses inside the optimiser's step.
     """
     blocks = _as_blocks(blocks)
     d = blocks.shape[-1]
+    scale = jnp.max(jnp.abs(blocks), axis=(-2, -1))
+    scale = jnp.where((scale > 0) & jnp.isfinite(scale), scale, 1.0)
+    blocks = blocks / scale[..., None, None]
     v0 = 1.0 + jnp.arange(d, dtype=blocks.dtype) / d
     v0 = jnp.broadcast_to(v0 / jnp.linalg.norm(v0), blocks.shape[:-1])
 
@@ -841,4 +877,4 @@ def spd_max_eigenvalue(blocks: ArrayLike, num_iters: int = 30) -> jax.Array:
         return w / jnp.maximum(jnp.linalg.norm(w, axis=-1, keepdims=True), jnp.finfo(w.dtype).tiny)
 
     v = lax.fori_loop(0, num_iters, body, v0)
-    return jnp.einsum("...i,...ij,...j->...", v, blocks, v, precision=_HIGHEST)
+    return scale * jnp.einsum("...i,...ij,...j->...", v, blocks, v, precision=_HIGHEST)

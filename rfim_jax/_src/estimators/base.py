@@ -112,21 +112,6 @@ def moving_average(old, fresh, rate, axis_name=None, *, finite_of=None):
     return avg, (~finite).astype(jnp.int32)
 
 
-def inverse_scales(s: jax.Array) -> jax.Array:
-    """``1 / s`` per scale, and 1 where the scale has no signal left.
-
-    A row that sees no signal (a dead ReLU, a saturated unit, an embedding row never looked
-    up) has a fresh scale of 0, relative damping included, so its average decays by
-    ``decay`` each step and reaches 0 (about 17,000 steps at ``decay=0.995`` in float32, 2,000
-    in float16).  ``1 / 0`` times its zero gradient is NaN, and every later update was then
-    rejected.  A scale below the dtype's smallest normal number (or not finite) therefore
-    gets 1, the identity, which is the solvers' fallback for a non-positive diagonal entry;
-    above it, ``1 / s`` stays finite (at most ``1 / tiny``).
-    """
-    ok = jnp.isfinite(s) & (s >= jnp.finfo(s.dtype).tiny)
-    return jnp.where(ok, 1.0 / jnp.where(ok, s, 1.0), 1.0).astype(s.dtype)
-
-
 def num_rows(layer) -> int:
     """Rows of the scales ``S``: 1 for the linear kind (shared), else m."""
     return 1 if layer.is_linear else layer.m

@@ -10,12 +10,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from rfim_jax._src import metrics as metrics_lib
-from rfim_jax._src.estimators.base import (
-    Estimator,
-    inverse_scales,
-    moving_average,
-    num_rows,
-)
+from rfim_jax._src import solvers
+from rfim_jax._src.estimators.base import Estimator, moving_average, num_rows
 from rfim_jax._src.estimators.eigen import damped_scales
 
 
@@ -52,7 +48,7 @@ class DiagonalEstimator(Estimator):
         s = stats["S"]
         if normalize:
             s = s / jnp.max(s)
-        return self._metric(layer, inverse_scales(s))
+        return self._metric(layer, solvers.reciprocal_scales(s))
 
     def as_metric(self, layer, stats, factors):
         return self._metric(layer, stats["S"])

@@ -27,12 +27,7 @@ import jax.numpy as jnp
 from rfim_jax._src import metrics as metrics_lib
 from rfim_jax._src import solvers
 from rfim_jax._src import statistics as stats_lib
-from rfim_jax._src.estimators.base import (
-    Estimator,
-    inverse_scales,
-    moving_average,
-    num_rows,
-)
+from rfim_jax._src.estimators.base import Estimator, moving_average, num_rows
 
 
 def damped_scales(x_aug, weights, rotated, damping):
@@ -96,7 +91,7 @@ class EigenEstimator(Estimator):
         s = stats["S"]
         if normalize:
             s = s / jnp.max(s)
-        return self._metric(layer, factors["U"], inverse_scales(s))
+        return self._metric(layer, factors["U"], solvers.reciprocal_scales(s))
 
     def as_metric(self, layer, stats, factors):
         return self._metric(layer, factors["U"], stats["S"])

@@ -273,9 +273,12 @@ class AbstractMetric:
         Args:
           v: ``{"kernel", "bias"}`` shaped like the layer's params.
           damping: absolute, or relative (``damping tr(B)/d_B`` per block B) with
-            ``relative=True``.
+            ``relative=True``; a scalar, or one value per stored block (per neuron for the
+            per-neuron representations).
           method: the block solver of :func:`rfim_jax.spd_solve` (exact representations);
-            the eigen and diagonal ones solve in closed form and ignore it.
+            the eigen and diagonal ones solve in closed form and only check the name.
+            A damped block or scale that cannot be inverted falls back as in
+            :func:`rfim_jax.spd_solve` (a zero scale, a dead unit's, divides by 1).
 
         Raises:
           ValueError: if ``v``'s shapes do not match the metric's layer.
@@ -299,7 +302,11 @@ class AbstractMetric:
         raise NotImplementedError
 
     def max_eigenvalue(self) -> jax.Array:
-        """The largest eigenvalue (Sec. 4's balancing), a scalar."""
+        """The largest eigenvalue (Sec. 4's balancing), a scalar: ``eigvalsh()[-1]``.
+
+        Exact in every representation (an exact metric pays one ``eigvalsh`` per stored
+        block; :func:`rfim_jax.spd_max_eigenvalue` is the cheap power-iteration bound).
+        """
         raise NotImplementedError
 
 
@@ -337,14 +344,28 @@ class PerNeuronScales:
         """
         solvers.check_damping(damping)
         damping = jnp.asarray(damping).astype(self.scales.dtype)
+        m = self.scales.shape[-2]
+        if damping.ndim:
+            # One value per neuron, like the exact metrics' one per stored block.
+            if damping.shape not in ((m,), (1,)):
+                raise ValueError(
+                    f"{type(self).__name__}: damping must be a scalar or one value per "
+                    f"neuron, shape ({m},); got shape {tuple(damping.shape)}."
+                )
+            damping = damping[:, None]
         if relative:
             damping = damping * jnp.mean(self.scales, axis=-1, keepdims=True)
         return self.replace(scales=self.scales + damping)
 
     def inverse(self, damping=0.0, *, relative: bool = False, method: str = "auto"):
-        """``(G + damping I)^-1``: the reciprocal scales (``method`` is ignored)."""
-        del method
-        return self.replace(scales=1.0 / self.damped(damping, relative=relative).scales)
+        """``(G + damping I)^-1``: the reciprocal scales (``method`` is checked, not used).
+
+        A scale with no signal (below the dtype's smallest normal number: a dead unit)
+        inverts to 1, as a non-positive diagonal entry does in the block solvers.
+        """
+        solvers.resolve_method(method)
+        scales = self.damped(damping, relative=relative).scales
+        return self.replace(scales=solvers.reciprocal_scales(scales))
 
 
 class Arithmetic:

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from rfim_jax._src import solvers
 from rfim_jax._src.metrics.base import (
     AbstractMetric,
     Arithmetic,
@@ -42,19 +43,20 @@ class DiagonalMetric(PerNeuronScales, AbstractMetric, Arithmetic):
         return cols * self.scales.T
 
     def solve(self, v: Params, damping=0.0, *, relative: bool = False, method: str = "auto"):
-        """``V / (S^T + damping)`` for V the (d, m) columns of ``v``; ``method`` is ignored.
+        """``V / (S^T + damping)`` for V the (d, m) columns of ``v``; ``method`` is checked,
+        not used.  A scale below the smallest normal number (a dead unit's) divides by 1.
 
         ``damping`` is absolute by default; with ``relative=True`` neuron l gets
         ``damping * mean(s_l)`` (eq. 30's ``tr(G_l)/d``), as in :func:`rfim_jax.rngd`.
 
         Raises:
-          ValueError: for a negative or NaN Python-number ``damping``, or ``v`` of the wrong
-            shapes.
+          ValueError: for a negative or NaN Python-number ``damping``, an unknown ``method``,
+            or ``v`` of the wrong shapes.
         """
-        del method
+        solvers.resolve_method(method)
         cols = self._columns(v, "DiagonalMetric.solve")
         scales = self._in_dtype(cols.dtype).damped(damping, relative=relative).scales
-        return self._params(cols / scales.T)
+        return self._params(cols * solvers.reciprocal_scales(scales).T)
 
     def diagonal(self) -> jax.Array:
         return self.scales.reshape(-1)

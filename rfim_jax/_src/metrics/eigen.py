@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from rfim_jax._src import solvers
 from rfim_jax._src.metrics.base import AbstractMetric, ParamLayout, Params, PerNeuronScales
 
 
@@ -70,15 +71,16 @@ class EigenDiagonalMetric(PerNeuronScales, AbstractMetric):
     def solve(self, v: Params, damping=0.0, *, relative: bool = False, method: str = "auto"):
         """``U ((U^T V) / (S^T + damping)) `` for V the (d, m) columns of ``v`` (SPEC §7).
 
-        ``method`` is accepted for protocol compatibility and ignored (closed form).
+        ``method`` is checked for protocol compatibility and not used (closed form).
         ``damping`` is absolute by default; with ``relative=True`` neuron l gets
-        ``damping * mean(s_l)`` (eq. 30's ``tr(G_l)/d``), as in :func:`rfim_jax.rngd`.
+        ``damping * mean(s_l)`` (eq. 30's ``tr(G_l)/d``), as in :func:`rfim_jax.rngd`.  A
+        scale below the smallest normal number (a dead unit's) divides by 1.
         """
-        del method
+        solvers.resolve_method(method)
         cols = self._columns(v, "EigenDiagonalMetric.solve")
         metric = self._in_dtype(cols.dtype)
         s = metric.damped(damping, relative=relative).scales
-        return self._params(metric._apply(cols, 1.0 / s))
+        return self._params(metric._apply(cols, solvers.reciprocal_scales(s)))
 
     def diagonal(self) -> jax.Array:
         # diag(U diag(s) U^T)_i = sum_j U_ij^2 s_j.
