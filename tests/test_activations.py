@@ -385,3 +385,23 @@ def test_softplus_is_smoothed_relu_with_omega_one():
         soft, relu = Softplus(sigma=sigma), ReLU(omega=1.0, iota=0.0, sigma=sigma)
         for a, b in ((soft.f, relu.f), (soft.df, relu.df), (soft.nu, relu.nu)):
             np.testing.assert_allclose(a(z), b(z), rtol=1e-14, atol=1e-300)
+
+
+@pytest.mark.parametrize("omega,iota", [(1.0, 0.0), (0.5, 0.2), (2.0, 0.7)])
+def test_smoothed_relu_autodiff_matches_its_derivative_at_zero(omega, iota):
+    """An activation object is callable, so models differentiate its f: at z = 0 autodiff
+    of the overflow-safe form gave iota instead of (1 + iota)/2.  The reference is the
+    definition omega logaddexp(iota z / omega, z / omega) (eq. 41), differentiated by JAX."""
+    act = rfim_jax.ReLU(omega=omega, iota=iota)
+
+    def definition(z):
+        return omega * jnp.logaddexp(iota * z / omega, z / omega)
+
+    zs = jnp.array([0.0, -0.0, 1e-30, -2.5, 3.0])
+    want = jax.vmap(jax.grad(definition))(zs)
+    np.testing.assert_allclose(jax.vmap(jax.grad(act.f))(zs), want, rtol=1e-12)
+    np.testing.assert_allclose(jax.vmap(jax.grad(act))(zs), want, rtol=1e-12)
+    np.testing.assert_allclose(act.df(zs), want, rtol=1e-12)
+    # The second derivative (of df) is the definition's too.
+    np.testing.assert_allclose(jax.vmap(jax.grad(jax.grad(act.f)))(zs),
+                               jax.vmap(jax.grad(jax.grad(definition)))(zs), rtol=1e-10)

@@ -33,6 +33,7 @@ Activation objects are frozen dataclasses: hashable, so they can be static argum
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Literal
 
@@ -149,22 +150,40 @@ class ReLU(Activation):
 
     def f(self, z):
         if self.omega > 0.0:
-            # omega logaddexp(iota z / omega, z / omega), written so that nothing is divided
-            # by omega before the exponential: z / omega overflows for a small omega.
-            gap = (1.0 - self.iota) * jnp.abs(z)
-            return jnp.maximum(z, self.iota * z) + self.omega * jnp.log1p(
-                jnp.exp(-gap / self.omega))
+            return _smooth_prelu(z, self.omega, self.iota)
         return jnp.where(z > 0, z, self.iota * z)
 
     def df(self, z):
         if self.omega > 0.0:
-            return self.iota + (1.0 - self.iota) * jax.nn.sigmoid(
-                (1.0 - self.iota) * z / self.omega
-            )
+            return _smooth_prelu_derivative(z, self.omega, self.iota)
         return jnp.where(z > 0, jnp.ones_like(z), jnp.full_like(z, self.iota))
 
     def nu(self, z):
         return self.df(z) ** 2 / self.sigma**2
+
+
+def _smooth_prelu_derivative(z, omega: float, iota: float):
+    """``iota + (1 - iota) s((1 - iota) z / omega)``, the derivative of eq. (41)."""
+    return iota + (1.0 - iota) * jax.nn.sigmoid((1.0 - iota) * z / omega)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _smooth_prelu(z, omega: float, iota: float):
+    """``omega logaddexp(iota z / omega, z / omega)`` (eq. 41), with its exact derivative.
+
+    Written as ``max(z, iota z) + omega log1p(exp(-(1 - iota)|z| / omega))`` so that
+    nothing is divided by omega before the exponential (``z / omega`` overflows for a small
+    omega).  Autodiff of that form is wrong at z = 0 (``max``'s tie and ``|z|``'s kink give
+    ``iota`` instead of ``(1 + iota)/2``), hence the custom derivative.
+    """
+    gap = (1.0 - iota) * jnp.abs(z)
+    return jnp.maximum(z, iota * z) + omega * jnp.log1p(jnp.exp(-gap / omega))
+
+
+@_smooth_prelu.defjvp
+def _smooth_prelu_jvp(omega, iota, primals, tangents):
+    (z,), (dz,) = primals, tangents
+    return _smooth_prelu(z, omega, iota), _smooth_prelu_derivative(z, omega, iota) * dz
 
 
 @dataclasses.dataclass(frozen=True)
