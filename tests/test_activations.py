@@ -405,3 +405,23 @@ def test_smoothed_relu_autodiff_matches_its_derivative_at_zero(omega, iota):
     # The second derivative (of df) is the definition's too.
     np.testing.assert_allclose(jax.vmap(jax.grad(jax.grad(act.f)))(zs),
                                jax.vmap(jax.grad(jax.grad(definition)))(zs), rtol=1e-10)
+
+
+def test_sigma_may_be_traced():
+    """linear_rfim(p, x, s) and ReLU(sigma=s) raised a raw ConcretizationTypeError under jit
+    (full_fisher and fisher_rao_norm already took a traced sigma).  The reference is eq. (22)
+    / (18) computed by numpy: the metric scales as 1/sigma^2."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 3))
+    p = {"kernel": jnp.asarray(rng.normal(size=(3, 4))), "bias": jnp.zeros(4)}
+    xa = np.concatenate([x, np.ones((6, 1))], 1)
+    for s in (0.5, 2.0):
+        got = jax.jit(lambda s: rfim_jax.linear_rfim(p, jnp.asarray(x), s).to_dense())(s)
+        np.testing.assert_allclose(got[:4, :4], xa.T @ xa / 6 / s**2, rtol=1e-10)
+        got = jax.jit(lambda s: rfim_jax.nonlinear_rfim(
+            p, jnp.asarray(x), rfim_jax.ReLU(sigma=s)).to_dense())(s)
+        z = x @ np.asarray(p["kernel"])
+        nu = (1.0 / (1.0 + np.exp(-z[:, 0]))) ** 2 / s**2
+        np.testing.assert_allclose(got[:4, :4], (xa * nu[:, None]).T @ xa / 6, rtol=1e-10)
+    with pytest.raises(ValueError, match=r"sigma must be > 0"):
+        rfim_jax.ReLU(sigma=0.0)

@@ -45,6 +45,8 @@ Response = Literal["bernoulli_pm1", "bernoulli", "gaussian"]
 
 
 def _check_sigma(name: str, sigma: float) -> float:
+    if isinstance(sigma, jax.core.Tracer):
+        return sigma  # traced (a jitted sweep over sigma): checked where it is concrete
     sigma = float(sigma)
     if not sigma > 0.0:
         raise ValueError(f"{name}: sigma must be > 0, got sigma={sigma}.")
