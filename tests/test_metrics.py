@@ -439,3 +439,32 @@ def test_max_eigenvalue_is_exact_in_every_representation():
     np.testing.assert_allclose(
         solvers.spd_max_eigenvalue(jnp.diag(jnp.array([1e19, 1.0], jnp.float32))),
         1e19, rtol=1e-5)
+
+
+def test_metric_products_sums_and_softmax_names():
+    """metric * metric raised a raw AttributeError, sum([g, h]) a TypeError (no __radd__),
+    and two_layer_rfim refused 'Softmax' where every kind name is case-insensitive."""
+    g, dense, _ = _build("blockdiag", 3, 2, True, 0)
+    h, dense_h, _ = _build("blockdiag", 3, 2, True, 1)
+    with pytest.raises(TypeError, match=r"BlockDiagonalMetric \* takes a scalar, got "
+                                        r"BlockDiagonalMetric"):
+        g * h  # noqa: B018
+    with pytest.raises(TypeError, match=r"takes a scalar, got an array of shape \(3,\)"):
+        g / jnp.ones(3)  # noqa: B018
+    np.testing.assert_allclose(sum([g, h]).to_dense(), dense + dense_h, rtol=1e-12)
+    np.testing.assert_allclose((2.0 * g).to_dense(), 2 * dense, rtol=1e-12)
+    rng = np.random.default_rng(0)
+    p1 = {"kernel": jnp.asarray(rng.normal(size=(3, 4))), "bias": jnp.zeros(4)}
+    p2 = {"kernel": jnp.asarray(rng.normal(size=(4, 5))), "bias": jnp.zeros(5)}
+    x = jnp.asarray(rng.normal(size=(7, 3)))
+    want = rfim_jax.two_layer_rfim(p1, p2, x, "tanh", output_activation="softmax").to_dense()
+    got = rfim_jax.two_layer_rfim(p1, p2, x, "tanh", output_activation="Softmax").to_dense()
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_condition_number_of_a_non_finite_matrix_is_nan():
+    bad = np.full((3, 3), np.nan)
+    for nonzero_only in (True, False):
+        assert np.isnan(float(rfim_jax.condition_number(bad, nonzero_only=nonzero_only)))
+    np.testing.assert_allclose(
+        rfim_jax.condition_number(np.diag([4.0, 2.0, 1.0]), nonzero_only=False), 4.0)

@@ -349,7 +349,8 @@ def condition_number(
     rank threshold ``rtol * lambda_max`` (see :func:`fim_rank`), i.e. the conditioning of the
     matrix on its numerical range, which stays finite for the singular FIMs of Sec. 4; it is
     NaN for a zero matrix.  With ``nonzero_only=False`` it is the plain ratio over the whole
-    spectrum and ``inf`` when the matrix is numerically singular.
+    spectrum and ``inf`` when the matrix is numerically singular.  NaN for a matrix with a
+    NaN or infinite entry.
     """
     eig = _spectrum(matrix)
     thr = _threshold(eig, rtol)
@@ -357,4 +358,6 @@ def condition_number(
     if nonzero_only:
         lam_min = jnp.min(jnp.where(eig > thr, eig, jnp.inf))
         return jnp.where(lam_max > thr, lam_max / lam_min, jnp.nan)
-    return jnp.where(eig[0] > thr, lam_max / eig[0], jnp.inf)
+    plain = jnp.where(eig[0] > thr, lam_max / eig[0], jnp.inf)
+    # A NaN or infinite entry has no spectrum: NaN, not the inf of a singular matrix.
+    return jnp.where(jnp.all(jnp.isfinite(eig)), plain, jnp.nan)

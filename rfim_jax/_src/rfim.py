@@ -401,6 +401,15 @@ def two_layer_rfim(
     """
     x_aug, z, has_bias = _inputs(params, x, "two_layer_rfim")
     activation = act_lib.get_activation(activation)
+    # Names are case-insensitive, "softmax" included, as for a layer's kind.
+    if isinstance(output_activation, str) and output_activation.lower() == "softmax":
+        output = "softmax"
+    else:
+        try:
+            output = act_lib.get_activation(output_activation)
+        except ValueError as e:
+            raise ValueError(f"{e} two_layer_rfim's output_activation may also be "
+                             f"'softmax'.") from e
     kernel_out, bias_out = metrics.unpack_dense(params_out, "two_layer_rfim (params_out)")
     if kernel_out.shape[0] != z.shape[-1]:
         raise ValueError(
@@ -415,11 +424,11 @@ def two_layer_rfim(
         u = u + bias_out.astype(dtype)
     # fc[n, i, l] = f'(z_ni) c_il: derivative of output logit l wrt neuron i's pre-activation.
     fc = activation.df(z)[:, :, None] * kernel_out[None]
-    if isinstance(output_activation, str) and output_activation == "softmax":
+    if output == "softmax":
         out_fisher = stats.softmax_coefficients(u)
         coeffs = jnp.einsum("nil,nlk,njk->nij", fc, out_fisher, fc)
     else:
-        nu_g = act_lib.get_activation(output_activation).nu(u)
+        nu_g = output.nu(u)
         coeffs = jnp.einsum("nil,nl,njl->nij", fc, nu_g, fc)
     return metrics.DenseMetric(stats.coupled_rfim(x_aug, coeffs), num_neurons=z.shape[-1],
                                has_bias=has_bias)

@@ -797,8 +797,9 @@ def spd_solve(
 
     Args:
       blocks: (..., d, d) SPD stack (symmetric part used).
-      rhs: (..., d) for one right-hand side per block, or (..., d, k) for k of them; the
-        batch axes broadcast against the blocks'.
+      rhs: (..., d) for one right-hand side per block, or (..., d, k) for k of them, with
+        as many batch axes as the blocks (the rank tells the two forms apart); batch axes of
+        size 1 broadcast, e.g. blocks (1, d, d) with rhs (5, d).
       method: one of ``rfim_jax.SOLVER_METHODS``.  ``"cholesky"``, ``"lapack"`` and ``"lapack_map"``
         factor and substitute; the others multiply by the inverse.
       previous: optional last inverses, used as for :func:`spd_inverse_and_status`.

@@ -392,15 +392,37 @@ class Arithmetic:
     def __add__(self, other):
         return self._map(lambda a, b: a + b, other)
 
+    def __radd__(self, other):
+        # sum([g, h, ...]) starts from the integer 0.
+        if isinstance(other, int) and not isinstance(other, bool) and other == 0:
+            return self
+        return self._map(lambda a, b: b + a, other)
+
     def __sub__(self, other):
         return self._map(lambda a, b: a - b, other)
 
+    def _check_scalar(self, scalar, op: str) -> None:
+        if isinstance(scalar, Arithmetic):
+            raise TypeError(
+                f"{type(self).__name__} {op} takes a scalar, got {type(scalar).__name__}: a "
+                f"product of two metrics is not a metric of this layer (use .to_dense() for "
+                f"matrix algebra, or .matvec for G v)."
+            )
+        if jnp.ndim(scalar) != 0:
+            raise TypeError(
+                f"{type(self).__name__} {op} takes a scalar, got an array of shape "
+                f"{tuple(jnp.shape(scalar))} (to damp each block differently, use "
+                f".damped(array))."
+            )
+
     def __mul__(self, scalar):
+        self._check_scalar(scalar, "*")
         return self._map(lambda a: a * scalar)
 
     __rmul__ = __mul__
 
     def __truediv__(self, scalar):
+        self._check_scalar(scalar, "/")
         return self._map(lambda a: a / scalar)
 
     def __neg__(self):
