@@ -38,6 +38,34 @@ def check_data_dir(parser: argparse.ArgumentParser, args, reads_idx: bool) -> No
     if args.data_dir is not None and not reads_idx:
         parser.error("--data-dir is read only by the runs on Fashion-MNIST (--full); the quick "
                      "run trains on the embedded 8x8 digits and would ignore it.")
+    if args.data_dir is not None and not os.path.isdir(args.data_dir):
+        parser.error(f"--data-dir {args.data_dir}: no such directory (it should hold the "
+                     f"Fashion-MNIST IDX files).")
+
+
+def existing_path(text: str) -> str:
+    """An argparse type: a path that exists (a file or a directory)."""
+    if not os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"{text}: no such file or directory")
+    return text
+
+
+def floats_in(low: float, high: float | None, *, closed_high: bool = False):
+    """An argparse type: comma-separated floats in ``[low, high)`` (``]`` with
+    ``closed_high``; no upper bound for ``high=None``), as a tuple."""
+    def parse(text: str) -> tuple[float, ...]:
+        try:
+            values = tuple(float(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a list of numbers") from None
+        for v in values:
+            above = high is not None and (v > high if closed_high else v >= high)
+            if not math.isfinite(v) or v < low or above:
+                bound = "inf" if high is None else high
+                raise argparse.ArgumentTypeError(
+                    f"{v} is outside [{low}, {bound}{']' if closed_high else ')'}")
+        return values
+    return parse
 
 
 def make_parser(description: str, *, data_dir: bool = True) -> argparse.ArgumentParser:
@@ -50,7 +78,8 @@ def make_parser(description: str, *, data_dir: bool = True) -> argparse.Argument
     parser = argparse.ArgumentParser(description=description)
     scale = parser.add_mutually_exclusive_group()
     scale.add_argument("--quick", dest="full", action="store_false",
-                       help="small, fast run on the embedded 8x8 digits (default)")
+                       help="small, fast run on the embedded 8x8 digits (default)" if data_dir
+                       else "small, fast run (default)")
     scale.add_argument("--full", dest="full", action="store_true",
                        help="paper-scale run on all tasks")
     parser.set_defaults(full=False)
@@ -282,13 +311,48 @@ def peer_version(method: str) -> str | None:
     return f"{dist} {distribution_version(dist)}" if dist else None
 
 
+def method_list(methods: Sequence[str]):
+    """An argparse ``type``: a comma-separated subset of ``methods``, as a tuple."""
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(n for n in text.split(",") if n)
+        unknown = [n for n in names if n not in methods]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(
+                f"unknown names {unknown or [text]}; choose from {','.join(methods)}")
+        return names
+    return parse
+
+
+def learning_rate_overrides(methods: Sequence[str]):
+    """An argparse ``type``: ``name=rate,...`` for names in ``methods`` and rates > 0."""
+    def parse(text: str) -> dict[str, float]:
+        out = {}
+        for item in text.split(","):
+            name, sep, value = item.partition("=")
+            if not sep:
+                raise argparse.ArgumentTypeError(f"{item!r} is not name=rate, e.g. rngd=0.02")
+            if name not in methods:
+                raise argparse.ArgumentTypeError(
+                    f"unknown method {name!r}; choose from {','.join(methods)}")
+            try:
+                rate = float(value)
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"{name}={value!r}: the rate is not a number") from None
+            if not (math.isfinite(rate) and rate > 0):
+                raise argparse.ArgumentTypeError(f"{name}={value}: the rate must be > 0")
+            out[name] = rate
+        return out
+    return parse
+
+
 def add_comparison_args(parser: argparse.ArgumentParser, methods: Sequence[str]) -> None:
     """``--steps``, ``--lr`` and ``--methods``, shared by the method-comparison experiments."""
     parser.add_argument("--steps", type=positive_int, default=None,
                         help="training steps per method")
-    parser.add_argument("--lr", type=str, default=None,
+    parser.add_argument("--lr", type=learning_rate_overrides(methods), default=None,
                         help="learning rates to override, e.g. rngd=0.02,adam=1e-3")
-    parser.add_argument("--methods", type=str, default=None,
+    parser.add_argument("--methods", type=method_list(methods), default=None,
                         help=f"comma-separated subset of {','.join(methods)}")
 
 
@@ -298,9 +362,8 @@ def comparison_overrides(args: argparse.Namespace) -> tuple[dict, dict[str, floa
     if args.steps is not None:
         overrides["steps"] = args.steps
     if args.methods:
-        overrides["methods"] = tuple(args.methods.split(","))
-    lrs = dict(item.split("=") for item in args.lr.split(",")) if args.lr else {}
-    return overrides, {k: float(v) for k, v in lrs.items()}
+        overrides["methods"] = tuple(args.methods)
+    return overrides, dict(args.lr or {})
 
 
 def finish_comparison(results: dict, cfg: Any, full: bool, summary, plot) -> None:

@@ -62,6 +62,7 @@ configuration per method), ``<out>/fig4_summary.json`` (the same without the cur
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import time
@@ -561,28 +562,53 @@ def parse_sizes(text: str) -> dict:
     return sizes
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in text.split(","))
+def _batch_size(text: str) -> str:
+    if text != "full":
+        common.positive_int(text)
+    return text
+
+
+def _damping(text: str) -> float:
+    values = common.floats_in(0.0, None)(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"one number, got {text!r}")
+    return values[0]
+
+
+def _sizes(text: str) -> dict:
+    try:
+        sizes = parse_sizes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    unknown = sorted(set(sizes) - {t.dataset for t in data.PAIR_TASKS.values()})
+    bad = [n for v in sizes.values() for n in v if n is not None and n < 1]
+    if unknown or bad:
+        raise argparse.ArgumentTypeError(
+            f"unknown data sets {unknown}" if unknown else f"sizes must be >= 1, got {bad}")
+    return sizes
 
 
 def make_parser():
     parser = common.make_parser(__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=None, help="override the epochs")
-    parser.add_argument("--runs", type=int, default=None, help="override the number of runs")
+    parser.add_argument("--epochs", type=common.positive_int, default=None,
+                        help="override the epochs")
+    parser.add_argument("--runs", type=common.positive_int, default=None,
+                        help="override the number of runs")
     parser.add_argument("--solver", default="auto", choices=("auto", "dense", "woodbury"))
-    parser.add_argument("--batch-size", default=None,
+    parser.add_argument("--batch-size", type=_batch_size, default=None,
                         help="minibatch size (default 50) or 'full' for full-batch steps")
-    parser.add_argument("--tasks", default=None,
+    parser.add_argument("--tasks", type=common.method_list(tuple(data.PAIR_TASKS)),
+                        default=None,
                         help=f"comma-separated subset of {', '.join(data.PAIR_TASKS)}")
-    parser.add_argument("--sizes", default=None,
+    parser.add_argument("--sizes", type=_sizes, default=None,
                         help="training sizes per data set, e.g. 'fashion=1000,all;digits=100'")
-    parser.add_argument("--methods", default=None,
+    parser.add_argument("--methods", type=common.method_list(METHODS), default=None,
                         help=f"comma-separated subset of {', '.join(METHODS)}")
-    parser.add_argument("--learning-rates", type=_floats, default=None,
+    parser.add_argument("--learning-rates", type=common.floats_in(0.0, None), default=None,
                         help="comma-separated learning-rate grid, e.g. '0.1,1'")
-    parser.add_argument("--momentums", type=_floats, default=None,
-                        help="comma-separated momentum grid, e.g. '0,0.8'")
-    parser.add_argument("--damping", type=float, default=None,
+    parser.add_argument("--momentums", type=common.floats_in(0.0, 1.0), default=None,
+                        help="comma-separated momentum grid in [0, 1), e.g. '0,0.8'")
+    parser.add_argument("--damping", type=_damping, default=None,
                         help="eps0 of eq. (30), eps = eps0 tr(g)/D (default 1e-2)")
     return parser
 
@@ -598,11 +624,11 @@ def config_from_args(args) -> Fig4Config:
     if args.batch_size is not None:
         overrides["batch_size"] = None if args.batch_size == "full" else int(args.batch_size)
     if args.tasks is not None:
-        overrides["tasks"] = tuple(args.tasks.split(","))
+        overrides["tasks"] = tuple(args.tasks)
     if args.sizes is not None:
-        overrides["train_sizes"] = parse_sizes(args.sizes)
+        overrides["train_sizes"] = args.sizes
     if args.methods is not None:
-        overrides["methods"] = tuple(args.methods.split(","))
+        overrides["methods"] = tuple(args.methods)
     if args.learning_rates is not None:
         overrides["learning_rates"] = args.learning_rates
     if args.momentums is not None:
@@ -613,9 +639,12 @@ def config_from_args(args) -> Fig4Config:
 
 
 def main(argv=None) -> dict:
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args = parser.parse_args(argv)
     jax.config.update("jax_enable_x64", True)
     config = config_from_args(args)
+    common.check_data_dir(parser, args, any(
+        data.PAIR_TASKS[t].dataset == "fashion" for t in config.tasks))
     t0 = time.perf_counter()
     results = run(config)
     print(f"fig4: wrote {Path(config.out) / 'fig4.json'} and {Path(config.out) / 'fig4.png'} "

@@ -631,10 +631,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = common.make_parser(__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=common.positive_int, default=None,
                         help="override the epoch count")
-    parser.add_argument("--aggregate", nargs="+", default=None, metavar="DIR",
+    parser.add_argument("--aggregate", nargs="+", type=common.existing_path, default=None,
+                        metavar="DIR",
                         help="combine earlier runs on different seeds (directories holding "
                              "fig5.json) into <--out>/fig5_seeds.json, and print the table")
-    parser.add_argument("--lr-from", default=None, metavar="FIG5_JSON",
+    parser.add_argument("--lr-from", type=common.existing_path, default=None,
+                        metavar="FIG5_JSON",
                         help="run only each method's best rate from an earlier fig5.json "
                              "(e.g. to repeat the best runs on other seeds)")
     args = parser.parse_args(argv)

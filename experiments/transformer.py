@@ -330,7 +330,9 @@ def summary(results: dict, cfg: TransformerConfig) -> str:
         ttt = " ".join(f"{r['time_to_target'][str(t)]:8.1f}"
                        if r["time_to_target"][str(t)] is not None else f"{'-':>8}"
                        for t in cfg.target_bits)
-        lines.append(f"{method:<9} {r['ms_per_step']:8.1f} {r['ratio_to_adamw']:8.2f} "
+        ratio = r.get("ratio_to_adamw")  # None when AdamW was not among the methods
+        ratio = f"{ratio:8.2f}" if ratio is not None else f"{'-':>8}"
+        lines.append(f"{method:<9} {r['ms_per_step']:8.1f} {ratio} "
                      f"{r['train_bits'][-1]:7.3f} {r['val_bits'][-1]:7.3f} {ttt}")
     return "\n".join(lines)
 
@@ -338,7 +340,7 @@ def summary(results: dict, cfg: TransformerConfig) -> str:
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = common.make_parser(__doc__.splitlines()[0], data_dir=False)
     common.add_comparison_args(parser, METHODS)
-    parser.add_argument("--text", type=str, default=None,
+    parser.add_argument("--text", type=common.existing_path, default=None,
                         help="a text file or directory (default: Debian's fortunes)")
     args = parser.parse_args(argv)
     overrides, lrs = common.comparison_overrides(args)

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from experiments import common
 
@@ -40,3 +41,36 @@ def test_checked_step_reports_a_failing_peer_with_the_reason():
     step, reason = common.checked_step("kfac", build, {"w": jnp.ones(2)}, (jnp.ones(2),))
     assert step is None
     assert reason == "kfac: ValueError: shapes do not match"
+
+
+@pytest.mark.parametrize("module,argv,message", [
+    ("fig4", ["--epochs", "-1"], "--epochs: must be a positive integer"),
+    ("fig4", ["--runs", "0"], "--runs: must be a positive integer"),
+    ("fig4", ["--batch-size", "0"], "--batch-size: must be a positive integer"),
+    ("fig4", ["--tasks", "bogus"], "--tasks: unknown names ['bogus']"),
+    ("fig4", ["--methods", "foo"], "--methods: unknown names ['foo']"),
+    ("fig4", ["--sizes", "digits=-5"], "--sizes: sizes must be >= 1"),
+    ("fig4", ["--damping", "-1"], "--damping: -1.0 is outside"),
+    ("fig4", ["--momentums", "1.5"], "--momentums: 1.5 is outside [0.0, 1.0)"),
+    ("fig4", ["--full", "--data-dir", "/nonexistent"], "/nonexistent: no such directory"),
+    ("fig5", ["--full", "--data-dir", "/nonexistent"], "/nonexistent: no such directory"),
+    ("fig5", ["--lr-from", "/nonexistent.json"], "--lr-from: /nonexistent.json: no such"),
+    ("cnn", ["--methods", "bogus"], "--methods: unknown names ['bogus']"),
+    ("cnn", ["--lr", "rngd=abc"], "the rate is not a number"),
+    ("cnn", ["--lr", "rngd"], "'rngd' is not name=rate"),
+    ("cnn", ["--lr", "foo=1"], "unknown method 'foo'"),
+    ("cnn", ["--full", "--data-dir", "/nonexistent"], "/nonexistent: no such directory"),
+    ("capacity", ["--full", "--data-dir", "/nonexistent"], "/nonexistent: no such directory"),
+    ("transformer", ["--methods", "nope"], "--methods: unknown names ['nope']"),
+    ("transformer", ["--text", "/nonexistent"], "--text: /nonexistent: no such file"),
+])
+def test_bad_command_lines_are_usage_errors(module, argv, message, capsys):
+    """These gave tracebacks (KeyError, DataNotFoundError, float conversion) or, for an
+    unknown --lr key or a momentum of 1.5, ran and ignored the mistake."""
+    import importlib
+
+    main = importlib.import_module(f"experiments.{module}").main
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["--out", "/tmp/rfim_cli_check", "--no-progress"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

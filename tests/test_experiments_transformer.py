@@ -67,3 +67,16 @@ def test_full_rngd_reaches_lower_training_loss_than_adamw_at_tiny_size(tmp_path)
             final[name if name == "rngd" else f"adamw_{lr:g}"] = r["train_bits"][-1]
     best_adamw = min(v for k, v in final.items() if k.startswith("adamw"))
     assert final["rngd"] < best_adamw - 0.02, final
+
+
+def test_summary_without_adamw_among_the_methods():
+    """--methods without adamw trained, then crashed formatting a None ratio and wrote
+    nothing."""
+    from experiments import transformer
+
+    cfg = transformer.TransformerConfig()
+    row = {"available": True, "ms_per_step": 3.0, "ratio_to_adamw": None,
+           "train_bits": [2.0, 1.5], "val_bits": [2.1, 1.7],
+           "time_to_target": {str(t): None for t in cfg.target_bits}}
+    text = transformer.summary({"methods": {"rngd": row}}, cfg)
+    assert "rngd" in text and "3.0" in text
