@@ -829,3 +829,20 @@ def test_capture_linen_records_a_wrapping_subclass_once_with_the_layer_s_own_row
     layer = params["_ScaledDense_0"]
     np.testing.assert_allclose(rows["preacts"], rows["inputs"] @ layer["kernel"] + layer["bias"],
                                rtol=1e-6)
+
+
+def test_capture_nnx_refuses_lora_linear():
+    """Its recorded pre-activation was x W + b without the low-rank term (7.5 off here)."""
+    from flax import nnx
+
+    from rfim_jax import capture_nnx
+
+    lora = nnx.LoRALinear(6, 8, lora_rank=2, rngs=nnx.Rngs(0))
+    lora.lora.lora_b[...] = jax.random.normal(jax.random.PRNGKey(3), (2, 8))
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 6))
+    with pytest.raises(ValueError, match=r"capture_nnx: layer '<root>' is an nnx.LoRALinear.*"
+                                         r"low-rank term"):
+        capture_nnx(lora, x)
+    out, acts = capture_nnx(lora, x, skip_unsupported=True)
+    assert acts == {}
+    np.testing.assert_allclose(out, lora(x), rtol=1e-6)

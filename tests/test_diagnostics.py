@@ -184,3 +184,14 @@ def test_diagnostics_of_a_bfloat16_state_are_float32(representation):
         if jnp.issubdtype(value.dtype, jnp.floating):
             assert value.dtype == jnp.float32, key
             np.testing.assert_allclose(value, figures[None][key], rtol=2e-2, err_msg=key)
+
+
+def test_diagnostics_of_an_nnx_optimizer_state_are_plain_arrays():
+    """The counters came back as nnx.OptArray wrappers; the docstring promises jnp scalars."""
+    from flax import nnx
+
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, rfim_jax.rngd(0.1, None), wrt=nnx.Param)
+    out = rfim_jax.diagnostics(optimizer.opt_state, nnx.state(model, nnx.Param))
+    assert out and all(type(v) is type(jnp.zeros(())) for v in out.values()), {
+        k: type(v).__name__ for k, v in out.items()}

@@ -165,3 +165,17 @@ def test_missing_activations_say_what_the_activations_hold():
     with pytest.raises(ValueError, match=r"'LayerNorm_0'.*BatchNorm and GroupNorm are not "
                                          r"recorded"):
         norm.update(params, norm.init(params), activations={})
+
+
+def test_rows_with_different_leading_axes_are_refused():
+    """inputs (2, 5, d) with preacts (5, 2, m) have 10 rows each and were paired wrongly."""
+    params = {"D": {"kernel": jnp.ones((6, 8)), "bias": jnp.zeros(8)}}
+    tx = rfim_jax.scale_by_rngd({"D": "relu"})
+    state = tx.init(params)
+    bad = {"D": {"inputs": jnp.ones((2, 5, 6)), "preacts": jnp.ones((5, 2, 8))}}
+    with pytest.raises(ValueError, match=r"'D': inputs and preacts have different leading "
+                                         r"\(sample\) axes, \(2, 5\) and \(5, 2\)"):
+        tx.update(params, state, activations=bad)
+    # One side already flattened pairs row-major, as before.
+    flat = {"D": {"inputs": jnp.ones((10, 6)), "preacts": jnp.ones((5, 2, 8))}}
+    tx.update(params, state, activations=flat)

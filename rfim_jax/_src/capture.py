@@ -715,6 +715,10 @@ def _nnx_rows(module: Any, inputs: Any, out: Any, name: str):
     from flax import nnx
 
     src = "capture_nnx"
+    if isinstance(module, nnx.LoRALinear):
+        raise _unsupported(src, "an nnx.LoRALinear", name,
+                           "its output adds a low-rank term x A B to x W + b, so the "
+                           "kernel's product is not its pre-activation")
     if isinstance(module, nnx.Linear):
         return inputs, out
     if isinstance(module, nnx.LinearGeneral):

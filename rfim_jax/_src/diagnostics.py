@@ -266,4 +266,5 @@ def diagnostics(
             gn = jnp.sqrt(sum(jnp.sum(jnp.square(g[k])) for k in keys))
             un = jnp.sqrt(sum(jnp.sum(jnp.square(u[k])) for k in keys))
             out[f"{path}/step_to_grad_norm"] = un / gn
-    return out
+    # An nnx.Optimizer's state holds its counters in nnx.OptArray wrappers: plain arrays out.
+    return {k: jnp.asarray(v) for k, v in out.items()}

@@ -224,6 +224,15 @@ class DenseLayer(LayerAdapter):
                     f"{where}: inputs {x_shape} look like grouped patches (n..., groups, d_in) "
                     f"with groups={groups}, which does not divide the m={self.m} outputs."
                 )
+        # Rows pair by position once flattened: leading axes must agree, unless one side
+        # comes already flattened to (N, ...).
+        x_lead, z_lead = x.shape[:-2] if groups > 1 else x.shape[:-1], z.shape[:-1]
+        if x_lead != z_lead and len(x_lead) > 1 and len(z_lead) > 1:
+            raise ValueError(
+                f"{where}: inputs and preacts have different leading (sample) axes, "
+                f"{tuple(x_lead)} and {tuple(z_lead)} (shapes {x_shape} and {z_shape}); their "
+                f"rows would be paired wrongly. {self._expected()}."
+            )
         x = x.reshape((-1, groups, self.d_in)) if groups > 1 else rfim_lib.flatten_batch(x)
         z = rfim_lib.flatten_batch(z)
         if x.shape[0] != z.shape[0]:
