@@ -846,3 +846,39 @@ def test_capture_nnx_refuses_lora_linear():
     out, acts = capture_nnx(lora, x, skip_unsupported=True)
     assert acts == {}
     np.testing.assert_allclose(out, lora(x), rtol=1e-6)
+
+
+def test_capture_nnx_names_a_module_broadcast_into_a_lifted_transform():
+    """An RNN cell broadcast into nnx.scan (in_axes=None), or a per-example nnx.vmap, failed
+    with Flax's raw 'Incorrect number of leaves' / axis-spec errors; the model must still run
+    after the failed capture."""
+    from flax import nnx
+
+    from rfim_jax import capture_nnx
+
+    class ScanTime(nnx.Module):
+        def __init__(self, rngs):
+            self.cell = nnx.Linear(4, 4, rngs=rngs)
+
+        def __call__(self, xs):
+            def step(cell, carry, x):
+                h = jnp.tanh(cell(carry + x))
+                return h, h
+
+            scan = nnx.scan(step, in_axes=(None, nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+            return scan(self.cell, jnp.zeros(xs.shape[1:]), xs)[1]
+
+    class PerExample(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(4, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return nnx.vmap(lambda m, xi: m(xi), in_axes=(None, 0))(self.lin, x)
+
+    for model, x in ((ScanTime(nnx.Rngs(0)), jnp.ones((2, 5, 4))),
+                     (PerExample(nnx.Rngs(0)), jnp.ones((5, 4)))):
+        want = model(x)
+        with pytest.raises(ValueError, match=r"capture_nnx: the model failed after layers "
+                                             r"inside a lifted transform.*broadcast"):
+            capture_nnx(model, x)
+        np.testing.assert_allclose(model(x), want)

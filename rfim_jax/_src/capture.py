@@ -840,6 +840,21 @@ def capture_nnx(
         stack.append(on_call)
         try:
             output = fn(*args, **kwargs)
+        except Exception as err:
+            own = isinstance(err, ValueError) and str(err).startswith("capture_nnx:")
+            if not lifted[0] or own:
+                raise
+            # The rows recorded on a module inside nnx.scan/nnx.vmap change its state; a
+            # module the transform broadcasts (in_axes=None) cannot carry that out, and Flax
+            # fails with an error about leaves or axis specs that names no layer.
+            raise ValueError(
+                f"capture_nnx: the model failed after layers inside a lifted transform "
+                f"(nnx.scan, nnx.vmap) recorded their rows ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}). The usual cause is a module "
+                f"broadcast into the transform (in_axes=None: an RNN cell stepped by nnx.scan, "
+                f"a per-example nnx.vmap), which cannot carry rows out; skip_unsupported does "
+                f"not help there. " + _NNX_PLAIN_ROUTE
+            ) from err
         finally:
             stack.pop()
             found = _collect_nnx_lifted(model, recorder)
