@@ -171,3 +171,19 @@ def test_a_large_offset_does_not_silence_the_other_features():
         np.testing.assert_allclose(np.asarray(big_a), want, rtol=2e-3, atol=1e-6 * np.abs(
             want).max())
         np.testing.assert_allclose(np.asarray(a), x64.mean(0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e18, 1e-19])
+def test_whitening_extreme_scales_in_float32(scale):
+    """At 1e18 the float32 covariance overflowed and A was all NaN; at 1e-19 it went
+    subnormal and the whitened variances came out 0.8-0.9.  Reference: numpy in float64."""
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(50, 5)) @ rng.normal(size=(5, 5)) + 3.0) * scale
+    big_a, a = whitening_map(jnp.asarray(x, jnp.float32))
+    assert bool(jnp.all(jnp.isfinite(big_a)))
+    z = (x - np.asarray(a, np.float64)) @ np.asarray(big_a, np.float64).T
+    np.testing.assert_allclose(np.cov(z.T, bias=True), np.eye(5), atol=2e-3)
+    # Damped at the tiny scale: eps dominates, A ~ eps^-1/2 I.
+    if scale < 1:
+        damped, _ = whitening_map(jnp.asarray(x, jnp.float32), eps=1e-2)
+        np.testing.assert_allclose(np.asarray(damped), 10.0 * np.eye(5), rtol=1e-4, atol=1e-4)

@@ -46,7 +46,8 @@ def whitening_map(
     where ``m_k = 1`` if ``lambda_k > rtol * max_k lambda_k`` and 0 otherwise.  Directions with
     a (numerically) zero variance -- constant pixels, duplicated or linearly dependent
     features -- are *singular*: ``A`` maps them to 0 instead of dividing by ~0, so the result
-    is finite for any input.  Then ``z = A (x - a)`` (row layout: ``(x - a) @ A.T``, see
+    is finite for any finite input (the covariance is formed from ``(x - a) / max|x - a|``,
+    so data at 1e18 or 1e-19 in float32 whiten as well as data at 1).  Then ``z = A (x - a)`` (row layout: ``(x - a) @ A.T``, see
     :func:`apply_whitening`) has zero mean and covariance ``A C A^T``, which is the identity
     on the non-singular subspace and 0 on the singular one: the orthogonal projector
     ``V diag(m) V^T`` for "zca", ``diag(m)`` for "pca" (when ``eps = 0``).
@@ -98,7 +99,13 @@ def whitening_map(
     xc = x - a
     shift = jnp.mean(xc, axis=0)
     a, xc = a + shift, xc - shift
-    cov = (xc.T @ xc) / n
+    # The covariance of c^-1 (x - a), c = max |x - a|: its entries are at most 1, so neither
+    # x^T x nor eigh overflows (data at 1e18 gave NaN in float32) or goes subnormal (at
+    # 1e-19 the whitened variances came out 0.8-0.9); C = c^2 cov, eigenvalues c^2 lam.
+    c = jnp.max(jnp.abs(xc))
+    c = jnp.where((c > 0) & jnp.isfinite(c), c, 1.0)
+    xs = xc / c
+    cov = (xs.T @ xs) / n
     # Symmetrise so that eigh sees an exactly symmetric matrix regardless of matmul rounding.
     cov = 0.5 * (cov + cov.T)
     lam, v = jnp.linalg.eigh(cov)
@@ -106,12 +113,18 @@ def whitening_map(
     # What is left is each entry's own rounding, eps |x_ij|: a direction whose variance is at
     # or below that noise, projected on it (feature by feature, so that one feature's large
     # offset does not silence another), is singular; constant data map to 0.
-    noise_j = (jnp.finfo(dtype).eps * jnp.max(jnp.abs(x), axis=0)) ** 2
+    noise_j = (jnp.finfo(dtype).eps * jnp.max(jnp.abs(x), axis=0) / c) ** 2
     noise = d * (noise_j @ (v * v))
     keep = (lam > rtol * lam_max) & (lam > noise)
-    # The inner where keeps the discarded branch finite so gradients through it are too.
-    safe = jnp.where(keep, lam + eps, 1.0)
-    scale = jnp.where(keep, jax.lax.rsqrt(safe), 0.0)
+    # 1 / sqrt(c^2 lam + eps) = c^-1 / sqrt(lam + eps / c^2), unless eps / c^2 overflows
+    # (tiny data, damped), where c^2 lam is negligible next to eps.  The inner wheres keep
+    # the discarded branches finite so gradients through them are too.
+    eps = jnp.asarray(eps, dtype)
+    rel_eps = eps / c**2
+    safe = jnp.where(keep, lam + jnp.where(jnp.isfinite(rel_eps), rel_eps, 0.0), 1.0)
+    scale = jnp.where(jnp.isfinite(rel_eps), jax.lax.rsqrt(safe) / c,
+                      jax.lax.rsqrt(jnp.where(keep, c**2 * lam + eps, 1.0)))
+    scale = jnp.where(keep, scale, 0.0)
     if method == "zca":
         big_a = (v * scale) @ v.T
     else:
