@@ -47,8 +47,9 @@ def whitening_map(
     a (numerically) zero variance -- constant pixels, duplicated or linearly dependent
     features -- are *singular*: ``A`` maps them to 0 instead of dividing by ~0, so the result
     is finite for any finite input (the covariance is formed from ``(x - a) / max|x - a|``,
-    so data at 1e18 or 1e-19 in float32 whiten as well as data at 1).  Then ``z = A (x - a)`` (row layout: ``(x - a) @ A.T``, see
-    :func:`apply_whitening`) has zero mean and covariance ``A C A^T``, which is the identity
+    so data at 1e18 or 1e-19 in float32 whiten as well as data at 1).  Then
+    ``z = A (x - a)`` (row layout: ``(x - a) @ A.T``, see :func:`apply_whitening`) has zero
+    mean and covariance ``A C A^T``, which is the identity
     on the non-singular subspace and 0 on the singular one: the orthogonal projector
     ``V diag(m) V^T`` for "zca", ``diag(m)`` for "pca" (when ``eps = 0``).
 
