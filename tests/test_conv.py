@@ -767,16 +767,11 @@ def _ce(logits, y):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-def _train_linen(tx_for, seed=0):
+def _linen_step(model, tx):
+    """A jitted training step of a linen model on cross-entropy, through capture_linen."""
     import optax
 
     from rfim_jax import capture_linen
-
-    x, y = _digits_images()
-    model = _LinenCNN()
-    params = model.init(jax.random.PRNGKey(seed), jnp.asarray(x[:1]))["params"]
-    tx = tx_for({"Conv_0": "relu", "Conv_1": "relu", "Dense_0": "linear"})
-    state = tx.init(params)
 
     @jax.jit
     def step(p, s, xb, yb):
@@ -788,6 +783,18 @@ def _train_linen(tx_for, seed=0):
         u, s = tx.update(g, s, p, activations=acts)
         return optax.apply_updates(p, u), s
 
+    return step
+
+
+def _train_linen(tx_for, seed=0):
+
+
+    x, y = _digits_images()
+    model = _LinenCNN()
+    params = model.init(jax.random.PRNGKey(seed), jnp.asarray(x[:1]))["params"]
+    tx = tx_for({"Conv_0": "relu", "Conv_1": "relu", "Dense_0": "linear"})
+    state = tx.init(params)
+    step = _linen_step(model, tx)
     rng = np.random.default_rng(seed)
     for _ in range(CNN_STEPS):
         i = rng.choice(len(x), CNN_BATCH, replace=False)
@@ -848,31 +855,17 @@ def test_depthwise_linear_conv_needs_per_neuron_linear_and_then_trains():
     """layers=None gives the depthwise conv the shared 'linear' kind, which cannot hold one
     block per group: the first update names the layer and Linear(per_neuron=True), and with
     that kind the model trains (digits, 100 steps)."""
-    import optax
-
-    from rfim_jax import Linear, capture_linen, rngd, rngd_plan
+    from rfim_jax import Linear, rngd, rngd_plan
 
     x, y = _digits_images()
     model = _LinenSeparableCNN()
     params = model.init(jax.random.PRNGKey(0), jnp.asarray(x[:1]))["params"]
 
-    def make_step(tx):
-        @jax.jit
-        def step(p, s, xb, yb):
-            def loss(p):
-                logits, acts = capture_linen(model, {"params": p}, xb)
-                return _ce(logits, yb), acts
-
-            (_, acts), g = jax.value_and_grad(loss, has_aux=True)(p)
-            u, s = tx.update(g, s, p, activations=acts)
-            return optax.apply_updates(p, u), s
-        return step
-
     xb, yb = jnp.asarray(x[:32]), jnp.asarray(y[:32])
     tx = rngd(0.05, None, **CNN_RNGD)
     with pytest.raises(ValueError, match=r"'Conv_1'.*grouped convolution \(groups=8.*"
                                          r"Linear\(per_neuron=True\).*d=10"):
-        make_step(tx)(params, tx.init(params), xb, yb)
+        _linen_step(model, tx)(params, tx.init(params), xb, yb)
 
     tx = rngd(0.05, {"Conv_0": "relu", "Conv_1": Linear(per_neuron=True), "Conv_2": "relu",
                      "Dense_0": "linear"}, **CNN_RNGD)
@@ -880,7 +873,7 @@ def test_depthwise_linear_conv_needs_per_neuron_linear_and_then_trains():
     assert state[0].metrics["Conv_1"].shape == (8, 10, 10)  # one (9 + 1)^2 block per channel
     plan = rngd_plan(params, {"Conv_1": Linear(per_neuron=True)})["Conv_1"]
     assert (plan.kind, plan.state_bytes) == ("linear (per neuron)", 2 * 8 * 10 * 10 * 4)
-    step = make_step(tx)
+    step = _linen_step(model, tx)
     start = float(_ce(model.apply({"params": params}, jnp.asarray(x)), jnp.asarray(y)))
     rng = np.random.default_rng(0)
     for _ in range(100):
