@@ -292,10 +292,13 @@ def test_parser_and_json(tmp_path):
     with pytest.raises(SystemExit):
         parser.parse_args(["--quick", "--full"])
     # A quick run on the digits refuses --data-dir instead of ignoring it; counts are positive.
-    quick = parser.parse_args(["--data-dir", "/d"])
+    quick = parser.parse_args(["--data-dir", str(tmp_path)])
     with pytest.raises(SystemExit):
         common.check_data_dir(parser, quick, reads_idx=False)
     common.check_data_dir(parser, quick, reads_idx=True)
+    # A directory that does not exist is refused where it would be read.
+    with pytest.raises(SystemExit):
+        common.check_data_dir(parser, parser.parse_args(["--data-dir", "/d"]), reads_idx=True)
     with pytest.raises(SystemExit):
         common.make_parser("x", data_dir=False).parse_args(["--data-dir", "/d"])
     assert common.positive_int("3") == 3

@@ -224,21 +224,23 @@ class DenseLayer(LayerAdapter):
                     f"{where}: inputs {x_shape} look like grouped patches (n..., groups, d_in) "
                     f"with groups={groups}, which does not divide the m={self.m} outputs."
                 )
-        # Rows pair by position once flattened: leading axes must agree, unless one side
-        # comes already flattened to (N, ...).
-        x_lead, z_lead = x.shape[:-2] if groups > 1 else x.shape[:-1], z.shape[:-1]
-        if x_lead != z_lead and len(x_lead) > 1 and len(z_lead) > 1:
-            raise ValueError(
-                f"{where}: inputs and preacts have different leading (sample) axes, "
-                f"{tuple(x_lead)} and {tuple(z_lead)} (shapes {x_shape} and {z_shape}); their "
-                f"rows would be paired wrongly. {self._expected()}."
-            )
+        # Conv patches carry a group axis (n..., G, d_in), of length 1 when ungrouped.
+        x_lead = x.shape[:-2] if x.ndim == z.ndim + 1 else x.shape[:-1]
+        z_lead = z.shape[:-1]
         x = x.reshape((-1, groups, self.d_in)) if groups > 1 else rfim_lib.flatten_batch(x)
         z = rfim_lib.flatten_batch(z)
         if x.shape[0] != z.shape[0]:
             raise ValueError(
                 f"{where}: inputs have {x.shape[0]} samples but preacts have {z.shape[0]} "
                 f"(shapes {x_shape} and {z_shape}); {self._expected()}."
+            )
+        # Rows pair by position once flattened: leading axes must agree, unless one side
+        # comes already flattened to (N, ...).
+        if x_lead != z_lead and len(x_lead) > 1 and len(z_lead) > 1:
+            raise ValueError(
+                f"{where}: inputs and preacts have different leading (sample) axes, "
+                f"{tuple(x_lead)} and {tuple(z_lead)} (shapes {x_shape} and {z_shape}); their "
+                f"rows would be paired wrongly. {self._expected()}."
             )
         if x.shape[0] == 0:
             raise ValueError(
