@@ -838,7 +838,7 @@ def test_capture_nnx_refuses_lora_linear():
     from rfim_jax import capture_nnx
 
     lora = nnx.LoRALinear(6, 8, lora_rank=2, rngs=nnx.Rngs(0))
-    lora.lora.lora_b[...] = jax.random.normal(jax.random.PRNGKey(3), (2, 8))
+    lora.lora.lora_b[...] = jax.random.normal(jax.random.PRNGKey(3), (2, 8), jnp.float32)
     x = jax.random.normal(jax.random.PRNGKey(1), (4, 6))
     with pytest.raises(ValueError, match=r"capture_nnx: layer '<root>' is an nnx.LoRALinear.*"
                                          r"low-rank term"):
