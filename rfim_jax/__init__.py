@@ -20,7 +20,6 @@ from rfim_jax._src.activations import (
 )
 from rfim_jax._src.alias import rngd, scale_by_whitening
 from rfim_jax._src.capture import (
-    activation_paths,
     apply_gradients,
     capture_linen,
     capture_nnx,
@@ -47,7 +46,7 @@ from rfim_jax._src.metrics import (
     ParamLayout,
     SharedBlockMetric,
 )
-from rfim_jax._src.paths import layer_paths
+from rfim_jax._src.paths import activation_paths, layer_paths
 from rfim_jax._src.plan import LayerPlan, rngd_plan
 from rfim_jax._src.rfim import (
     layer_rfim_from_activations,

@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 from flax.training import train_state
 
+import rfim_jax
 from rfim_jax._src import capture as cap
 from rfim_jax._src import paths
 
@@ -45,7 +46,7 @@ def _paths(params):
 
 
 def _captured(acts):
-    return sorted(cap.activation_paths(acts))
+    return sorted(rfim_jax.activation_paths(acts))
 
 
 def _recording_sgd(lr, log):
@@ -74,9 +75,9 @@ def test_record_nests_like_params_with_int_keys():
     assert _captured(acts) == _paths(params) == ["head", "layers/0"]
     np.testing.assert_array_equal(paths.get_by_path(acts, "head")["preacts"], np.zeros((5, 3)))
     fresh = cap.record(None, "a/b", jnp.ones((1, 2)), jnp.ones((1, 3)))
-    assert fresh["a"]["b"]["inputs"].shape == (1, 2) and cap.activation_paths(fresh) == ["a/b"]
+    assert fresh["a"]["b"]["inputs"].shape == (1, 2) and rfim_jax.activation_paths(fresh) == ["a/b"]
     root = cap.record({}, "", jnp.ones((1, 2)), jnp.ones((1, 3)))
-    assert set(root) == {"inputs", "preacts"} and cap.activation_paths(root) == [""]
+    assert set(root) == {"inputs", "preacts"} and rfim_jax.activation_paths(root) == [""]
 
 
 def test_paths_on_nnx_state():

@@ -62,7 +62,6 @@ from flax.core import tracers
 from rfim_jax._src import paths as paths_lib
 from rfim_jax._src.layers import conv as conv_lib
 from rfim_jax._src.layers.embed import ATTEND_INPUTS, ATTEND_PREACTS
-from rfim_jax._src.paths import activation_paths  # noqa: F401 - public, re-exported
 
 LayerActivations = dict[str, jax.Array]
 

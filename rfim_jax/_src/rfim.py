@@ -188,10 +188,27 @@ def layer_rfim_from_activations(
         ``"eigen"`` or ``"softmax"``, rows that are not ``(n, d)`` / ``(n, G, d)`` and
         ``(n, m)`` with the same n, or an empty batch (the shapes named).
     """
-    check_representation(representation, where="layer_rfim_from_activations")
-    kind = resolve_kind(kind)
     if has_bias:
         _check_augmented(x_aug)
+    return rows_rfim(x_aug, z, kind, has_bias=has_bias, representation=representation,
+                     basis=basis, layout=layout)
+
+
+def rows_rfim(
+    x_aug: jax.Array,
+    z: jax.Array,
+    kind,
+    *,
+    has_bias: bool = True,
+    representation: str = "exact",
+    basis: jax.Array | None = None,
+    layout: metrics.ParamLayout | None = None,
+) -> metrics.Metric:
+    """:func:`layer_rfim_from_activations` for rows the library built augmented itself (the
+    optimiser, the constructors, the conv and norm adapters): no check of the bias column,
+    which would cost a device-to-host copy per call outside jit."""
+    check_representation(representation, where="layer_rfim_from_activations")
+    kind = resolve_kind(kind)
     x_aug, z = _check_rows(x_aug, z)
     d, m = x_aug.shape[-1], z.shape[-1]
     if basis is not None:
@@ -303,7 +320,7 @@ def linear_rfim(
       ValueError: for mismatched shapes, an empty batch or an unknown representation.
     """
     x_aug, z, has_bias = _inputs(params, x, "linear_rfim")
-    return layer_rfim_from_activations(
+    return rows_rfim(
         x_aug, z, act_lib.Linear(sigma=sigma), has_bias=has_bias, representation=representation
     )
 
@@ -345,7 +362,7 @@ def nonlinear_rfim(
         return metrics.BlockDiagonalMetric(
             stats.second_moment(x_aug, activation.nu(z)), has_bias=has_bias
         )
-    return layer_rfim_from_activations(
+    return rows_rfim(
         x_aug, z, activation, has_bias=has_bias, representation=representation, basis=basis
     )
 
@@ -371,7 +388,7 @@ def softmax_rfim(params: Params, x: jax.Array, *, representation: str = "exact")
       ValueError: for mismatched shapes or an unknown representation.
     """
     x_aug, z, has_bias = _inputs(params, x, "softmax_rfim")
-    return layer_rfim_from_activations(
+    return rows_rfim(
         x_aug, z, "softmax", has_bias=has_bias, representation=representation
     )
 

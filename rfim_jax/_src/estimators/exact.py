@@ -51,7 +51,7 @@ class ExactEstimator(Estimator):
                                                layout=layer.layout)
 
     def update(self, layer, stats, factors, x_aug, z, damping, rate, axis_name=None):
-        metric = rfim_lib.layer_rfim_from_activations(
+        metric = rfim_lib.rows_rfim(
             x_aug, z, layer.kind, has_bias=layer.has_bias
         )
         fresh = solvers.add_damping(metric.stored_blocks(), damping, relative=True)

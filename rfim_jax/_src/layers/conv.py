@@ -452,13 +452,13 @@ def conv_rfim(
     static = {"has_bias": has_bias, "layout": layout}
     if groups == 1:
         x_aug = patches.reshape(-1, d)
-        return rfim_lib.layer_rfim_from_activations(
+        return rfim_lib.rows_rfim(
             x_aug, x_aug @ cols, kind, representation=representation, **static
         )
     _check_grouped(kind, groups=groups, d=d, per_group=m // groups,
                    representation=representation, where=where)
     x_aug = patches.reshape(-1, groups, d)
     z = jnp.einsum("ngi,igk->ngk", x_aug, cols.reshape(d, groups, m // groups)).reshape(-1, m)
-    return rfim_lib.layer_rfim_from_activations(
+    return rfim_lib.rows_rfim(
         x_aug, z, kind, representation=representation, **static
     )

@@ -137,7 +137,7 @@ def scale_shift_rfim(
     dtype = rfim_lib.stats_dtype(u, scale)
     u = u.astype(dtype)
     z = u * scale.astype(dtype) + (0 if bias is None else bias.astype(dtype))
-    return rfim_lib.layer_rfim_from_activations(
+    return rfim_lib.rows_rfim(
         _rows(u, bias is not None), z, act_lib.Linear(sigma), representation=representation,
         has_bias=bias is not None, layout=_layout(features, bias is not None),
     )
