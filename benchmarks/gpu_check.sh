@@ -1,33 +1,41 @@
 #!/usr/bin/env bash
 # One command for a person with a GPU: the speed table, an op-level profile, the solver table and
-# the test suite on that accelerator, in at most 8 minutes (the limits below sum to 480 s), each
-# part with its own time limit so that one slow part cannot hide the others. Every benchmark streams its rows and writes partial JSON, so a part
-# cut off by its limit still reports what it measured.
+# the test suite on that accelerator, in at most 8 minutes (the limits below sum to 455 s), each
+# part with its own time limit so that one slow part cannot hide the others.  Every benchmark
+# streams its rows and writes partial JSON, so a part cut off by its limit still reports what it
+# measured; the tests print one line per test as it finishes, for the same reason.
 #
 #     bash benchmarks/gpu_check.sh [OUT_DIR]          # default results/gpu_check
 #
-# Needs the test extra (pip install -e ".[test]"); the peers are optional ([peers]).
+# Needs the test extra (pip install -e ".[test]"); the peers are optional ([peers]).  PYTHON
+# names the interpreter (default: python, else python3).  With pytest-xdist installed the
+# tests run on up to 12 workers, each taking GPU memory as it needs it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-results/gpu_check}"
+py="${PYTHON:-$(command -v python || command -v python3)}"
 mkdir -p "$out"
-python -c "import jax; print('backend:', jax.default_backend(), jax.devices())" | tee "$out/device.txt"
+"$py" -c "import jax; print('backend:', jax.default_backend(), jax.devices(), 'jax', jax.__version__)" \
+  | tee "$out/device.txt"
 
 echo "== speed (paper MLP, quick; every method side by side) =="
-timeout 150 python -m benchmarks.speed --quick --workloads paper --no-progress --out "$out" \
+timeout 150 "$py" -m benchmarks.speed --quick --workloads paper --no-progress --out "$out" \
   2>&1 | tee "$out/speed.txt"
 
-echo "== profile (per-op time of rngd and the fast configurations) =="
-timeout 60 python -m benchmarks.profile --chunks 2 --top 12 --out "$out" \
-  2>&1 | tee "$out/profile.txt"
+echo "== profile (per-op device time of rngd and the fast configurations) =="
+timeout 60 "$py" -m benchmarks.profile --chunks 2 --top 12 --out "$out" \
+  --keep "$out/traces" 2>&1 | tee "$out/profile.txt"
 
 echo "== block solvers =="
-timeout 45 python -m benchmarks.solvers --shapes 64x65,1x785,512x513,1x2049 --repeats 5 \
+timeout 45 "$py" -m benchmarks.solvers --shapes 64x65,1x785,512x513,1x2049 --repeats 5 \
   --rounds 3 --out "$out" 2>&1 | tee "$out/solvers.txt"
 
-echo "== conv statistics memory =="
-timeout 30 python -m benchmarks.conv_memory --out "$out" 2>&1 | tee "$out/conv_memory.txt"
-
 echo "== test suite =="
-timeout 195 python -m pytest -q -x -p no:cacheprovider 2>&1 | tail -30 | tee "$out/tests.txt"
+workers=()
+if "$py" -c "import xdist" 2>/dev/null; then
+  n=$(( $(nproc) < 12 ? $(nproc) : 12 ))
+  workers=(-n "$n")
+fi
+XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 200 "$py" -m pytest -rfE -p no:cacheprovider \
+  "${workers[@]}" -o console_output_style=classic -v 2>&1 | tee "$out/tests.txt" | tail -40
 echo "wrote $out/"

@@ -106,6 +106,7 @@ class Method:
       output_kind: RNGD: the RFIM kind of the output layer ("linear" as in the paper's runs).
       weight_decay: decoupled weight decay (AdamW, Muon, PSGD; RNGD: added after the
         preconditioning, before the momentum).
+      solver: RNGD: the block solver of the refreshes (:func:`rfim_jax.rngd`'s ``solver``).
     """
 
     name: str
@@ -120,6 +121,7 @@ class Method:
     representation: str = "auto"
     output_kind: str = "linear"
     weight_decay: float = 0.0
+    solver: str = "auto"
 
     def describe(self) -> str:
         """A one-line description of the configuration, for tables and JSON."""
@@ -138,6 +140,8 @@ class Method:
             extra += f"output kind {self.output_kind!r}, "
         if self.weight_decay:
             extra += f"weight decay {self.weight_decay:g} after the preconditioning, "
+        if self.solver != "auto":
+            extra += f"solver={self.solver!r}, "
         return (f"rfim_jax.rngd(lr={self.learning_rate:g}, momentum={self.momentum:g}, "
                 f"{extra}update_every={self.update_every}, T={self.inverse_every}, "
                 f"decay={self.decay:g}, damping={self.damping:g})")
@@ -178,7 +182,7 @@ def make_optimizer(method: Method, sizes: Sequence[int]) -> optax.GradientTransf
     if method.family == "rngd":
         kw = dict(decay=method.decay, inverse_every=method.inverse_every,
                   damping=method.damping, update_every=method.update_every,
-                  representation=method.representation)
+                  representation=method.representation, solver=method.solver)
         kinds = rngd_layer_kinds(sizes, method.whiten, method.output_kind)
         if not method.weight_decay:
             return rfim_jax.rngd(method.learning_rate, kinds, momentum=method.momentum or None,

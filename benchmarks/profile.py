@@ -54,6 +54,17 @@ def _hlo_ops(text: str) -> dict[str, str]:
     return out
 
 
+def _device_pids(events) -> set | None:
+    """The trace's accelerator processes (``/device:GPU:0``...), None on a CPU-only trace.
+
+    On an accelerator the host threads also record the launches and the runtime's waits;
+    counting them with the kernels would count the step twice, so only device time is kept.
+    """
+    pids = {e.get("pid") for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+            and str(e.get("args", {}).get("name", "")).startswith("/device:")}
+    return pids or None
+
+
 def profile_method(method: harness.Method, *, chunks: int = 3, seed: int = 0,
                    keep: str | None = None) -> dict:
     """Per-op microseconds per step of ``method``'s compiled chunk on the paper MLP."""
@@ -79,17 +90,41 @@ def profile_method(method: harness.Method, *, chunks: int = 3, seed: int = 0,
     events = json.load(gzip.open(trace))
     events = events["traceEvents"] if isinstance(events, dict) else events
     total, count = collections.Counter(), collections.Counter()
-    for e in events:
-        if e.get("ph") == "X" and not _RUNTIME.search(e["name"]):
-            total[e["name"]] += e.get("dur", 0.0)
-            count[e["name"]] += 1
+    pids = _device_pids(events)
+    kept = [e for e in events if e.get("ph") == "X" and not _RUNTIME.search(e["name"])
+            and (pids is None or e.get("pid") in pids)]
+    for e in kept:
+        total[e["name"]] += e.get("dur", 0.0)
+        count[e["name"]] += 1
     steps = chunks * harness.CHUNK
     ops = _hlo_ops(hlo)
     rows = [{"op": name, "us_per_step": t / steps, "runs_per_step": count[name] / steps,
              "hlo": ops.get(name, "")} for name, t in total.most_common()]
-    return {"method": method.name, "describe": method.describe(),
-            "conditionals": len(re.findall(r"\bconditional\(", hlo)),
-            "ops_us_per_step": sum(r["us_per_step"] for r in rows), "ops": rows}
+    out = {"method": method.name, "describe": method.describe(),
+           "conditionals": len(re.findall(r"\bconditional\(", hlo)),
+           "ops_us_per_step": sum(r["us_per_step"] for r in rows), "ops": rows}
+    if pids is not None:
+        out["device"] = device_timeline(kept, steps)
+    return out
+
+
+def device_timeline(kernels: Sequence[dict], steps: int) -> dict:
+    """Per step on an accelerator: kernels (and copies) run, their busy time, the span from
+    the first one's start to the last one's end, and the device-to-host copies among them.
+
+    A small model's GPU step is bound by launches (a kernel costs 1.5-2 us however small) and
+    by host round trips: a ``lax.cond`` outside a CUDA graph reads its predicate back
+    (``MemcpyD2H``) and the stream waits for it.  ``span - busy`` is the device's idle time.
+    """
+    if not kernels:
+        return {}
+    start = min(e["ts"] for e in kernels)
+    end = max(e["ts"] + e.get("dur", 0.0) for e in kernels)
+    reads = sum(1 for e in kernels if e.get("name") == "MemcpyD2H")
+    return {"kernels_per_step": len(kernels) / steps,
+            "busy_us_per_step": sum(e.get("dur", 0.0) for e in kernels) / steps,
+            "span_us_per_step": (end - start) / steps,
+            "host_reads_per_step": reads / steps}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -116,6 +151,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         results["methods"][name] = r
         print(f"\n{name}: {r['describe']}\n  {r['ops_us_per_step']:.0f} us/step in ops, "
               f"{r['conditionals']} conditionals in the compiled chunk")
+        if r.get("device"):
+            d = r["device"]
+            print(f"  device: {d['kernels_per_step']:.1f} kernels/step, busy "
+                  f"{d['busy_us_per_step']:.1f} us of a {d['span_us_per_step']:.1f} us span, "
+                  f"{d['host_reads_per_step']:.2f} host reads/step")
         for row in r["ops"][:args.top]:
             print(f"  {row['us_per_step']:8.1f} us/step  x{row['runs_per_step']:<5.2f} "
                   f"{row['op'][:28]:28s} {row['hlo'][:110]}")

@@ -14,8 +14,8 @@ process with a timeout and is reported as ``hang`` if it does not finish.
 
 Usage::
 
-    python benchmarks/solvers.py                       # table + results/solvers.json
-    python benchmarks/solvers.py --shapes 16x17,1x100 --repeats 5 --rounds 1
+    python -m benchmarks.solvers                       # table + results/solvers.json
+    python -m benchmarks.solvers --shapes 16x17,1x100 --repeats 5 --rounds 1 --out DIR
 """
 
 from __future__ import annotations
@@ -174,7 +174,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--child-timeout", type=float, default=120.0,
                     help="seconds before the batched-LAPACK child counts as a hang")
-    ap.add_argument("--out", default="results/solvers.json")
+    ap.add_argument("--out", default="results",
+                    help="folder of solvers.json, like the other benchmarks ('' writes nothing)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.dtype == "float64":
@@ -206,7 +207,8 @@ def main() -> None:
         "complete": False,
         "results": rows,
     }
-    write_partial(args.out, result)
+    path = os.path.join(args.out, "solvers.json") if args.out else ""
+    write_partial(path, result)
     for m, d in shapes:
         for method in methods:
             if method == "lapack" and backend == "cpu":
@@ -219,7 +221,7 @@ def main() -> None:
             for r in new_rows:
                 rows.append(r)
                 print_row(r, m, d)
-                write_partial(args.out, result)  # a run cut off still reports these rows
+                write_partial(path, result)  # a run cut off still reports these rows
 
     # Table: methods x shapes.
     names = list(dict.fromkeys(r["method"] for r in rows))
@@ -243,9 +245,9 @@ def main() -> None:
 
     result["env"]["loadavg_end"] = os.getloadavg()
     result["complete"] = True
-    if args.out:
-        write_partial(args.out, result)
-        print(f"\nwrote {args.out}")
+    if path:
+        write_partial(path, result)
+        print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

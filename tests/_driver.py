@@ -66,7 +66,10 @@ def mlp_loss(params, x, y):
     h = jax.nn.relu(z1)
     z2 = dense(params["out"], h)
     acts["out"] = {"inputs": h, "preacts": z2}
-    loss = optax.softmax_cross_entropy_with_integer_labels(z2, y).mean()
+    # One-hot rather than optax's integer-label gather: on jax >= 0.11 the gather's transpose
+    # (a scatter into the batch-sharded logits) needs an explicit out_sharding under explicit
+    # sharding; the loss is the same.
+    loss = optax.softmax_cross_entropy(z2, jax.nn.one_hot(y, z2.shape[-1], dtype=z2.dtype)).mean()
     return loss, acts
 
 

@@ -181,8 +181,7 @@ def test_muon_kernel_dimension_numbers_view_attention_projections_as_matrices():
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # kfac-jax's own jax.core use
-def test_kfac_jax_trains(toy_data):
-    pytest.importorskip("kfac_jax", reason="kfac-jax is not installed (pip install kfac-jax)")
+def test_kfac_jax_trains(toy_data, kfac_jax_runs):
     avail = peers.availability("kfac_jax")
     assert avail.available, avail.reason
     # kfac-jax 0.0.8 builds float64 factors under jax_enable_x64 (which the suite turns on)
@@ -192,8 +191,7 @@ def test_kfac_jax_trains(toy_data):
                                    inverse_every=2), toy_data)
 
 
-def test_kfac_jax_shim_accepts_both_bind_param_forms():
-    pytest.importorskip("kfac_jax", reason="kfac-jax is not installed (pip install kfac-jax)")
+def test_kfac_jax_shim_accepts_both_bind_param_forms(kfac_jax_runs):
     kfac_jax_peer.load()
     from kfac_jax._src import tag_graph_matcher as tgm
 
@@ -222,6 +220,9 @@ def test_kfac_jax_shim_accepts_both_bind_param_forms():
 
 def test_missing_peer_is_reported_with_reason(monkeypatch, toy_data):
     monkeypatch.setitem(sys.modules, "kfac_jax", None)
+    # the import's own error, whatever jax is installed (on jax >= 0.11 the known
+    # incompatibility would be reported first: test_benchmarks tests that)
+    monkeypatch.setattr(kfac_jax_peer, "incompatibility", lambda: None)
     avail = peers.availability("kfac_jax")
     assert not avail.available and "kfac_jax" in avail.reason
     methods = [speed.Method("adam", "adam", 1e-2, momentum=0.0),

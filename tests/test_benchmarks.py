@@ -7,6 +7,7 @@ the scripts do not rot.
 """
 
 import importlib.util
+import json
 import sys
 
 import jax
@@ -14,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import scaling, speed, wide
+from benchmarks import peers, scaling, speed, wide
+from benchmarks.peers import kfac_jax as kfac_jax_peer
 from experiments import models as mlp
 
 SIZES = (12, 6, 5, 3)
@@ -231,6 +233,8 @@ def _fake_kfac_jax(fail_with=None):
 
 def test_kfac_jax_run_reports_instead_of_raising(monkeypatch):
     data = _toy_data()
+    # the fakes below stand for kfac-jax whatever jax is installed
+    monkeypatch.setattr(kfac_jax_peer, "incompatibility", lambda: None)
     # not installed (or an import that fails): reported with the import error
     monkeypatch.setitem(sys.modules, "kfac_jax", None)
     res = speed.kfac_jax_run(data, sizes=SIZES, steps=3, batch=10)
@@ -266,10 +270,32 @@ def test_kfac_jax_with_what_is_installed():
     if importlib.util.find_spec("kfac_jax") is None:
         assert res == {"available": False, "error": "import kfac_jax: ModuleNotFoundError: "
                                                     "No module named 'kfac_jax'"}
+    elif kfac_jax_peer.incompatibility() is not None:  # kfac-jax 0.0.8 on jax >= 0.11
+        assert res == {"available": False,
+                       "error": f"import kfac_jax: ImportError: "
+                                f"{kfac_jax_peer.incompatibility()}"}
     elif res["available"]:
         assert len(res["loss"]) == 8 and np.all(np.isfinite(res["loss"]))
     else:
         assert res["error"].startswith("kfac_jax run: ")
+
+
+def test_kfac_jax_incompatibility_names_both_versions(monkeypatch):
+    import jax.extend.core as jex_core
+
+    # jax >= 0.11 merged ClosedJaxpr into Jaxpr; kfac-jax <= 0.0.8 cannot run there
+    monkeypatch.setattr(jex_core, "ClosedJaxpr", jex_core.Jaxpr)
+    for version, expected in (("0.0.8", True), ("0.0.7", True), ("0.0.9", False),
+                              ("0.1.0", False)):
+        monkeypatch.setattr(peers, "distribution_version", lambda name, v=version: v)
+        reason = kfac_jax_peer.incompatibility()
+        assert (reason is not None) == expected, (version, reason)
+        if expected:
+            assert f"kfac-jax {version}" in reason and f"jax {jax.__version__}" in reason
+            avail = peers.availability("kfac_jax")
+            assert not avail.available and avail.reason.endswith(reason), avail
+    monkeypatch.setattr(peers, "distribution_version", lambda name: None)
+    assert kfac_jax_peer.incompatibility() is None  # not installed: the import says so
 
 
 def test_scaling_measure_smoke():
@@ -374,6 +400,44 @@ def test_profile_lists_ops_and_one_cond_per_phase(tmp_path):
     assert r["ops"] and all(row["us_per_step"] >= 0 for row in r["ops"])
     assert any("dot" in row["op"] or "fusion" in row["op"] for row in r["ops"])
     assert (tmp_path / "profile.json").exists()
+
+
+def test_profile_device_timeline_counts_kernels_busy_span_and_host_reads():
+    """The accelerator summary of a trace: only the device's events count, not the host's."""
+    from benchmarks import profile
+
+    meta = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "pid": 7, "name": "process_name", "args": {"name": "/host:CPU"}}]
+    # two steps: kernels at 0-2 and 10-13 us, a predicate read at 3-4, a host event ignored
+    kernels = [{"ph": "X", "pid": 1, "name": "fusion_1", "ts": 0.0, "dur": 2.0},
+               {"ph": "X", "pid": 1, "name": "MemcpyD2H", "ts": 3.0, "dur": 1.0},
+               {"ph": "X", "pid": 1, "name": "fusion_1", "ts": 10.0, "dur": 3.0}]
+    host = [{"ph": "X", "pid": 7, "name": "MemcpyD2H", "ts": 3.0, "dur": 50.0}]
+    events = meta + kernels + host
+    assert profile._device_pids(events) == {1}
+    assert profile._device_pids(meta[1:] + host) is None  # a CPU-only trace
+    assert profile.device_timeline(kernels, 2) == {
+        "kernels_per_step": 1.5, "busy_us_per_step": 3.0, "span_us_per_step": 6.5,
+        "host_reads_per_step": 0.5}
+    assert profile.device_timeline([], 2) == {}
+
+
+def test_step_time_runs_solver_variants_and_refuses_bad_names(tmp_path):
+    from benchmarks import step_time
+
+    out = step_time.main(["--methods", "rngd_white_k10@gauss_jordan", "--reps", "1",
+                          "--out", str(tmp_path)])
+    assert list(out["methods"]) == ["adam", "rngd_white_k10@gauss_jordan"]  # adam added
+    row = out["methods"]["rngd_white_k10@gauss_jordan"]
+    assert "solver='gauss_jordan'" in row["describe"] and row["ms_per_step"] > 0
+    assert out["methods"]["adam"]["x_adam"] == 1.0
+    assert json.loads((tmp_path / "step_time.json").read_text())["methods"].keys() == \
+        out["methods"].keys()
+    known = {m.name: m for m in speed.default_methods()}
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        step_time.parse_methods("adam,nope", known)
+    with pytest.raises(ValueError, match="'adam@cholesky': a solver applies to RNGD"):
+        step_time.parse_methods("adam@cholesky", known)
 
 
 def test_rngd_weight_decay_is_added_after_the_preconditioning():

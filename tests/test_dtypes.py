@@ -49,3 +49,29 @@ def test_narrower_than_float32():
     assert dtypes.narrower_than_float32(jnp.float16)
     assert not dtypes.narrower_than_float32(jnp.float32)
     assert not dtypes.narrower_than_float32(jnp.int32)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("up", [True, False])
+def test_adjacent_is_the_next_value_for_every_finite_bit_pattern(dtype, up):
+    """The neighbours come from the bit pattern, not ``nextafter`` (with which stochastic
+    rounding behaved as rounding to nearest on a GPU; see dtypes.adjacent).  Checked against
+    every finite value of the dtype, sorted."""
+    v = np.arange(2**16, dtype=np.uint16).view(jnp.dtype(dtype))
+    v = v[np.isfinite(v.astype(np.float32))]
+    got = np.asarray(dtypes.adjacent(jnp.asarray(v), up=up)).astype(np.float64)
+    # Independently: the sorted distinct values (+0 and -0 are one), inf beyond the range.
+    values = np.concatenate([[-np.inf], np.unique(v.astype(np.float64)), [np.inf]])
+    vf = v.astype(np.float64)
+    want = (values[np.searchsorted(values, vf, side="right")] if up
+            else values[np.searchsorted(values, vf, side="left") - 1])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_adjacent_float32_matches_numpy_nextafter():
+    rng = np.random.default_rng(0)
+    v = (rng.standard_normal(4000) * 10.0 ** rng.integers(-44, 38, 4000)).astype(np.float32)
+    v = np.concatenate([v, np.float32([0.0, -0.0, 1e-45, -1e-45, 1.0, -1.0])])
+    for up, target in ((True, np.inf), (False, -np.inf)):
+        np.testing.assert_array_equal(np.asarray(dtypes.adjacent(jnp.asarray(v), up=up)),
+                                      np.nextafter(v, np.float32(target)))

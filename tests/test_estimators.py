@@ -80,7 +80,8 @@ assert int(state.count) == 1000, int(state.count)
 fallbacks = sum(int(f) for f in jax.tree.leaves(state.fallbacks))
 u = state.inverses["a"]["U"]
 err = float(jnp.max(jnp.abs(u.T @ u - jnp.eye(u.shape[0]))))
-assert err < 1e-4, err
+# float32 eigh: 1e-6 on the CPU's LAPACK; cuSOLVER's measured 3e-4 on an H200.
+assert err < (1e-4 if jax.default_backend() == "cpu" else 1e-3), err
 print("SOAK-OK", fallbacks, err)
 """
 

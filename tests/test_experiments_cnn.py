@@ -46,11 +46,10 @@ def test_cnn_reports_a_missing_peer_with_the_reason(monkeypatch, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # kfac-jax's own jax.core use
-def test_cnn_runs_kfac_jax_when_it_is_installed(tmp_path):
+def test_cnn_runs_kfac_jax_when_it_is_installed(tmp_path, kfac_jax_runs):
     # An installed peer that runs must be run: a fault on our side once turned every
     # kfac-jax run into "unavailable" (its step count became an array, see
     # tests/test_experiments_common.py).
-    pytest.importorskip("kfac_jax", reason="kfac-jax is not installed (pip install kfac-jax)")
     cfg = cnn.CNNConfig(steps=2, eval_every=2, batch_size=8, timing_rounds=1, timing_steps=1,
                         channels=(2, 2), progress=False, out=str(tmp_path),
                         methods=("adam", "kfac"))

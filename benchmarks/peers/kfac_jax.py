@@ -16,6 +16,9 @@ with one that accepts both forms (the module attribute, which kfac-jax's tracer 
 call time).  ``num_burnin_steps`` is 0: with ``batch=`` instead of a data iterator, the
 default burn-in raises.
 
+On jax >= 0.11 kfac-jax 0.0.8 cannot run (:func:`incompatibility` says why), and the benchmark
+reports it unavailable with that reason.
+
 **Timing.**  kfac-jax's ``step`` decides, in Python, which compiled variant to run (curvature
 and damping updates are static arguments), so it cannot be ``lax.scan``ned like the optax
 methods: :class:`KFACJaxTrainer` calls it once per step, a Python loop over its own jitted
@@ -33,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import harness
+from benchmarks import harness, peers
 from experiments import models as mlp
 
 FAMILY = "kfac_jax"
@@ -79,12 +82,45 @@ def _patch_eval_jaxpr_eqn() -> bool:
     return True
 
 
+#: the last kfac-jax release this benchmark knows; it runs on jax <= 0.10 only.
+KNOWN_VERSION = (0, 0, 8)
+
+
+def incompatibility() -> str | None:
+    """Why the installed kfac-jax cannot run on this jax, None when nothing known stops it.
+
+    jax 0.11 removed ``jax.core.Effects`` (and the other ``jax.core`` names deprecated in
+    0.10), which kfac-jax 0.0.8 reads in a class body, and merged ``ClosedJaxpr`` into
+    ``Jaxpr``: kfac-jax's graph matcher builds ``ClosedJaxpr(jaxpr=..., consts=...)``, which
+    that jax rejects.  Putting the names back lets it import but not take a step, so no shim
+    is attempted; a kfac-jax release newer than :data:`KNOWN_VERSION` is assumed to cope.
+    """
+    import jax.extend.core as jex_core
+
+    version = peers.distribution_version(DISTRIBUTION)
+    if version is None or getattr(jex_core, "ClosedJaxpr", None) is not jex_core.Jaxpr:
+        return None
+    try:
+        release = tuple(int(p) for p in version.split(".")[:3])
+    except ValueError:
+        return None
+    if release > KNOWN_VERSION:
+        return None
+    return (f"kfac-jax {version} does not run on jax {jax.__version__}: jax 0.11 removed "
+            f"jax.core.Effects and merged ClosedJaxpr into Jaxpr, both of which kfac-jax's "
+            f"graph matcher uses (it runs on jax <= 0.10)")
+
+
 def load():
     """Imports kfac-jax, applies the shim, and returns the module.
 
     Raises:
-      ImportError: when kfac-jax (or a dependency) is not installed or does not import.
+      ImportError: when kfac-jax (or a dependency) is not installed or does not import, or
+        cannot run on this jax (:func:`incompatibility`).
     """
+    reason = incompatibility()
+    if reason is not None:
+        raise ImportError(reason)
     kfac_jax = importlib.import_module("kfac_jax")
     _patch_eval_jaxpr_eqn()
     return kfac_jax
