@@ -11,7 +11,7 @@ jax.config.update("jax_enable_x64", True)
 # On GPUs (TF32) and TPUs (bfloat16 passes) JAX's default float32 matmul precision is lower
 # than float32; the float32 tests compare with float64 definitions at float32 tolerances, so
 # the suite asks for full precision.  The library itself follows the user's setting (README,
-# "Performance on a GPU"); on the CPU this changes nothing.
+# "On a GPU"); on the CPU this changes nothing.
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
