@@ -9,7 +9,8 @@
 #
 # Needs the test extra (pip install -e ".[test]"); the peers are optional ([peers]).  PYTHON
 # names the interpreter (default: python, else python3).  With pytest-xdist installed the
-# tests run on up to 12 workers, each taking GPU memory as it needs it.
+# tests run on up to 12 workers, each taking GPU memory as it needs it; the files whose
+# expectations depend on the backend run first, so a cut-off run still checks them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-results/gpu_check}"
@@ -30,12 +31,22 @@ echo "== block solvers =="
 timeout 45 "$py" -m benchmarks.solvers --shapes 64x65,1x785,512x513,1x2049 --repeats 5 \
   --rounds 3 --out "$out" 2>&1 | tee "$out/solvers.txt"
 
-echo "== test suite =="
+echo "== test suite: the backend-sensitive files first, then the rest =="
 workers=()
 if "$py" -c "import xdist" 2>/dev/null; then
   n=$(( $(nproc) < 12 ? $(nproc) : 12 ))
   workers=(-n "$n")
 fi
-XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 200 "$py" -m pytest -rfE -p no:cacheprovider \
-  "${workers[@]}" -o console_output_style=classic -v 2>&1 | tee "$out/tests.txt" | tail -40
+# What depends on the backend: precision and rounding (dtypes, transform), the solvers and
+# eigh (solvers, estimators), sharding, the fresh-process checkpoint (ecosystem).
+first=(tests/test_dtypes.py tests/test_transform.py tests/test_solvers.py
+       tests/test_estimators.py tests/test_sharding.py tests/test_ecosystem.py)
+rest=()
+for f in "${first[@]}"; do rest+=(--ignore="$f"); done
+XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 80 "$py" -m pytest -rfE -p no:cacheprovider \
+  "${workers[@]}" -o console_output_style=classic -v "${first[@]}" 2>&1 \
+  | tee "$out/tests_backend.txt" | tail -25
+XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 120 "$py" -m pytest -rfE -p no:cacheprovider \
+  "${workers[@]}" -o console_output_style=classic -v "${rest[@]}" 2>&1 \
+  | tee "$out/tests.txt" | tail -25
 echo "wrote $out/"
