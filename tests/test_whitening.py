@@ -135,6 +135,21 @@ def test_errors():
         apply_whitening(jnp.ones((5, 3)), jnp.eye(2), jnp.zeros(2))
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_samples_are_refused_by_name(bad):
+    """One NaN or inf made the whole map NaN without a word."""
+    x = np.random.default_rng(0).normal(size=(2, 6, 3)).astype(np.float32)
+    x[1, 2, 1] = bad  # leading axes flatten: sample 1 * 6 + 2 = 8
+    x[1, 4, 0] = bad
+    with pytest.raises(ValueError, match=r"whitening_map: x \(samples x features \(12, 3\)\) "
+                                         r"has 2 non-finite entries \(NaN or inf\), the first "
+                                         r"at sample 8, feature 1"):
+        whitening_map(jnp.asarray(x))
+    # under jit it cannot raise: documented, the map is non-finite
+    big_a, _ = jax.jit(whitening_map)(jnp.asarray(x))
+    assert not np.all(np.isfinite(np.asarray(big_a)))
+
+
 @pytest.mark.parametrize("shape", [(96, 8), (97, 8), (3, 40, 8), (8,)])
 def test_apply_whitening_in_row_chunks_matches_numpy(shape, monkeypatch):
     """The chunked path (lax.map over row chunks; a remainder when the row count has no

@@ -21,11 +21,27 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rfim_jax._src import dtypes as dtypes_lib
 from rfim_jax._src import rfim as rfim_lib
 
 WhiteningMethod = Literal["zca", "pca"]
+
+
+def _check_finite(x: jax.Array) -> None:
+    """Raises for concrete samples holding NaN or inf: one of them makes the mean, the
+    covariance and so all of ``A`` NaN.  Traced samples (under ``jit``) cannot be checked."""
+    # One scalar read on the device; the data come to the host only to say where.
+    if isinstance(x, jax.core.Tracer) or bool(jnp.all(jnp.isfinite(x))):
+        return
+    bad = ~np.isfinite(np.asarray(x))
+    if bad.any():
+        i, j = np.argwhere(bad)[0]
+        raise ValueError(
+            f"whitening_map: x (samples x features {tuple(x.shape)}) has {int(bad.sum())} "
+            f"non-finite entries (NaN or inf), the first at sample {i}, feature {j}; the map "
+            f"would be all NaN. Drop or impute those samples first.")
 
 
 def whitening_map(
@@ -78,6 +94,11 @@ def whitening_map(
 
     This calls a single (d, d) ``eigh``; it is meant to run once per data set, and it is
     jit-compatible (``method`` is static).
+
+    Raises:
+      ValueError: for an unknown ``method``, a negative ``eps`` or ``rtol``, no samples, or
+        (outside ``jit``) samples holding NaN or inf, naming how many and the first's place.
+        Under ``jit`` non-finite samples give a non-finite ``A``.
     """
     if method not in ("zca", "pca"):
         raise ValueError(f"whitening_map: method must be 'zca' or 'pca', got {method!r}.")
@@ -89,6 +110,7 @@ def whitening_map(
     n, d = x.shape
     if n == 0:
         raise ValueError(f"whitening_map: x has no samples (shape {tuple(x.shape)}).")
+    _check_finite(x)
     dtype = rfim_lib.stats_dtype(x)
     x = x.astype(dtype)
     if rtol is None:
