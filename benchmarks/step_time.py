@@ -30,7 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import rfim_jax
 from benchmarks import harness, speed
+from experiments import common
 from experiments import models as mlp
 
 
@@ -38,7 +40,7 @@ def parse_methods(spec: str, known: dict[str, harness.Method]) -> list[harness.M
     """``"adam,rngd@cholesky"`` -> methods; ``@solver`` only on RNGD methods.
 
     Raises:
-      ValueError: for an unknown name, or a solver on a method that is not RNGD.
+      ValueError: for an unknown name or solver, or a solver on a method that is not RNGD.
     """
     out = []
     for item in spec.split(","):
@@ -49,6 +51,9 @@ def parse_methods(spec: str, known: dict[str, harness.Method]) -> list[harness.M
         if solver:
             if method.family != "rngd":
                 raise ValueError(f"{item!r}: a solver applies to RNGD methods only")
+            solvers = rfim_jax.SOLVER_METHODS
+            if solver not in solvers:
+                raise ValueError(f"{item!r}: unknown solver {solver!r}; known: {list(solvers)}")
             method = dataclasses.replace(method, name=item, solver=solver)
         out.append(method)
     return out
@@ -66,7 +71,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--methods", default="adam,rngd,rngd_white_k10",
                         help="comma-separated names of benchmarks.speed's methods, each "
                              "optionally @solver (adam is always kept as the reference)")
-    parser.add_argument("--reps", type=int, default=15, help="timed chunks per method")
+    parser.add_argument("--reps", type=common.positive_int, default=15,
+                        help="timed chunks per method")
     parser.add_argument("--out", default="results")
     harness.add_blas_threads_arg(parser)
     args = parser.parse_args(argv)

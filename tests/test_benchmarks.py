@@ -438,6 +438,11 @@ def test_step_time_runs_solver_variants_and_refuses_bad_names(tmp_path):
         step_time.parse_methods("adam,nope", known)
     with pytest.raises(ValueError, match="'adam@cholesky': a solver applies to RNGD"):
         step_time.parse_methods("adam@cholesky", known)
+    with pytest.raises(ValueError, match="'rngd@nope': unknown solver 'nope'; known: "
+                                         "\\['auto', 'gauss_jordan'"):
+        step_time.parse_methods("rngd@nope", known)
+    with pytest.raises(SystemExit):  # argparse: a count of at least 1
+        step_time.main(["--reps", "0"])
 
 
 def test_rngd_weight_decay_is_added_after_the_preconditioning():
