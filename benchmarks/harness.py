@@ -310,15 +310,20 @@ class ScanTrainer:
         return losses
 
 
+def scannable(method: Method) -> bool:
+    """Whether ``method``'s steps compile into one scanned chunk (:func:`compile_chunk`): every
+    optax method, but not a peer with its own step loop (kfac-jax)."""
+    return not (method.family in peers.FAMILIES
+                and hasattr(peers.get(method.family), "make_trainer"))
+
+
 def make_trainer(method: Method, sizes: Sequence[int], params0: Params, x_all: jax.Array,
                  y_all: jax.Array, *, chunk: int, batch: int, seed: int = 0) -> Trainer:
     """The trainer of ``method``: a peer's own (``make_trainer`` in its module), else a
     :class:`ScanTrainer`."""
-    if method.family in peers.FAMILIES:
-        module = peers.get(method.family)
-        if hasattr(module, "make_trainer"):
-            return module.make_trainer(method, sizes, params0, x_all, y_all, chunk=chunk,
-                                       batch=batch, seed=seed)
+    if not scannable(method):
+        return peers.get(method.family).make_trainer(method, sizes, params0, x_all, y_all,
+                                                     chunk=chunk, batch=batch, seed=seed)
     return ScanTrainer(method, sizes, params0, x_all, y_all, chunk=chunk, batch=batch)
 
 

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import harness, speed
+from experiments import common
 from experiments import models as mlp
 
 #: Trace events that are the runtime's own bookkeeping, not ops of the program.
@@ -132,16 +133,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--methods", default="adam,rngd,rngd_white_k10,rngd_white_eigen_k10",
                         help="comma-separated names of benchmarks.speed's methods")
     parser.add_argument("--top", type=int, default=15, help="ops printed per method")
-    parser.add_argument("--chunks", type=int, default=3)
+    parser.add_argument("--chunks", type=common.positive_int, default=3)
     parser.add_argument("--out", default="results")
     parser.add_argument("--keep", default=None, help="keep the traces under this folder")
     harness.add_blas_threads_arg(parser)
     args = parser.parse_args(argv)
-    known = {m.name: m for m in speed.default_methods(quick=False)}
-    names = args.methods.split(",")
+    known = {m.name: m for m in speed.default_methods(quick=False) if harness.scannable(m)}
+    names = [name.strip() for name in args.methods.split(",")]
     unknown = sorted(set(names) - set(known))
     if unknown:
-        parser.error(f"unknown methods {unknown}; known: {sorted(known)}")
+        parser.error(f"unknown methods {unknown}; known (methods with a scanned chunk): "
+                     f"{sorted(known)}")
     results = {"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
                "methods": {}}
     for name in names:

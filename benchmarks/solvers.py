@@ -157,18 +157,36 @@ def print_row(r: dict, m: int, d: int) -> None:
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """``"64x65,1x785"`` -> ``[(64, 65), (1, 785)]`` (an argparse type: bad text is a usage
+    error)."""
     shapes = []
     for item in text.split(","):
-        m, d = item.lower().split("x")
-        shapes.append((int(m), int(d)))
+        try:
+            m, d = (int(v) for v in item.strip().lower().split("x"))
+        except ValueError:
+            m = d = 0
+        if m < 1 or d < 1:
+            raise argparse.ArgumentTypeError(
+                f"shapes are MxD with positive integers (m blocks of d x d), got {item!r}")
+        shapes.append((m, d))
     return shapes
+
+
+def parse_methods(text: str) -> list[str]:
+    """Comma-separated solver methods of :data:`METHODS` (an argparse type)."""
+    methods = [name.strip() for name in text.split(",")]
+    unknown = [name for name in methods if name not in METHODS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown methods {unknown}; known: {list(METHODS)}")
+    return methods
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes", default="64x65,1x785", help="comma list of MxD (m blocks, d x d)")
+    ap.add_argument("--shapes", type=parse_shapes, default="64x65,1x785",
+                    help="comma list of MxD (m blocks, d x d)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", type=parse_methods, default=",".join(METHODS))
     ap.add_argument("--repeats", type=int, default=20, help="timed calls per round")
     ap.add_argument("--rounds", type=int, default=3, help="rounds (spread = CPU noise)")
     ap.add_argument("--seed", type=int, default=0)
@@ -178,10 +196,13 @@ def main() -> None:
                     help="folder of solvers.json, like the other benchmarks ('' writes nothing)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.repeats < 1 or args.rounds < 1:
+        ap.error(f"--repeats and --rounds must be at least 1, got {args.repeats} and "
+                 f"{args.rounds}")
     if args.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     dtype = np.dtype(args.dtype).type
-    shapes = parse_shapes(args.shapes)
+    shapes = args.shapes
 
     if args.child is not None:  # child process: one method, one shape, JSON on stdout
         (m, d), = shapes
@@ -189,7 +210,7 @@ def main() -> None:
         print(json.dumps(row))
         return
 
-    methods = args.methods.split(",")
+    methods = args.methods
     backend = jax.default_backend()
     load0 = os.getloadavg()
     rows = []

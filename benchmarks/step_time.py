@@ -43,11 +43,16 @@ def parse_methods(spec: str, known: dict[str, harness.Method]) -> list[harness.M
       ValueError: for an unknown name or solver, or a solver on a method that is not RNGD.
     """
     out = []
-    for item in spec.split(","):
-        name, _, solver = item.partition("@")
+    for item in (part.strip() for part in spec.split(",")):
+        name, at, solver = item.partition("@")
         if name not in known:
             raise ValueError(f"unknown method {name!r}; known: {sorted(known)}")
         method = known[name]
+        if not harness.scannable(method):
+            raise ValueError(f"{name!r} runs its own Python loop of steps, not a scanned "
+                             f"chunk; time it with benchmarks.speed")
+        if at and not solver:
+            raise ValueError(f"{item!r}: name a solver after '@'")
         if solver:
             if method.family != "rngd":
                 raise ValueError(f"{item!r}: a solver applies to RNGD methods only")

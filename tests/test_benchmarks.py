@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import peers, scaling, speed, wide
+from benchmarks import harness, peers, scaling, speed, wide
 from benchmarks.peers import kfac_jax as kfac_jax_peer
 from experiments import models as mlp
 
@@ -441,8 +441,31 @@ def test_step_time_runs_solver_variants_and_refuses_bad_names(tmp_path):
     with pytest.raises(ValueError, match="'rngd@nope': unknown solver 'nope'; known: "
                                          "\\['auto', 'gauss_jordan'"):
         step_time.parse_methods("rngd@nope", known)
+    with pytest.raises(ValueError, match="'rngd@': name a solver after '@'"):
+        step_time.parse_methods("rngd@", known)
+    # kfac-jax steps in its own Python loop: no scanned chunk to time or profile
+    assert not harness.scannable(known["kfac_jax"])
+    assert all(harness.scannable(known[n]) for n in ("adam", "rngd", "muon", "psgd_kron"))
+    with pytest.raises(ValueError, match="'kfac_jax' runs its own Python loop of steps"):
+        step_time.parse_methods("adam, kfac_jax", known)
+    assert [m.name for m in step_time.parse_methods("adam, rngd@lapack", known)] == \
+        ["adam", "rngd@lapack"]
     with pytest.raises(SystemExit):  # argparse: a count of at least 1
         step_time.main(["--reps", "0"])
+
+
+def test_solvers_cli_arguments_are_checked_by_argparse():
+    import argparse
+
+    from benchmarks import solvers
+
+    assert solvers.parse_shapes("64x65, 1X785") == [(64, 65), (1, 785)]
+    for bad in ("foo", "4x", "0x5", "4x5x6", "-1x3"):
+        with pytest.raises(argparse.ArgumentTypeError, match="shapes are MxD"):
+            solvers.parse_shapes(bad)
+    assert solvers.parse_methods("lapack, cholesky") == ["lapack", "cholesky"]
+    with pytest.raises(argparse.ArgumentTypeError, match=r"unknown methods \['nope'\]"):
+        solvers.parse_methods("lapack,nope")
 
 
 def test_rngd_weight_decay_is_added_after_the_preconditioning():

@@ -141,9 +141,9 @@ def test_non_finite_samples_are_refused_by_name(bad):
     x = np.random.default_rng(0).normal(size=(2, 6, 3)).astype(np.float32)
     x[1, 2, 1] = bad  # leading axes flatten: sample 1 * 6 + 2 = 8
     x[1, 4, 0] = bad
-    with pytest.raises(ValueError, match=r"whitening_map: x \(samples x features \(12, 3\)\) "
-                                         r"has 2 non-finite entries \(NaN or inf\), the first "
-                                         r"at sample 8, feature 1"):
+    with pytest.raises(ValueError, match=r"whitening_map: x \(samples x features \(12, 3\), as "
+                                         r"float32\) has 2 non-finite entries \(NaN or inf\), "
+                                         r"the first at sample 8, feature 1"):
         whitening_map(jnp.asarray(x))
     # under jit it cannot raise: documented, the map is non-finite
     big_a, _ = jax.jit(whitening_map)(jnp.asarray(x))

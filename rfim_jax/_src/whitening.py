@@ -31,7 +31,8 @@ WhiteningMethod = Literal["zca", "pca"]
 
 def _check_finite(x: jax.Array) -> None:
     """Raises for concrete samples holding NaN or inf: one of them makes the mean, the
-    covariance and so all of ``A`` NaN.  Traced samples (under ``jit``) cannot be checked."""
+    covariance and so all of ``A`` NaN.  Traced samples (under ``jit``, ``vmap``, ``grad``)
+    cannot be checked."""
     # One scalar read on the device; the data come to the host only to say where.
     if isinstance(x, jax.core.Tracer) or bool(jnp.all(jnp.isfinite(x))):
         return
@@ -39,9 +40,10 @@ def _check_finite(x: jax.Array) -> None:
     if bad.any():
         i, j = np.argwhere(bad)[0]
         raise ValueError(
-            f"whitening_map: x (samples x features {tuple(x.shape)}) has {int(bad.sum())} "
-            f"non-finite entries (NaN or inf), the first at sample {i}, feature {j}; the map "
-            f"would be all NaN. Drop or impute those samples first.")
+            f"whitening_map: x (samples x features {tuple(x.shape)}, as {x.dtype}) has "
+            f"{int(bad.sum())} non-finite entries (NaN or inf), the first at sample {i}, "
+            f"feature {j}; the map would be all NaN. Drop or impute those samples first (or "
+            f"rescale them, if the conversion to {x.dtype} overflowed).")
 
 
 def whitening_map(
@@ -97,8 +99,9 @@ def whitening_map(
 
     Raises:
       ValueError: for an unknown ``method``, a negative ``eps`` or ``rtol``, no samples, or
-        (outside ``jit``) samples holding NaN or inf, naming how many and the first's place.
-        Under ``jit`` non-finite samples give a non-finite ``A``.
+        concrete samples holding NaN or inf, naming how many and the first's place.  Traced
+        samples (under ``jit``, ``vmap``, ``grad``) cannot be checked: non-finite ones give a
+        non-finite ``A``.
     """
     if method not in ("zca", "pca"):
         raise ValueError(f"whitening_map: method must be 'zca' or 'pca', got {method!r}.")
