@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command for a person with a GPU: the speed table, an op-level profile, the solver table and
-# the test suite on that accelerator, in at most 8 minutes (the limits below sum to 455 s), each
+# the test suite on that accelerator, in at most 8 minutes (the limits below sum to 460 s), each
 # part with its own time limit so that one slow part cannot hide the others.  Every benchmark
 # streams its rows and writes partial JSON, so a part cut off by its limit still reports what it
 # measured; the tests print one line per test as it finishes, for the same reason.
@@ -27,6 +27,10 @@ echo "== profile (per-op device time of rngd and the fast configurations) =="
 timeout 60 "$py" -m benchmarks.profile --chunks 2 --top 12 --out "$out" \
   --keep "$out/traces" 2>&1 | tee "$out/profile.txt"
 
+echo "== step time: the refresh in a conditional, and decided outside it (refresh=True/False) =="
+timeout 30 "$py" -m benchmarks.step_time --reps 10 --out "$out" \
+  --methods adam,rngd,rngd:host,rngd_white_k10,rngd_white_k10:host 2>&1 | tee "$out/step_time.txt"
+
 echo "== block solvers =="
 timeout 45 "$py" -m benchmarks.solvers --shapes 64x65,1x785,512x513,1x2049 --repeats 5 \
   --rounds 3 --out "$out" 2>&1 | tee "$out/solvers.txt"
@@ -46,7 +50,7 @@ for f in "${first[@]}"; do rest+=(--ignore="$f"); done
 XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 80 "$py" -m pytest -rfE -p no:cacheprovider \
   "${workers[@]}" -o console_output_style=classic -v "${first[@]}" 2>&1 \
   | tee "$out/tests_backend.txt" | tail -25
-XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 120 "$py" -m pytest -rfE -p no:cacheprovider \
+XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 95 "$py" -m pytest -rfE -p no:cacheprovider \
   "${workers[@]}" -o console_output_style=classic -v "${rest[@]}" 2>&1 \
   | tee "$out/tests.txt" | tail -25
 echo "wrote $out/"

@@ -107,6 +107,9 @@ class Method:
       weight_decay: decoupled weight decay (AdamW, Muon, PSGD; RNGD: added after the
         preconditioning, before the momentum).
       solver: RNGD: the block solver of the refreshes (:func:`rfim_jax.rngd`'s ``solver``).
+      host_refresh: RNGD: decide each step's refresh in the program (``refresh=`` a Python
+        bool on the steps whose count is a multiple of ``inverse_every``) instead of with the
+        update's ``lax.cond``: the same updates, no conditional in the compiled chunk.
     """
 
     name: str
@@ -122,6 +125,7 @@ class Method:
     output_kind: str = "linear"
     weight_decay: float = 0.0
     solver: str = "auto"
+    host_refresh: bool = False
 
     def describe(self) -> str:
         """A one-line description of the configuration, for tables and JSON."""
@@ -142,6 +146,8 @@ class Method:
             extra += f"weight decay {self.weight_decay:g} after the preconditioning, "
         if self.solver != "auto":
             extra += f"solver={self.solver!r}, "
+        if self.host_refresh:
+            extra += "refresh decided outside the step (refresh=True/False), "
         return (f"rfim_jax.rngd(lr={self.learning_rate:g}, momentum={self.momentum:g}, "
                 f"{extra}update_every={self.update_every}, T={self.inverse_every}, "
                 f"decay={self.decay:g}, damping={self.damping:g})")
@@ -212,7 +218,7 @@ def make_step(method: Method, opt: optax.GradientTransformation) -> Callable:
     if method.family in peers.FAMILIES:
         extra = getattr(peers.get(method.family), "extra_args", None)
 
-    def step(params, state, x, y, key):
+    def step(params, state, x, y, key, refresh=None):
         def loss_fn(p):
             logits, acts, _ = mlp.mlp_apply(p, x)
             return mlp.cross_entropy(logits, y), (logits, acts)
@@ -220,6 +226,8 @@ def make_step(method: Method, opt: optax.GradientTransformation) -> Callable:
         (loss, (logits, acts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         if method.family == "rngd":
             kwargs = {"activations": acts}
+            if refresh is not None:
+                kwargs["refresh"] = refresh
         elif extra is not None:
             kwargs = extra(params, acts, logits, key)
         else:
@@ -230,22 +238,43 @@ def make_step(method: Method, opt: optax.GradientTransformation) -> Callable:
     return step
 
 
-def make_chunk(step: Callable) -> Callable:
+def make_chunk(step: Callable, refresh_every: int | None = None) -> Callable:
     """``chunk(params, state, x_all, y_all, idx (S, batch), key) -> (params, state, losses)``.
 
     ``lax.scan`` over S steps; minibatches are gathered on device from the whole training
-    set, which is an argument (not a constant baked into the program).
+    set, which is an argument (not a constant baked into the program).  With
+    ``refresh_every = T`` (dividing S; chunks start at multiples of S) the S steps run as
+    S / T segments of one ``refresh=True`` step and T - 1 ``refresh=False`` steps, so no
+    step holds the refresh's conditional.
     """
 
     def chunk(params, state, x_all, y_all, idx, key):
-        def body(carry, inp):
-            i, k = inp
-            p, s, loss = step(*carry, x_all[i], y_all[i], k)
-            return (p, s), loss
+        def run(carry, idx, keys, **kwargs):
+            def body(carry, inp):
+                i, k = inp
+                p, s, loss = step(*carry, x_all[i], y_all[i], k, **kwargs)
+                return (p, s), loss
+
+            return jax.lax.scan(body, carry, (idx, keys))
 
         keys = jax.random.split(key, idx.shape[0])
-        (params, state), losses = jax.lax.scan(body, (params, state), (idx, keys))
-        return params, state, losses
+        if refresh_every is None:
+            (params, state), losses = run((params, state), idx, keys)
+            return params, state, losses
+        t = refresh_every
+        if idx.shape[0] % t:
+            raise ValueError(f"make_chunk: refresh_every={t} must divide the chunk's "
+                             f"{idx.shape[0]} steps")
+
+        def segment(carry, inp):
+            seg_idx, seg_keys = inp
+            carry, first = run(carry, seg_idx[:1], seg_keys[:1], refresh=True)
+            carry, rest = run(carry, seg_idx[1:], seg_keys[1:], refresh=False)
+            return carry, jnp.concatenate([first, rest])
+
+        segments = (idx.reshape(-1, t, idx.shape[-1]), keys.reshape(-1, t, *keys.shape[1:]))
+        (params, state), losses = jax.lax.scan(segment, (params, state), segments)
+        return params, state, losses.reshape(-1)
 
     return chunk
 
@@ -259,7 +288,8 @@ def compile_chunk(method: Method, sizes: Sequence[int], params, x_all, y_all, st
     """
     opt = make_optimizer(method, sizes)
     state = jax.jit(opt.init)(params)
-    fn = jax.jit(make_chunk(make_step(method, opt)), donate_argnums=(0, 1))
+    refresh_every = method.inverse_every if method.host_refresh else None
+    fn = jax.jit(make_chunk(make_step(method, opt), refresh_every), donate_argnums=(0, 1))
     idx = jax.ShapeDtypeStruct((steps, batch), jnp.int32)
     key = jax.random.PRNGKey(0)
     t0 = time.perf_counter()

@@ -4,9 +4,12 @@ Run from the repository root::
 
     python -m benchmarks.step_time                       # adam, rngd, rngd_white_k10
     python -m benchmarks.step_time --methods adam,rngd,rngd@cholesky,rngd_white_k10@gauss_jordan
+    python -m benchmarks.step_time --methods adam,rngd,rngd:host,rngd_white_k10:host
 
 A method is a name of :func:`benchmarks.speed.default_methods`, optionally ``@solver`` (an RNGD
-method refreshing with that block solver, :func:`rfim_jax.rngd`'s ``solver``).  Each method's
+method refreshing with that block solver, :func:`rfim_jax.rngd`'s ``solver``) and optionally
+``:host`` (an RNGD method whose refresh is decided outside the update's conditional,
+``refresh=True/False``: :attr:`benchmarks.harness.Method.host_refresh`).  Each method's
 chunk of :data:`benchmarks.harness.CHUNK` steps is compiled exactly as the speed benchmark
 compiles it (random inputs of Fashion-MNIST's shape: a step's cost does not depend on the pixel
 values), then the chunks are timed interleaved and rotated, ``--reps`` times; the table gives
@@ -37,14 +40,18 @@ from experiments import models as mlp
 
 
 def parse_methods(spec: str, known: dict[str, harness.Method]) -> list[harness.Method]:
-    """``"adam,rngd@cholesky"`` -> methods; ``@solver`` only on RNGD methods.
+    """``"adam,rngd@cholesky,rngd:host"`` -> methods; ``@solver`` and ``:host`` only on RNGD
+    methods.
 
     Raises:
-      ValueError: for an unknown name or solver, or a solver on a method that is not RNGD.
+      ValueError: for an unknown name or solver, or a variant of a method that is not RNGD.
     """
     out = []
     for item in (part.strip() for part in spec.split(",")):
-        name, at, solver = item.partition("@")
+        base, colon, variant = item.partition(":")
+        if colon and variant != "host":
+            raise ValueError(f"{item!r}: the only ':' variant is ':host'")
+        name, at, solver = base.partition("@")
         if name not in known:
             raise ValueError(f"unknown method {name!r}; known: {sorted(known)}")
         method = known[name]
@@ -60,6 +67,10 @@ def parse_methods(spec: str, known: dict[str, harness.Method]) -> list[harness.M
             if solver not in solvers:
                 raise ValueError(f"{item!r}: unknown solver {solver!r}; known: {list(solvers)}")
             method = dataclasses.replace(method, name=item, solver=solver)
+        if colon:
+            if method.family != "rngd":
+                raise ValueError(f"{item!r}: ':host' applies to RNGD methods only")
+            method = dataclasses.replace(method, name=item, host_refresh=True)
         out.append(method)
     return out
 

@@ -450,8 +450,44 @@ def test_step_time_runs_solver_variants_and_refuses_bad_names(tmp_path):
         step_time.parse_methods("adam, kfac_jax", known)
     assert [m.name for m in step_time.parse_methods("adam, rngd@lapack", known)] == \
         ["adam", "rngd@lapack"]
+    host = step_time.parse_methods("rngd_white_k10@lapack:host", known)[0]
+    assert host.host_refresh and host.solver == "lapack" and "refresh decided" in host.describe()
+    with pytest.raises(ValueError, match="'adam:host': ':host' applies to RNGD"):
+        step_time.parse_methods("adam:host", known)
+    with pytest.raises(ValueError, match="'rngd:fast': the only ':' variant is ':host'"):
+        step_time.parse_methods("rngd:fast", known)
     with pytest.raises(SystemExit):  # argparse: a count of at least 1
         step_time.main(["--reps", "0"])
+
+
+@pytest.mark.parametrize("update_every", [1, 2])
+def test_host_refresh_chunk_has_no_refresh_conditional_and_the_same_updates(update_every):
+    """Method.host_refresh: the chunk runs T-step segments, refresh=True on the first step;
+    the updates are those of the update's own conditional, and the conditional is gone."""
+    data = _toy_data()
+    params = mlp.init_mlp(jax.random.PRNGKey(0), SIZES)
+    idx = jnp.asarray(harness.epoch_indices(np.random.default_rng(0), data.num_train, 10)[:6])
+    out, hlo = {}, {}
+    for host in (False, True):
+        m = harness.Method("rngd", "rngd", 0.05, inverse_every=3, update_every=update_every,
+                           host_refresh=host)
+        compiled, _, state, _ = harness.compile_chunk(m, SIZES, params, data.x_train,
+                                                      data.y_train, 6, 10)
+        hlo[host] = compiled.as_text()
+        p, s = jax.tree.map(jnp.copy, params), state
+        losses = []
+        for _ in range(2):  # two chunks: the second starts at count 6
+            p, s, loss = compiled(p, s, data.x_train, data.y_train, idx, jax.random.PRNGKey(1))
+            losses.append(loss)
+        out[host] = (p, s, jnp.concatenate(losses))
+    for a, b in zip(jax.tree.leaves(out[False]), jax.tree.leaves(out[True]), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    # the statistics' conditional remains with update_every > 1; the refresh's is gone
+    assert hlo[False].count("conditional(") == (1 if update_every == 1 else 2)
+    assert hlo[True].count("conditional(") == (0 if update_every == 1 else 2)
+    with pytest.raises(ValueError, match="refresh_every=4 must divide the chunk's 6 steps"):
+        harness.make_chunk(lambda *a, **k: None, 4)(params, None, data.x_train,
+                                                    data.y_train, idx, jax.random.PRNGKey(0))
 
 
 def test_solvers_cli_arguments_are_checked_by_argparse():

@@ -4,6 +4,8 @@ The reference (tests/_reference.py) re-derives every step from the paper with nu
 over neurons and samples; it shares no code with the library.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,6 +94,59 @@ def test_scale_by_rngd_matches_direct_computation(seed, has_bias, inverse_every)
     # by the traced function: the C++ executable cache stops taking new functions once a
     # long session has created 8192 jitted ones, so its size is no measure.)
     assert sorted(t[0] for t in traces) == sorted(set(sizes))
+
+
+@pytest.mark.parametrize("mode", ["static", "traced"])
+def test_refresh_decided_by_the_caller_matches_numpy_reference(mode):
+    """``refresh=`` a Python bool compiles two steps without a conditional; a boolean array
+    is the conditional's predicate.  Either way, ``refresh = (count % T == 0)`` gives the
+    numpy reference's updates (which refreshes on that schedule)."""
+    rng = np.random.default_rng(11)
+    params, specs = _make_problem(rng, KINDS, has_bias=True)
+    tx = rfim_jax.scale_by_rngd({p: s[0] for p, s in specs.items()}, decay=0.8,
+                                inverse_every=3, damping=0.05)
+    ref = ReferenceRNGD(specs, 0.8, 3, 0.05)
+    steps = {flag: jax.jit(lambda g, s, p, activations, flag=flag: tx.update(
+        g, s, p, activations=activations, refresh=flag)) for flag in (True, False)}
+    traced = jax.jit(lambda g, s, p, activations, flag: tx.update(
+        g, s, p, activations=activations, refresh=flag))
+    calls = []
+
+    def update(grads, state, params, *, activations):
+        flag = len(calls) % 3 == 0
+        calls.append(flag)
+        if mode == "static":
+            return steps[flag](grads, state, params, activations)
+        return traced(grads, state, params, activations, jnp.asarray(flag))
+
+    state = _step_against_reference(rng, tx, update, ref, params, specs, [4] * 7, True)
+    assert calls == [True, False, False] * 2 + [True] and int(state.count) == 7
+    acts = _random_acts(rng, specs, n=4)
+    grads = _random_grads(rng, params)
+    for flag in (True, False):
+        hlo = steps[flag].lower(grads, state, params, acts).compile().as_text()
+        assert "conditional(" not in hlo, flag
+    assert "conditional(" in traced.lower(grads, state, params, acts,
+                                          jnp.asarray(True)).compile().as_text()
+
+
+def test_refresh_must_be_a_bool_or_a_boolean_scalar():
+    rng = np.random.default_rng(0)
+    params, specs = _make_problem(rng, ["relu"], widths=[3, 2])
+    tx = rfim_jax.rngd(0.1, {"Dense_0": "relu"})
+    state = tx.init(params)
+    acts = _random_acts(rng, specs, n=4)
+    grads = _random_grads(rng, params)
+    for bad, got in (("yes", "'yes'"), (1, "1"),
+                     (jnp.ones(2, bool), "an array of dtype bool and shape (2,)"),
+                     (jnp.asarray(1), "an array of dtype int")):
+        with pytest.raises(TypeError, match=r"scale_by_rngd: refresh must be None, a Python "
+                                            r"bool or a scalar boolean array, got "
+                                            + re.escape(got)):
+            tx.update(grads, state, params, activations=acts, refresh=bad)
+    # through rngd's chain, a numpy bool is static too
+    updates, _ = tx.update(grads, state, params, activations=acts, refresh=np.bool_(True))
+    assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
 
 
 def test_first_update_refreshes_and_moving_average_starts_at_identity():

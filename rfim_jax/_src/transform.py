@@ -173,6 +173,25 @@ def _estimator_of(metrics, layer):
     return for_layer("eigen" if "A" in stats else "diagonal", layer)
 
 
+def _check_refresh(refresh) -> bool | None:
+    """The Python bool of a static ``refresh``, None for None or a boolean scalar array.
+
+    Raises:
+      TypeError: for anything else, naming what was given.
+    """
+    if refresh is None:
+        return None
+    if isinstance(refresh, (bool, np.bool_)):
+        return bool(refresh)
+    if (hasattr(refresh, "dtype") and jnp.dtype(refresh.dtype) == jnp.bool_
+            and jnp.shape(refresh) == ()):
+        return None
+    got = (f"an array of dtype {refresh.dtype} and shape {tuple(jnp.shape(refresh))}"
+           if hasattr(refresh, "dtype") else repr(refresh))
+    raise TypeError(f"scale_by_rngd: refresh must be None, a Python bool or a scalar boolean "
+                    f"array, got {got}.")
+
+
 def scale_by_rngd(
     layers: Mapping[str, LayerKind] | None,
     *,
@@ -269,17 +288,25 @@ def scale_by_rngd(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose update is
-      ``update(grads, state, params=None, *, activations, **extra_args)``; ``activations``
-      mirrors the params nesting down to each layer, each mapping to
+      ``update(grads, state, params=None, *, activations, refresh=None, **extra_args)``;
+      ``activations`` mirrors the params nesting down to each layer, each mapping to
       ``{"inputs": (n..., d_in), "preacts": (n..., m)}`` (a flat dict keyed by path works
-      too).  Leading batch axes are flattened into samples.
+      too).  Leading batch axes are flattened into samples.  ``refresh`` decides this step's
+      refresh of the inverses: ``None`` (default) when ``count % inverse_every == 0``; a
+      Python bool decides it when the step is traced, so the compiled step holds no
+      conditional (on a GPU the conditional around cuSOLVER reads its predicate back to the
+      host every step; compile one step with ``refresh=True`` and one with ``False`` and
+      pick in Python, as kfac-jax does); a scalar boolean array is the conditional's
+      predicate.  Passing ``refresh=(count % inverse_every == 0)`` gives the default's
+      updates exactly.
 
     Raises:
       ValueError: for a hyperparameter out of its range, an unknown kind or representation,
         a path that is not a dense layer, a state over ``max_state_bytes`` (at ``init``), or
         activations of the wrong shapes (at ``update``, naming the layer and the shapes).
       TypeError: for float hyperparameters held in less than float32 (see
-        ``optax.inject_hyperparams(..., hyperparam_dtype=jnp.float32)``).
+        ``optax.inject_hyperparams(..., hyperparam_dtype=jnp.float32)``), or (at ``update``)
+        a ``refresh`` that is not None, a bool or a scalar boolean array.
 
     References:
       Sun & Nielsen, "Relative Fisher Information and Natural Gradient for Learning Large
@@ -322,8 +349,9 @@ def scale_by_rngd(
         return _distinct_buffers(
             ScaleByRNGDState(zero, metrics, inverses, skipped, fallbacks, zero))
 
-    def update_fn(updates, state, params=None, *, activations=None, **extra_args):
+    def update_fn(updates, state, params=None, *, activations=None, refresh=None, **extra_args):
         del params, extra_args
+        static_refresh = _check_refresh(refresh)
         for name, val in (("decay", decay), ("damping", damping)):
             _check_hyper_dtype(name, val)
         specs = plan_lib.resolve_layers(layers, default_kind, updates, stacked_layers)
@@ -406,9 +434,13 @@ def scale_by_rngd(
         def keep(changing, factors, fallbacks):
             return changing, factors, fallbacks
 
-        changing, factors, fallbacks = jax.lax.cond(
-            do_refresh, all_refresh, keep, {p: stats[p] for p in changed}, work_factors,
-            dict(state.fallbacks))
+        operands = ({p: stats[p] for p in changed}, work_factors, dict(state.fallbacks))
+        if static_refresh is not None:  # decided in Python: no conditional in the step
+            changing, factors, fallbacks = (all_refresh if static_refresh else keep)(*operands)
+        else:
+            predicate = do_refresh if refresh is None else jnp.asarray(refresh)
+            changing, factors, fallbacks = jax.lax.cond(predicate, all_refresh, keep,
+                                                        *operands)
         stats = {**stats, **changing}
 
         new_metrics, new_inverses, new_skipped, new_fallbacks = {}, {}, {}, {}
