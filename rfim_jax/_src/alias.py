@@ -58,7 +58,9 @@ def rngd(
         damping unless told ``relative=True``.
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs``; its update needs ``activations=``.
+      An ``optax.GradientTransformationExtraArgs``; its update needs ``activations=`` and
+      takes ``refresh=`` (None, a Python bool decided at trace time, or a boolean scalar:
+      see :func:`scale_by_rngd`).
 
     Raises:
       ValueError: as :func:`scale_by_rngd`, and for a momentum outside [0, 1).
