@@ -642,7 +642,7 @@ def test_update_without_activations_names_the_layer():
         (
             {"nope/Dense_0": "relu"}, None,
             r"layer 'nope/Dense_0' is not a dense layer of the params.*"
-            r"Dense layers found: \['Dense_0', 'block/Dense_0', 'out'\]",
+            r"Dense layers found in the params: \['Dense_0', 'block/Dense_0', 'out'\]",
         ),
         (
             {"LayerNorm_0": "relu"}, None,

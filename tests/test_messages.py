@@ -143,6 +143,31 @@ def test_a_state_from_other_layers_is_refused_with_the_layer_named():
         update(relu, state, p8)
 
 
+def test_grads_without_a_layer_are_named_as_the_grads():
+    """Grads missing a layer that the params have were reported as 'not a dense layer of the
+    params', blaming the (complete) params."""
+    params = {"Dense_0": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)},
+              "Dense_1": {"kernel": jnp.ones((2, 2)), "bias": jnp.zeros(2)}}
+    tx = rfim_jax.scale_by_rngd({"Dense_0": "relu", "Dense_1": "linear"})
+    rows = {"inputs": jnp.ones((4, 3)), "preacts": jnp.ones((4, 2))}
+    acts = {"Dense_0": rows, "Dense_1": {"inputs": jnp.ones((4, 2)), "preacts": rows["preacts"]}}
+    grads = {"Dense_0": jax.tree.map(jnp.ones_like, params["Dense_0"])}
+    with pytest.raises(ValueError, match=r"layer 'Dense_1' is not a dense layer of the grads.*"
+                                         r"found in the grads: \['Dense_0'\]"):
+        tx.update(grads, tx.init(params), params, activations=acts)
+
+
+@pytest.mark.parametrize("representation", ["exact", "eigen", "diagonal"])
+def test_softmax_on_one_output_is_refused_at_init(representation):
+    """A one-logit head given kind 'softmax' kept a zero metric with no word (eq. 25 over one
+    class is 0) and only counted a fallback at the first refresh."""
+    params = {"Dense_0": {"kernel": jnp.ones((3, 1)), "bias": jnp.zeros(1)}}
+    tx = rfim_jax.scale_by_rngd({"Dense_0": "softmax"}, representation=representation)
+    with pytest.raises(ValueError, match=r"layer 'Dense_0': kind 'softmax' needs at least 2 "
+                                         r"outputs \(classes\), got 1.*'sigmoid'"):
+        tx.init(params)
+
+
 def test_missing_activations_say_what_the_activations_hold():
     """Activations nested one level too deep, or with other keys, were reported as 'no
     activations passed' with no word of what was passed."""

@@ -776,6 +776,35 @@ def test_representation_errors():
         nonlinear_rfim(params, x, "tanh", representation="diagonal", basis=jnp.eye(4))
 
 
+def test_a_basis_that_is_not_orthonormal_is_refused():
+    """A scaled or skewed basis gave eigen metrics off by its Gram matrix (trace 4x the
+    exact one for 2 I) with no error; an orthogonal one (QR of a random matrix) is kept."""
+    params, x, _ = _data(6, 3, 2, 0, True)
+    q, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(4, 4)))
+    got = nonlinear_rfim(params, x, "tanh", representation="eigen", basis=jnp.asarray(q))
+    exact = nonlinear_rfim(params, x, "tanh")
+    np.testing.assert_allclose(got.trace(), exact.trace(), rtol=1e-5)
+    for bad in (2 * np.eye(4), q + 0.01 * np.tri(4), np.full((4, 4), np.nan)):
+        with pytest.raises(ValueError, match=r"basis \(4, 4\) must have orthonormal columns "
+                                             r"\(U\^T U = I.*max \|U\^T U - I\|"):
+            nonlinear_rfim(params, x, "tanh", representation="eigen",
+                           basis=jnp.asarray(bad, jnp.float32))
+    # Under jit the basis is traced: the caller's responsibility, no host read.
+    jitted = jax.jit(lambda b: nonlinear_rfim(params, x, "tanh", representation="eigen",
+                                              basis=b).trace())
+    np.testing.assert_allclose(jitted(jnp.asarray(q, jnp.float32)), exact.trace(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("representation", ["exact", "eigen", "diagonal"])
+def test_softmax_over_one_output_is_refused(representation):
+    """Eq. (25) over one class is identically 0 (eta = 1): a metric of zeros, accepted with
+    no word, whose solve only divides by the damping."""
+    params = {"kernel": jnp.ones((3, 1)), "bias": jnp.zeros(1)}
+    with pytest.raises(ValueError, match=r"kind 'softmax' needs at least 2 outputs \(classes\), "
+                                         r"got 1.*'sigmoid'"):
+        softmax_rfim(params, jnp.ones((5, 3)), representation=representation)
+
+
 def test_layer_rfim_from_activations_checks_its_rows_and_accumulates_in_float32():
     """An empty batch gave an all-NaN metric, bad shapes raw reshape errors, and bfloat16 rows
     bfloat16 blocks (3e-3 off) or a LAPACK error with the eigen representation."""

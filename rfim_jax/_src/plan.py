@@ -76,17 +76,19 @@ def _itemsize(dtype) -> int:
     return jnp.dtype(dtype).itemsize
 
 
-def resolve_layers(layers, default_kind, params, stacked_layers=()) -> list:
+def resolve_layers(layers, default_kind, params, stacked_layers=(), tree_name="params") -> list:
     """Checks ``layers`` against the params tree and returns the layer adapters.
 
     ``stacked_layers`` lists the paths whose params carry a leading layer axis that their
     shapes alone do not reveal (bias-free stacks, see :mod:`rfim_jax._src.layers.stacked`).
+    ``tree_name`` names ``params`` in the errors (the update checks the grads).
 
     Raises:
       TypeError: if ``layers`` is neither None nor a mapping, or ``stacked_layers`` is a
         string.
       ValueError: for an unknown kind, a path that is not a layer (a kernel of rank < 2 is
-        named with its shape), a masked layer, ``layers=None`` with no layer to
+        named with its shape), kind ``"softmax"`` on a layer with one output, a masked
+        layer, ``layers=None`` with no layer to
         precondition, or a ``stacked_layers`` path that is not among the layers or has no
         common leading axis.
     """
@@ -117,8 +119,8 @@ def resolve_layers(layers, default_kind, params, stacked_layers=()) -> list:
         if node is None or not paths_lib.is_layer(node):
             paths_lib.check_kernel_rank(path, node)
             raise ValueError(
-                f"layer {path!r} is not a dense layer of the params: no mapping with a "
-                f"'kernel' at that path. Dense layers found: {available}."
+                f"layer {path!r} is not a dense layer of the {tree_name}: no mapping with a "
+                f"'kernel' at that path. Dense layers found in the {tree_name}: {available}."
             )
         if kind is None:
             continue
@@ -133,11 +135,13 @@ def resolve_layers(layers, default_kind, params, stacked_layers=()) -> list:
         # read as bias-free), and leaves the masked entry as it is.
         node = {k: v for k, v in node.items() if not isinstance(v, optax.MaskedNode)}
         inner = stacked_lib.unstacked(node, path in declared, path)
+        own = node if inner is None else inner
+        layer = adapter_for(own).from_params(path, kind, own)
+        if layer.is_softmax and layer.m < 2:
+            raise rfim_lib.softmax_classes_error(f"layer {path!r}", layer.m)
         if inner is not None:
-            layer = adapter_for(inner).from_params(path, kind, inner)
-            out.append(StackedLayer(layer, int(node[paths_lib.layer_key(node)].shape[0])))
-        else:
-            out.append(adapter_for(node).from_params(path, kind, node))
+            layer = StackedLayer(layer, int(node[paths_lib.layer_key(node)].shape[0]))
+        out.append(layer)
     return out
 
 

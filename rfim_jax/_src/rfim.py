@@ -147,6 +147,39 @@ def _check_augmented(x_aug) -> None:
         )
 
 
+def softmax_classes_error(where: str, m: int) -> ValueError:
+    """The error for kind ``"softmax"`` on fewer than two outputs (eq. 25 is then 0)."""
+    return ValueError(
+        f"{where}: kind 'softmax' needs at least 2 outputs (classes), got {m}: a softmax over "
+        f"one logit is the constant distribution, so its RFIM (eq. 25) is identically 0. A "
+        f"single logit of a binary response is the Bernoulli kind 'sigmoid' (eq. 15)."
+    )
+
+
+def _check_orthonormal(basis: jax.Array) -> None:
+    """Refuses a concrete ``basis`` whose columns are not orthonormal.
+
+    Every eigen formula (``G_l ~= U diag(s_l) U^T``, the solve ``U (U^T V / s)``) assumes
+    ``U^T U = I``; another basis gives wrong metrics with no error.  The tolerance,
+    ``max(sqrt(eps), 10 d eps)``, admits the rounding of an ``eigh`` in the basis's dtype.
+    Traced bases (under ``jit``) are the caller's responsibility.
+    """
+    if isinstance(basis, jax.core.Tracer):
+        return
+    d = basis.shape[-1]
+    eps = float(jnp.finfo(basis.dtype).eps)
+    tol = max(eps**0.5, 10 * d * eps)
+    b = basis.astype(dtypes_lib.at_least_float32(basis))
+    err = float(jnp.max(jnp.abs(b.T @ b - jnp.eye(d, dtype=b.dtype))))
+    if not err <= tol:  # also refuses NaN
+        raise ValueError(
+            f"layer_rfim_from_activations: basis ({d}, {d}) must have orthonormal columns "
+            f"(U^T U = I, SPEC §7), but max |U^T U - I| = {err:.3g} exceeds {tol:.3g} for "
+            f"{basis.dtype}. Use the eigenvectors of a symmetric matrix (jnp.linalg.eigh) or "
+            f"the Q of a QR factorisation."
+        )
+
+
 def layer_rfim_from_activations(
     x_aug: jax.Array,
     z: jax.Array,
@@ -183,10 +216,10 @@ def layer_rfim_from_activations(
     Raises:
       ValueError: with ``has_bias=True``, for concrete rows whose last column is not all
         ones (the inputs not augmented); for an unknown kind or representation, a ``basis``
-        that is not (d, d)
-        or given with a representation other than ``"eigen"``, grouped rows with
-        ``"eigen"`` or ``"softmax"``, rows that are not ``(n, d)`` / ``(n, G, d)`` and
-        ``(n, m)`` with the same n, or an empty batch (the shapes named).
+        that is not (d, d), a concrete one whose columns are not orthonormal, or one given
+        with a representation other than ``"eigen"``, kind ``"softmax"`` on one output,
+        grouped rows with ``"eigen"`` or ``"softmax"``, rows that are not ``(n, d)`` /
+        ``(n, G, d)`` and ``(n, m)`` with the same n, or an empty batch (the shapes named).
     """
     if has_bias:
         _check_augmented(x_aug)
@@ -223,6 +256,9 @@ def rows_rfim(
                 f"d={d}, got {tuple(basis.shape)}."
             )
         basis = jnp.asarray(basis, x_aug.dtype)
+        _check_orthonormal(basis)
+    if isinstance(kind, str) and kind == "softmax" and m < 2:
+        raise softmax_classes_error("layer_rfim_from_activations", m)
     static = {"has_bias": has_bias, "layout": layout}
     linear = act_lib.is_shared_linear(kind)
     if x_aug.ndim == 3:
@@ -353,7 +389,8 @@ def nonlinear_rfim(
 
     Raises:
       ValueError: for mismatched shapes, an unknown activation or representation, or a
-        ``basis`` of the wrong shape or with another representation.
+        ``basis`` of the wrong shape, with columns that are not orthonormal (checked when
+        concrete), or with another representation.
     """
     x_aug, z, has_bias = _inputs(params, x, "nonlinear_rfim")
     activation = act_lib.get_activation(activation)
@@ -385,7 +422,8 @@ def softmax_rfim(params: Params, x: jax.Array, *, representation: str = "exact")
       The metric over the layer's ``m d`` parameters.
 
     Raises:
-      ValueError: for mismatched shapes or an unknown representation.
+      ValueError: for mismatched shapes, an unknown representation, or one output (a
+        softmax over one class is constant, its metric 0: use ``"sigmoid"``).
     """
     x_aug, z, has_bias = _inputs(params, x, "softmax_rfim")
     return rows_rfim(

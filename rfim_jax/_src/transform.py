@@ -354,7 +354,8 @@ def scale_by_rngd(
         static_refresh = _check_refresh(refresh)
         for name, val in (("decay", decay), ("damping", damping)):
             _check_hyper_dtype(name, val)
-        specs = plan_lib.resolve_layers(layers, default_kind, updates, stacked_layers)
+        specs = plan_lib.resolve_layers(layers, default_kind, updates, stacked_layers,
+                                        tree_name="grads")
         # The representation was decided at init; the state's own structure says which.
         resolved = [(layer, _estimator_of(state.metrics, layer)) for layer in specs]
         _check_state_fits(state, resolved)
