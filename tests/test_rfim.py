@@ -789,6 +789,14 @@ def test_a_basis_that_is_not_orthonormal_is_refused():
                                              r"\(U\^T U = I.*max \|U\^T U - I\|"):
             nonlinear_rfim(params, x, "tanh", representation="eigen",
                            basis=jnp.asarray(bad, jnp.float32))
+    # A float32 eigenbasis with float64 rows is held to float32's tolerance, not float64's.
+    x64 = np.asarray(x, np.float64)
+    _, u32 = np.linalg.eigh(np.cov(np.random.default_rng(2).normal(size=(4, 50))))
+    u32 = u32.astype(np.float32)
+    assert np.abs(u32.astype(np.float64).T @ u32 - np.eye(4)).max() > 1e-12
+    p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    got64 = nonlinear_rfim(p64, x64, "tanh", representation="eigen", basis=jnp.asarray(u32))
+    assert got64.scales.dtype == np.float64
     # Under jit the basis is traced: the caller's responsibility, no host read.
     jitted = jax.jit(lambda b: nonlinear_rfim(params, x, "tanh", representation="eigen",
                                               basis=b).trace())

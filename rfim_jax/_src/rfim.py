@@ -156,18 +156,22 @@ def softmax_classes_error(where: str, m: int) -> ValueError:
     )
 
 
-def _check_orthonormal(basis: jax.Array) -> None:
+def _check_orthonormal(basis, dtype) -> None:
     """Refuses a concrete ``basis`` whose columns are not orthonormal.
 
     Every eigen formula (``G_l ~= U diag(s_l) U^T``, the solve ``U (U^T V / s)``) assumes
     ``U^T U = I``; another basis gives wrong metrics with no error.  The tolerance,
-    ``max(sqrt(eps), 10 d eps)``, admits the rounding of an ``eigh`` in the basis's dtype.
-    Traced bases (under ``jit``) are the caller's responsibility.
+    ``max(sqrt(eps), 10 d eps)`` with the eps of the less precise of the basis's dtype and
+    the rows' ``dtype``, admits the rounding of an ``eigh`` in either (a float32 basis used
+    with float64 rows is accepted).  Traced bases (under ``jit``) are the caller's
+    responsibility.
     """
     if isinstance(basis, jax.core.Tracer):
         return
+    basis = jnp.asarray(basis)
     d = basis.shape[-1]
-    eps = float(jnp.finfo(basis.dtype).eps)
+    eps = max(float(jnp.finfo(t).eps) for t in (basis.dtype, dtype)
+              if jnp.issubdtype(t, jnp.inexact))
     tol = max(eps**0.5, 10 * d * eps)
     b = basis.astype(dtypes_lib.at_least_float32(basis))
     err = float(jnp.max(jnp.abs(b.T @ b - jnp.eye(d, dtype=b.dtype))))
@@ -255,8 +259,8 @@ def rows_rfim(
                 f"layer_rfim_from_activations: basis must be ({d}, {d}) for inputs of width "
                 f"d={d}, got {tuple(basis.shape)}."
             )
+        _check_orthonormal(basis, x_aug.dtype)
         basis = jnp.asarray(basis, x_aug.dtype)
-        _check_orthonormal(basis)
     if isinstance(kind, str) and kind == "softmax" and m < 2:
         raise softmax_classes_error("layer_rfim_from_activations", m)
     static = {"has_bias": has_bias, "layout": layout}
