@@ -82,11 +82,26 @@ def reference_precondition(kind, inverses, g_kernel, g_bias):
     return (out[:-1], out[-1]) if g_bias is not None else (out, None)
 
 
-class ReferenceRNGD:
-    """SPEC §4 step by step: fresh damped estimate, EMA from I, refresh, precondition."""
+def _stale_jacobi(G, inverses, eps0, factor):
+    """Per block: ``1 / diag(G)`` where ``sum_i G_ii M_ii / n > factor (1 + eps0) / eps0`` (the
+    stored inverse no longer fits the block, README "Stale inverses"), else None."""
+    out = []
+    for g, inv in zip(G, inverses, strict=True):
+        rho = float(np.sum(np.diag(g) * np.diag(inv))) / g.shape[0]
+        stale = eps0 > 0 and rho > factor * (1 + eps0) / eps0
+        out.append(1.0 / np.diag(g) if stale else None)
+    return out
 
-    def __init__(self, specs, decay, inverse_every, eps0):
+
+class ReferenceRNGD:
+    """SPEC §4 step by step: fresh damped estimate, EMA from I, refresh, precondition; a
+    block whose stored inverse went stale takes the Jacobi step of its current value.
+    ``stale`` counts those (block, step) pairs since the last refresh (``fallbacks``)."""
+
+    def __init__(self, specs, decay, inverse_every, eps0, stale_factor=10.0):
         self.specs, self.decay, self.every, self.eps0 = specs, decay, inverse_every, eps0
+        self.stale_factor = stale_factor
+        self.stale = dict.fromkeys(specs, 0)
         self.count = 0
         self.G, self.inv = {}, {}
         for path, (kind, d_in, m, has_bias) in specs.items():
@@ -105,8 +120,15 @@ class ReferenceRNGD:
                             for g, f in zip(self.G[path], fresh, strict=True)]
             if self.count % self.every == 0:
                 self.inv[path] = [np.linalg.inv(g) for g in self.G[path]]
+                self.stale[path] = 0
+            inverses = self.inv[path]
+            if self.stale_factor is not None:
+                jacobi = _stale_jacobi(self.G[path], inverses, self.eps0, self.stale_factor)
+                self.stale[path] += sum(j is not None for j in jacobi)
+                inverses = [inv if j is None else np.diag(j)
+                            for inv, j in zip(inverses, jacobi, strict=True)]
             out[path] = reference_precondition(
-                kind, self.inv[path], grads[path]["kernel"], grads[path].get("bias"))
+                kind, inverses, grads[path]["kernel"], grads[path].get("bias"))
         self.count += 1
         return out
 

@@ -96,6 +96,51 @@ def test_scale_by_rngd_matches_direct_computation(seed, has_bias, inverse_every)
     assert sorted(t[0] for t in traces) == sorted(set(sizes))
 
 
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_a_stale_inverse_takes_the_jacobi_step_of_the_current_block(has_bias):
+    """A unit dead at a refresh (its block decayed to 1e-18 of its size) and alive again got
+    that tiny block's inverse: steps up to 1e15x too long until the next refresh.  The
+    numpy reference measures staleness on its own and takes the Jacobi step there; without
+    the guard its step is orders of magnitude longer.  The other neuron is never stale."""
+    rng = np.random.default_rng(5)
+    d_in, m, n = 3, 2, 8
+    kernel = rng.normal(size=(d_in, m))
+    params = {"Dense_0": {"kernel": jnp.asarray(kernel)}}
+    if has_bias:
+        params["Dense_0"]["bias"] = jnp.zeros(m)
+    specs = {"Dense_0": ("relu", d_in, m, has_bias)}
+    decay, every, eps0 = 0.5, 50, 1e-2
+    tx = rfim_jax.scale_by_rngd({"Dense_0": "relu"}, decay=decay, inverse_every=every,
+                                damping=eps0)
+    ref = ReferenceRNGD(specs, decay, every, eps0)
+    unguarded = ReferenceRNGD(specs, decay, every, eps0, stale_factor=None)
+    update = jax.jit(tx.update)
+    state = tx.init(params)
+    longest = {}
+    for step in range(64):
+        x = rng.normal(size=(n, d_in))
+        z = x @ kernel
+        if 5 <= step < 60:  # neuron 0 dead (nu = s(z)^2 ~ 1e-35), refreshed at 50 while dead
+            z[:, 0] = -40.0
+        acts = {"Dense_0": {"inputs": jnp.asarray(x), "preacts": jnp.asarray(z)}}
+        grads = _random_grads(rng, params)
+        out, state = update(grads, state, params, activations=acts)
+        flat = {"Dense_0": {"inputs": x, "preacts": z}}
+        want_k, want_b = ref.update(grads, flat)["Dense_0"]
+        plain_k, _ = unguarded.update(grads, flat)["Dense_0"]
+        np.testing.assert_allclose(out["Dense_0"]["kernel"], want_k, rtol=1e-6, atol=1e-9)
+        if has_bias:
+            np.testing.assert_allclose(out["Dense_0"]["bias"], want_b, rtol=1e-6, atol=1e-9)
+        assert int(state.fallbacks["Dense_0"]) == ref.stale["Dense_0"], step
+        if step >= 60:
+            longest[step] = (np.abs(want_k[:, 0]).max(), np.abs(plain_k[:, 0]).max())
+            np.testing.assert_allclose(want_k[:, 1], plain_k[:, 1], rtol=1e-12)
+    # Alive again after the refresh at 50: neuron 0 is guarded on every step until the next.
+    assert ref.stale["Dense_0"] == 4, ref.stale
+    for step, (guarded, plain) in longest.items():
+        assert guarded < 1e3 and plain > 1e8 * guarded, (step, guarded, plain)
+
+
 @pytest.mark.parametrize("mode", ["static", "traced"])
 def test_refresh_decided_by_the_caller_matches_numpy_reference(mode):
     """``refresh=`` a Python bool compiles two steps without a conditional; a boolean array

@@ -679,18 +679,23 @@ def reciprocal_scales(scales: ArrayLike) -> jax.Array:
     return jnp.where(ok, 1.0 / jnp.where(ok, s, 1.0), 1.0).astype(s.dtype)
 
 
-def block_traces(blocks: ArrayLike) -> jax.Array:
-    """``tr(G)`` per block of a (..., d, d) stack, (...,).
+def block_diagonals(blocks: ArrayLike) -> jax.Array:
+    """The diagonal of each block of a (..., d, d) stack, (..., d).
 
     Reads the d diagonal entries of each block by a strided slice of its flattened form,
-    ``d`` reads per block; ``jnp.trace`` masks the whole block, a full pass over ``d^2``
-    entries, which costs as much as the moving average itself for the large blocks RNGD
-    keeps.
+    ``d`` reads per block; ``jnp.diagonal`` and ``jnp.trace`` mask the whole block, a full
+    pass over ``d^2`` entries, which costs as much as the moving average itself for the large
+    blocks RNGD keeps.
     """
     blocks = jnp.asarray(blocks)
     d = blocks.shape[-1]
     flat = blocks.reshape(blocks.shape[:-2] + (d * d,))
-    return jnp.sum(flat[..., :: d + 1], axis=-1)
+    return flat[..., :: d + 1]
+
+
+def block_traces(blocks: ArrayLike) -> jax.Array:
+    """``tr(G)`` per block of a (..., d, d) stack, (...,), from :func:`block_diagonals`."""
+    return jnp.sum(block_diagonals(blocks), axis=-1)
 
 
 def add_damping(blocks: ArrayLike, damping: ArrayLike, *, relative: bool = False) -> jax.Array:

@@ -59,7 +59,9 @@ class ScaleByRNGDState(NamedTuple):
         the gradient as given: guarding the params is the job of
         ``optax.apply_if_finite`` (README, "Guards").
       fallbacks: layer path -> number of blocks whose inverse (or eigendecomposition) fell
-        back at the last refresh (see :mod:`rfim_jax._src.solvers`).
+        back at the last refresh (see :mod:`rfim_jax._src.solvers`), plus, for the exact
+        representation, the (block, step) pairs since then whose stored inverse had gone
+        stale and which took the Jacobi step instead (:mod:`rfim_jax._src.estimators.exact`).
       rejected_updates: number of steps whose update (over all params) was not finite and
         was replaced by zeros (with ``skip_nonfinite=True``, the default), so that the params
         and the later stages (momentum) stay finite.
@@ -453,15 +455,18 @@ def scale_by_rngd(
         store_key = jax.random.fold_in(jax.random.key(0), count) if narrow else None
         for index, (layer, est) in enumerate(resolved):
             path = layer.path
-            preconditioners[path] = (layer, est.preconditioner(
-                layer, stats[path], factors[path], normalize=normalize_max_eigenvalue))
+            pre = est.preconditioner(layer, stats[path], factors[path],
+                                     normalize=normalize_max_eigenvalue, damping=damping)
+            preconditioners[path] = (layer, pre)
             new_metrics[path] = _store_averages(
                 stats[path], state.metrics[path],
                 None if store_key is None else jax.random.fold_in(store_key, index))
             new_inverses[path] = jax.tree.map(
                 lambda a, s: a.astype(s.dtype), factors[path], state.inverses[path])
             new_skipped[path] = state.skipped[path] + bad[path]
-            new_fallbacks[path] = fallbacks[path]
+            # Blocks whose stored inverse went stale took the Jacobi step (estimators.exact).
+            stale = getattr(pre, "num_stale", None)
+            new_fallbacks[path] = fallbacks[path] + (0 if stale is None else stale)
 
         def precondition(path, grad_layer):
             layer, pre = preconditioners[path]

@@ -64,8 +64,10 @@ class Estimator:
         """Step 3: returns ``(stats, factors, fallbacks)``."""
         raise NotImplementedError
 
-    def preconditioner(self, layer, stats, factors, *, normalize: bool):
-        """Step 4: a metric (:class:`AbstractMetric`) whose ``matvec`` gives the step."""
+    def preconditioner(self, layer, stats, factors, *, normalize: bool, damping=None):
+        """Step 4: an object whose ``matvec_columns`` gives the step (a metric, or the exact
+        estimator's guarded inverse, whose ``num_stale`` counts the blocks it stepped
+        around; ``damping`` is the relative damping eps0, which bounds a fresh inverse)."""
         raise NotImplementedError
 
     def as_metric(self, layer, stats, factors) -> metrics_lib.AbstractMetric:

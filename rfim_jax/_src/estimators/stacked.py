@@ -26,6 +26,12 @@ class StackedPreconditioner:
 
     metric: object
 
+    @property
+    def num_stale(self) -> jax.Array | None:
+        """Stale blocks over all slices, if the inner preconditioner counts them."""
+        inner = getattr(self.metric, "stale", None)
+        return None if inner is None else jnp.sum(inner).astype(jnp.int32)
+
     def matvec_columns(self, cols: jax.Array) -> jax.Array:
         return jax.vmap(lambda m, c: m.matvec_columns(c))(self.metric, cols)
 
@@ -64,9 +70,10 @@ class StackedEstimator(Estimator):
                                                        normalize=normalize))(stats, factors)
         return out[0], out[1], jnp.sum(out[2]).astype(jnp.int32)
 
-    def preconditioner(self, layer, stats, factors, *, normalize):
+    def preconditioner(self, layer, stats, factors, *, normalize, damping=None):
         return StackedPreconditioner(jax.vmap(
-            lambda s, f: self.inner.preconditioner(layer.inner, s, f, normalize=normalize)
+            lambda s, f: self.inner.preconditioner(layer.inner, s, f, normalize=normalize,
+                                                   damping=damping)
         )(stats, factors))
 
     def as_metric(self, layer, stats, factors):
