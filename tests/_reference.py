@@ -82,26 +82,25 @@ def reference_precondition(kind, inverses, g_kernel, g_bias):
     return (out[:-1], out[-1]) if g_bias is not None else (out, None)
 
 
-def _stale_jacobi(G, inverses, eps0, factor):
-    """Per block: ``1 / diag(G)`` where ``sum_i G_ii M_ii / n > factor (1 + eps0) / eps0`` (the
-    stored inverse no longer fits the block, README "Stale inverses"), else None."""
-    out = []
-    for g, inv in zip(G, inverses, strict=True):
-        rho = float(np.sum(np.diag(g) * np.diag(inv))) / g.shape[0]
-        stale = eps0 > 0 and rho > factor * (1 + eps0) / eps0
-        out.append(1.0 / np.diag(g) if stale else None)
-    return out
+def _outgrown(G, inverses, eps0, factor):
+    """Whether a block has outgrown its stored inverse: ``sum_i G_ii M_ii / n`` past
+    ``factor (1 + eps0) / eps0``, its bound right after a refresh (README "Stale inverses")."""
+    if factor is None or eps0 <= 0:
+        return False
+    bound = factor * (1 + eps0) / eps0
+    return any(float(np.sum(np.diag(g) * np.diag(inv))) / g.shape[0] > bound
+               for g, inv in zip(G, inverses, strict=True))
 
 
 class ReferenceRNGD:
-    """SPEC §4 step by step: fresh damped estimate, EMA from I, refresh, precondition; a
-    block whose stored inverse went stale takes the Jacobi step of its current value.
-    ``stale`` counts those (block, step) pairs since the last refresh (``fallbacks``)."""
+    """SPEC §4 step by step: fresh damped estimate, EMA from I, refresh, precondition.  A
+    step whose averages have outgrown a stored inverse refreshes too (``early`` counts
+    those steps); ``stale_factor=None`` leaves that rule out."""
 
     def __init__(self, specs, decay, inverse_every, eps0, stale_factor=10.0):
         self.specs, self.decay, self.every, self.eps0 = specs, decay, inverse_every, eps0
         self.stale_factor = stale_factor
-        self.stale = dict.fromkeys(specs, 0)
+        self.early = 0
         self.count = 0
         self.G, self.inv = {}, {}
         for path, (kind, d_in, m, has_bias) in specs.items():
@@ -112,23 +111,22 @@ class ReferenceRNGD:
             self.inv[path] = [np.eye(size) for _ in range(k)]
 
     def update(self, grads, acts):
-        out = {}
         for path, (kind, _, _, has_bias) in self.specs.items():
             fresh = reference_blocks(kind, acts[path]["inputs"], acts[path]["preacts"],
                                      has_bias, self.eps0)
             self.G[path] = [self.decay * g + (1 - self.decay) * f
                             for g, f in zip(self.G[path], fresh, strict=True)]
-            if self.count % self.every == 0:
+        scheduled = self.count % self.every == 0
+        stale = any(_outgrown(self.G[p], self.inv[p], self.eps0, self.stale_factor)
+                    for p in self.specs)
+        if scheduled or stale:
+            self.early += int(not scheduled)
+            for path in self.specs:
                 self.inv[path] = [np.linalg.inv(g) for g in self.G[path]]
-                self.stale[path] = 0
-            inverses = self.inv[path]
-            if self.stale_factor is not None:
-                jacobi = _stale_jacobi(self.G[path], inverses, self.eps0, self.stale_factor)
-                self.stale[path] += sum(j is not None for j in jacobi)
-                inverses = [inv if j is None else np.diag(j)
-                            for inv, j in zip(inverses, jacobi, strict=True)]
+        out = {}
+        for path, (kind, _, _, _) in self.specs.items():
             out[path] = reference_precondition(
-                kind, inverses, grads[path]["kernel"], grads[path].get("bias"))
+                kind, self.inv[path], grads[path]["kernel"], grads[path].get("bias"))
         self.count += 1
         return out
 

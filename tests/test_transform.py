@@ -97,11 +97,11 @@ def test_scale_by_rngd_matches_direct_computation(seed, has_bias, inverse_every)
 
 
 @pytest.mark.parametrize("has_bias", [True, False])
-def test_a_stale_inverse_takes_the_jacobi_step_of_the_current_block(has_bias):
+def test_an_outgrown_inverse_is_refreshed_early(has_bias):
     """A unit dead at a refresh (its block decayed to 1e-18 of its size) and alive again got
     that tiny block's inverse: steps up to 1e15x too long until the next refresh.  The
-    numpy reference measures staleness on its own and takes the Jacobi step there; without
-    the guard its step is orders of magnitude longer.  The other neuron is never stale."""
+    numpy reference measures staleness on its own and refreshes on the step the unit fires
+    again; without that rule its step is many orders of magnitude longer."""
     rng = np.random.default_rng(5)
     d_in, m, n = 3, 2, 8
     kernel = rng.normal(size=(d_in, m))
@@ -131,14 +131,46 @@ def test_a_stale_inverse_takes_the_jacobi_step_of_the_current_block(has_bias):
         np.testing.assert_allclose(out["Dense_0"]["kernel"], want_k, rtol=1e-6, atol=1e-9)
         if has_bias:
             np.testing.assert_allclose(out["Dense_0"]["bias"], want_b, rtol=1e-6, atol=1e-9)
-        assert int(state.fallbacks["Dense_0"]) == ref.stale["Dense_0"], step
         if step >= 60:
             longest[step] = (np.abs(want_k[:, 0]).max(), np.abs(plain_k[:, 0]).max())
-            np.testing.assert_allclose(want_k[:, 1], plain_k[:, 1], rtol=1e-12)
-    # Alive again after the refresh at 50: neuron 0 is guarded on every step until the next.
-    assert ref.stale["Dense_0"] == 4, ref.stale
+        assert ref.early == (step >= 60), (step, ref.early)
+    # One early refresh, on the step the unit fired again; the inverses then fit.
+    np.testing.assert_allclose(state.inverses["Dense_0"], np.stack(ref.inv["Dense_0"]),
+                               rtol=1e-6)
     for step, (guarded, plain) in longest.items():
         assert guarded < 1e3 and plain > 1e8 * guarded, (step, guarded, plain)
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_early_refresh_with_statistics_every_other_step_and_stacked_layers(stacked):
+    """The early refresh also acts when the statistics run every k-th step (inside their
+    conditional) and on a stacked layer: the same updates as the caller forcing
+    ``refresh=`` on exactly the scheduled steps and the step the dead unit fires again."""
+    rng = np.random.default_rng(6)
+    d_in, m, n, num = 3, 2, 8, 2
+    kernel = rng.normal(size=(num, d_in, m) if stacked else (d_in, m))
+    params = {"l": {"kernel": jnp.asarray(kernel), "bias": jnp.zeros(kernel.shape[:-2] + (m,))}}
+    kw = dict(decay=0.5, inverse_every=50, damping=1e-2, update_every=2)
+    auto = rfim_jax.scale_by_rngd({"l": "relu"}, **kw)
+    forced = rfim_jax.scale_by_rngd({"l": "relu"}, **kw)
+    step_auto = jax.jit(auto.update)
+    step_forced = jax.jit(lambda g, s, p, activations, r: forced.update(
+        g, s, p, activations=activations, refresh=r))
+    s_auto, s_forced = auto.init(params), forced.init(params)
+    for step in range(66):
+        x = rng.normal(size=(num, n, d_in) if stacked else (n, d_in))
+        z = np.einsum("...ni,...im->...nm", x, kernel)
+        if 5 <= step < 60:
+            z[..., 0] = -40.0
+        acts = {"l": {"inputs": jnp.asarray(x), "preacts": jnp.asarray(z)}}
+        grads = jax.tree.map(lambda a: rng.normal(size=a.shape), params)
+        if 5 <= step < 60:  # a dead relu unit's gradient is 0
+            grads = jax.tree.map(lambda a: a * (np.arange(m) != 0), grads)
+        u_auto, s_auto = step_auto(grads, s_auto, params, activations=acts)
+        refresh = step % 50 == 0 or step == 60  # 60: statistics step, the unit fires again
+        u_forced, s_forced = step_forced(grads, s_forced, params, acts, jnp.asarray(refresh))
+        np.testing.assert_allclose(u_auto["l"]["kernel"], u_forced["l"]["kernel"], rtol=1e-9)
+        assert np.abs(u_auto["l"]["kernel"]).max() < 1e3, step
 
 
 @pytest.mark.parametrize("mode", ["static", "traced"])

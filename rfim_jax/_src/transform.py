@@ -59,9 +59,7 @@ class ScaleByRNGDState(NamedTuple):
         the gradient as given: guarding the params is the job of
         ``optax.apply_if_finite`` (README, "Guards").
       fallbacks: layer path -> number of blocks whose inverse (or eigendecomposition) fell
-        back at the last refresh (see :mod:`rfim_jax._src.solvers`), plus, for the exact
-        representation, the (block, step) pairs since then whose stored inverse had gone
-        stale and which took the Jacobi step instead (:mod:`rfim_jax._src.estimators.exact`).
+        back at the last refresh (see :mod:`rfim_jax._src.solvers`).
       rejected_updates: number of steps whose update (over all params) was not finite and
         was replaced by zeros (with ``skip_nonfinite=True``, the default), so that the params
         and the later stages (momentum) stay finite.
@@ -222,7 +220,10 @@ def scale_by_rngd(
        from ``G = I``;
     3. if ``count % inverse_every == 0`` (``count`` = updates done before this one, so the
        first call refreshes), recomputes the inverses of the current ``G`` inside the jit
-       with ``lax.cond``;
+       with ``lax.cond``; also, early, when a block of the exact representation has
+       outgrown its stored inverse (``sum_i G_ii M_ii / n`` past 10 times its
+       post-refresh bound ``(1 + damping) / damping``: a unit dead at the last refresh
+       that fires again would otherwise get a step up to 1e15 times too long);
     4. returns ``G_l^-1 [dkernel[:, l], dbias[l]]`` per neuron l (eq. 33), in param layout.
 
     With ``representation="eigen"`` the same four steps run on ``A``, ``U`` and ``S``
@@ -294,13 +295,17 @@ def scale_by_rngd(
       ``activations`` mirrors the params nesting down to each layer, each mapping to
       ``{"inputs": (n..., d_in), "preacts": (n..., m)}`` (a flat dict keyed by path works
       too).  Leading batch axes are flattened into samples.  ``refresh`` decides this step's
-      refresh of the inverses: ``None`` (default) when ``count % inverse_every == 0``; a
-      Python bool decides it when the step is traced, so the compiled step holds no
-      conditional (on a GPU the conditional around cuSOLVER reads its predicate back to the
-      host every step; compile one step with ``refresh=True`` and one with ``False`` and
-      pick in Python, as kfac-jax does); a scalar boolean array is the conditional's
-      predicate.  Passing ``refresh=(count % inverse_every == 0)`` gives the default's
-      updates exactly.
+      refresh of the inverses: ``None`` (default) when ``count % inverse_every == 0``, and
+      also on a step whose updated statistics have outgrown a stored exact inverse (a
+      unit dead at the last refresh that fires again; see "Stale inverses" in
+      :mod:`rfim_jax._src.estimators.exact`); a Python bool decides it when the step is
+      traced, so the compiled step holds no conditional (on a GPU the conditional around
+      cuSOLVER reads its predicate back to the host every step; compile one step with
+      ``refresh=True`` and one with ``False`` and pick in Python, as kfac-jax does); a
+      scalar boolean array is the conditional's predicate.  A caller who decides the
+      refresh decides it alone: no early refresh is added.  Passing
+      ``refresh=(count % inverse_every == 0)`` gives the default's updates exactly while
+      no inverse goes stale.
 
     Raises:
       ValueError: for a hyperparameter out of its range, an unknown kind or representation,
@@ -398,16 +403,24 @@ def scale_by_rngd(
             # Under explicit sharding the sample axes may be split over devices.  Every array
             # goes in as an argument (a closed-over one, e.g. an injected damping, would keep
             # its explicit mesh inside the automatic region).
-            return sharding_lib.global_statistics(
+            new, bad = sharding_lib.global_statistics(
                 layer_stats, stats, rows, work_factors, rates, damping)
+            # A stored inverse that the updated blocks have outgrown makes this step a
+            # refresh (estimators.exact, "Stale inverses"); only updated blocks can outgrow.
+            stale = jnp.zeros([], bool)
+            for layer, est in resolved:
+                stale = stale | est.stale(layer, new[layer.path], work_factors[layer.path],
+                                          damping=damping, normalize=normalize_max_eigenvalue)
+            return new, bad, stale
 
         def no_stats(stats):
-            return stats, {layer.path: jnp.zeros([], jnp.int32) for layer, _ in resolved}
+            return (stats, {layer.path: jnp.zeros([], jnp.int32) for layer, _ in resolved},
+                    jnp.zeros([], bool))
 
         if stats_every_step:
-            stats, bad = all_stats(work_stats)
+            stats, bad, stale = all_stats(work_stats)
         else:
-            stats, bad = jax.lax.cond(do_stats, all_stats, no_stats, work_stats)
+            stats, bad, stale = jax.lax.cond(do_stats, all_stats, no_stats, work_stats)
 
         serial = solvers_lib.needs_serial_calls(solver)
         # Stats that a refresh leaves unchanged stay out of the cond (refresh_keeps_stats).
@@ -441,7 +454,7 @@ def scale_by_rngd(
         if static_refresh is not None:  # decided in Python: no conditional in the step
             changing, factors, fallbacks = (all_refresh if static_refresh else keep)(*operands)
         else:
-            predicate = do_refresh if refresh is None else jnp.asarray(refresh)
+            predicate = (do_refresh | stale) if refresh is None else jnp.asarray(refresh)
             changing, factors, fallbacks = jax.lax.cond(predicate, all_refresh, keep,
                                                         *operands)
         stats = {**stats, **changing}
@@ -455,18 +468,15 @@ def scale_by_rngd(
         store_key = jax.random.fold_in(jax.random.key(0), count) if narrow else None
         for index, (layer, est) in enumerate(resolved):
             path = layer.path
-            pre = est.preconditioner(layer, stats[path], factors[path],
-                                     normalize=normalize_max_eigenvalue, damping=damping)
-            preconditioners[path] = (layer, pre)
+            preconditioners[path] = (layer, est.preconditioner(
+                layer, stats[path], factors[path], normalize=normalize_max_eigenvalue))
             new_metrics[path] = _store_averages(
                 stats[path], state.metrics[path],
                 None if store_key is None else jax.random.fold_in(store_key, index))
             new_inverses[path] = jax.tree.map(
                 lambda a, s: a.astype(s.dtype), factors[path], state.inverses[path])
             new_skipped[path] = state.skipped[path] + bad[path]
-            # Blocks whose stored inverse went stale took the Jacobi step (estimators.exact).
-            stale = getattr(pre, "num_stale", None)
-            new_fallbacks[path] = fallbacks[path] + (0 if stale is None else stale)
+            new_fallbacks[path] = fallbacks[path]
 
         def precondition(path, grad_layer):
             layer, pre = preconditioners[path]

@@ -64,10 +64,15 @@ class Estimator:
         """Step 3: returns ``(stats, factors, fallbacks)``."""
         raise NotImplementedError
 
-    def preconditioner(self, layer, stats, factors, *, normalize: bool, damping=None):
-        """Step 4: an object whose ``matvec_columns`` gives the step (a metric, or the exact
-        estimator's guarded inverse, whose ``num_stale`` counts the blocks it stepped
-        around; ``damping`` is the relative damping eps0, which bounds a fresh inverse)."""
+    def stale(self, layer, stats, factors, *, damping, normalize: bool) -> jax.Array:
+        """Whether a stored factor no longer fits the current ``stats`` (a bool scalar), so
+        that this step must refresh.  Only stored inverses go stale (the exact estimator);
+        ``damping`` is the relative damping eps0, which bounds a fresh inverse."""
+        del layer, stats, factors, damping, normalize
+        return jnp.zeros([], bool)
+
+    def preconditioner(self, layer, stats, factors, *, normalize: bool):
+        """Step 4: a metric (:class:`AbstractMetric`) whose ``matvec`` gives the step."""
         raise NotImplementedError
 
     def as_metric(self, layer, stats, factors) -> metrics_lib.AbstractMetric:

@@ -44,8 +44,7 @@ class DiagonalEstimator(Estimator):
         scales = jnp.broadcast_to(scales, (layer.m, layer.d))
         return metrics_lib.DiagonalMetric(scales, has_bias=layer.has_bias, layout=layer.layout)
 
-    def preconditioner(self, layer, stats, factors, *, normalize, damping=None):
-        del damping  # the current scales, every step: never stale.
+    def preconditioner(self, layer, stats, factors, *, normalize):
         s = stats["S"]
         if normalize:
             s = s / jnp.max(s)

@@ -87,8 +87,7 @@ class EigenEstimator(Estimator):
         return metrics_lib.EigenDiagonalMetric(basis, scales, has_bias=layer.has_bias,
                                                layout=layer.layout)
 
-    def preconditioner(self, layer, stats, factors, *, normalize, damping=None):
-        del damping  # the current scales, every step: never stale.
+    def preconditioner(self, layer, stats, factors, *, normalize):
         s = stats["S"]
         if normalize:
             s = s / jnp.max(s)

@@ -10,28 +10,26 @@ without bound: a relu unit that was dead at a refresh (its block decayed towards
 relative damping, ``eps0 tr(G_hat)/d``, adds nothing for it) and fires again would get that
 tiny block's inverse, a step up to 1e15 times too long, for up to ``inverse_every`` steps.
 The eigen and diagonal representations divide by the current scales every step and do not
-have this fault.  So every step each block's staleness is measured from d diagonal entries
-of the current block ``G`` and of its stored inverse ``M``:
+have this fault.  So after each update of the statistics, each block's staleness is
+measured from d diagonal entries of the current block ``G`` and of its stored inverse ``M``:
 
     rho_b = sum_i G_ii M_ii / n.
 
 Right after a refresh ``rho_b <= (1 + eps0) / eps0``: relative damping keeps every eigenvalue
-of the averaged block at least ``eps0 / (1 + eps0)`` times its mean, so ``M_ii <= n / (eps0
-tr G) (1 + eps0)``.  A block whose ``rho_b`` exceeds :data:`STALE_FACTOR` times that bound has
+of the averaged block at least ``eps0 / (1 + eps0)`` times its mean, so ``M_ii <= n (1 + eps0)
+/ (eps0 tr G)``.  A block whose ``rho_b`` exceeds :data:`STALE_FACTOR` times that bound has
 grown, since its inverse was taken, by at least that factor along some direction, and its
-stored inverse would overshoot there.  Such a block takes the Jacobi step of its *current*
-block, ``g_i / G_ii`` (1 where ``G_ii`` is not a positive normal number), until the next
-refresh inverts it; the step is counted in ``fallbacks``.  A block that behaves never
-reaches the threshold, so its step is exactly the algorithm of SPEC §4.  With ``eps0 = 0``
-there is no bound and no guard; under ``normalize_max_eigenvalue`` the stored inverse carries
-the layer's scale, so the guard is off there too.
+stored inverse would overshoot there.  Such a block makes this step a refresh
+(:func:`rfim_jax.scale_by_rngd`): every inverse is recomputed from the current blocks before
+the step is taken.  A block that behaves never reaches the threshold, so the refreshes are
+exactly SPEC §4's schedule.  With ``eps0 = 0`` there is no bound and no early refresh; under
+``normalize_max_eigenvalue`` the stored inverse carries the layer's scale, so neither.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
 from rfim_jax._src import metrics as metrics_lib
 from rfim_jax._src import rfim as rfim_lib
@@ -54,32 +52,6 @@ def stale_blocks(blocks: jax.Array, inverses: jax.Array, damping) -> jax.Array:
     # eps0 = 0 gives an infinite bound: no block is ever stale.
     bound = STALE_FACTOR * (1.0 + damping) / damping
     return rho > bound
-
-
-@struct.dataclass
-class GuardedInverse:
-    """The stored inverses' step, with the Jacobi step of the current block where stale.
-
-    Attributes:
-      inverse: the metric of the stored inverses (its ``matvec_columns`` is the step).
-      stale: (k,) bool, from :func:`stale_blocks`; k is 1 for a shared or full block.
-      jacobi: (k, n) reciprocal diagonals of the current blocks.
-    """
-
-    inverse: metrics_lib.AbstractMetric
-    stale: jax.Array
-    jacobi: jax.Array
-
-    @property
-    def num_stale(self) -> jax.Array:
-        return jnp.sum(self.stale).astype(jnp.int32)
-
-    def matvec_columns(self, cols: jax.Array) -> jax.Array:
-        d, m = cols.shape
-        # Neuron-major: entry (l, i) of a full block's diagonal is cols[i, l] (SPEC §2).
-        jacobi = jnp.broadcast_to(self.jacobi.reshape(-1, d), (m, d)).T
-        stale = jnp.broadcast_to(self.stale, (m,))
-        return jnp.where(stale[None, :], cols * jacobi, self.inverse.matvec_columns(cols))
 
 
 class ExactEstimator(Estimator):
@@ -131,12 +103,14 @@ class ExactEstimator(Estimator):
         inv, ok = solvers.spd_inverse_and_status(stats / scale, method=solver, previous=factors)
         return stats, inv, jnp.sum(~ok).astype(jnp.int32)
 
-    def preconditioner(self, layer, stats, factors, *, normalize, damping=None):
-        inverse = self._wrap(layer, factors)  # normalize: the scale was applied at the refresh.
-        if normalize or damping is None:
-            return inverse
-        return GuardedInverse(inverse, stale_blocks(stats, factors, damping),
-                              solvers.reciprocal_scales(solvers.block_diagonals(stats)))
+    def stale(self, layer, stats, factors, *, damping, normalize):
+        if normalize:  # the stored inverses carry the layer's scale: no bound to test
+            return jnp.zeros([], bool)
+        return jnp.any(stale_blocks(stats, factors, damping))
+
+    def preconditioner(self, layer, stats, factors, *, normalize):
+        del stats, normalize  # the scale was applied at the refresh.
+        return self._wrap(layer, factors)
 
     def as_metric(self, layer, stats, factors):
         return self._wrap(layer, stats)

@@ -26,12 +26,6 @@ class StackedPreconditioner:
 
     metric: object
 
-    @property
-    def num_stale(self) -> jax.Array | None:
-        """Stale blocks over all slices, if the inner preconditioner counts them."""
-        inner = getattr(self.metric, "stale", None)
-        return None if inner is None else jnp.sum(inner).astype(jnp.int32)
-
     def matvec_columns(self, cols: jax.Array) -> jax.Array:
         return jax.vmap(lambda m, c: m.matvec_columns(c))(self.metric, cols)
 
@@ -70,10 +64,13 @@ class StackedEstimator(Estimator):
                                                        normalize=normalize))(stats, factors)
         return out[0], out[1], jnp.sum(out[2]).astype(jnp.int32)
 
-    def preconditioner(self, layer, stats, factors, *, normalize, damping=None):
+    def stale(self, layer, stats, factors, *, damping, normalize):
+        return jnp.any(jax.vmap(lambda s, f: self.inner.stale(
+            layer.inner, s, f, damping=damping, normalize=normalize))(stats, factors))
+
+    def preconditioner(self, layer, stats, factors, *, normalize):
         return StackedPreconditioner(jax.vmap(
-            lambda s, f: self.inner.preconditioner(layer.inner, s, f, normalize=normalize,
-                                                   damping=damping)
+            lambda s, f: self.inner.preconditioner(layer.inner, s, f, normalize=normalize)
         )(stats, factors))
 
     def as_metric(self, layer, stats, factors):
