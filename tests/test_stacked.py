@@ -19,7 +19,7 @@ def test_stacked_dense_is_independent_layers(kind, rep):
     params = {"scan": {"kernel": jnp.asarray(rng.normal(size=(L, D_IN, M))),
                        "bias": jnp.asarray(rng.normal(size=(L, M)))}}
     plan = rfim_jax.rngd_plan(params, {"scan": kind}, representation=rep)
-    assert plan["scan"].shape == (D_IN + 1, M)
+    assert (plan["scan"].shape, plan["scan"].stack) == ((D_IN + 1, M), L)
     assert plan["scan"].params_bytes == params["scan"]["kernel"].nbytes + params["scan"][
         "bias"].nbytes
     decay, eps0 = 0.7, 0.02
@@ -265,10 +265,11 @@ def test_declared_bias_free_stack_is_independent_layers(kind, rep):
     rng = np.random.default_rng(3)
     params = {"scan": {"kernel": jnp.asarray(rng.normal(size=(L, D_IN, M)))}}
     # Undeclared, the kernel reads as one (L * D_IN) -> M layer; declared, as L layers.
-    assert rfim_jax.rngd_plan(params, {"scan": kind})["scan"].shape == (L * D_IN, M)
+    undeclared = rfim_jax.rngd_plan(params, {"scan": kind})["scan"]
+    assert (undeclared.shape, undeclared.stack) == ((L * D_IN, M), 1)
     plan = rfim_jax.rngd_plan(params, {"scan": kind}, representation=rep,
                               stacked_layers=["scan"])
-    assert plan["scan"].shape == (D_IN, M)
+    assert (plan["scan"].shape, plan["scan"].stack) == ((D_IN, M), L)
     decay, eps0 = 0.7, 0.02
     tx = rfim_jax.scale_by_rngd({"scan": kind}, representation=rep, decay=decay, damping=eps0,
                                 inverse_every=1, stacked_layers=["scan"])

@@ -52,8 +52,11 @@ class LayerPlan(NamedTuple):
       state_bytes: bytes of the layer's RNGD state (stats and factors).
       exact_bytes: what the exact representation would need.
       params_bytes: bytes of the layer's kernel and bias.
-      shape: (d, m): the length of one neuron's vector and the number of neurons.
+      shape: (d, m): the length of one neuron's vector and the number of neurons (of one
+        slice, for a stacked layer).
       bytes_by_representation: state bytes under each representation.
+      stack: the number of slices of a stacked layer (its leading layer axis), 1 otherwise;
+        the bytes count every slice.
     """
 
     path: str
@@ -64,6 +67,7 @@ class LayerPlan(NamedTuple):
     params_bytes: int
     shape: tuple[int, int]
     bytes_by_representation: dict[str, int]
+    stack: int = 1
 
 
 def storage_dtype(kernel, state_dtype=None) -> jnp.dtype:
@@ -301,7 +305,7 @@ def plan_layers(
         params_bytes = layer.num_params * _itemsize(kernel.dtype)
         plans[layer.path] = LayerPlan(
             layer.path, kind_name(layer.kind), rep, by_rep[rep], by_rep["exact"], params_bytes,
-            (layer.d, layer.m), by_rep,
+            (layer.d, layer.m), by_rep, getattr(layer, "num", 1),
         )
     return plans
 

@@ -271,15 +271,19 @@ class DenseLayer(LayerAdapter):
                 f"rfim_jax.Linear(per_neuron=True): the same metric, one block per output "
                 f"channel (each its group's, d={d}), in the exact or diagonal representation."
             )
-        why = None
         if representation == "eigen":
-            why = "the eigen representation keeps one input basis per layer"
-        elif self.is_softmax:
-            why = "'softmax' couples channels that see different inputs"
-        if why:
+            # The kind is fine here; the representation is what cannot hold the groups.  It
+            # is often "auto"'s choice, made at init from the params, which do not show G.
             raise ValueError(
-                f"{where}, but {why}. Give the layer an activation kind (or "
-                f"rfim_jax.Linear(per_neuron=True)) with "
-                f"representation={{{self.path!r}: 'exact'}} (grouped blocks are small, "
-                f"d={d}) or 'diagonal'."
+                f"{where}, but its state is in the eigen representation (chosen at init: "
+                f"\"auto\" picks eigen for a layer whose exact state exceeds "
+                f"exact_budget_bytes, and the params do not show the groups), which keeps "
+                f"one input basis per layer. Pass representation={{{self.path!r}: 'exact'}} "
+                f"(grouped blocks are small, d={d}) or 'diagonal' for this layer."
+            )
+        if self.is_softmax:
+            raise ValueError(
+                f"{where}, but 'softmax' couples channels that see different inputs. Give "
+                f"the layer an activation kind (or rfim_jax.Linear(per_neuron=True)), in the "
+                f"exact (grouped blocks are small, d={d}) or diagonal representation."
             )
