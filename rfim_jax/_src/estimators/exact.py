@@ -21,8 +21,10 @@ of the averaged block at least ``eps0 / (1 + eps0)`` times its mean, so ``M_ii <
 grown, since its inverse was taken, by at least that factor along some direction, and its
 stored inverse would overshoot there.  Such a block makes this step a refresh
 (:func:`rfim_jax.scale_by_rngd`): every inverse is recomputed from the current blocks before
-the step is taken.  A block that behaves never reaches the threshold, so the refreshes are
-exactly SPEC §4's schedule.  With ``eps0 = 0`` there is no bound and no early refresh; under
+the step is taken.  In healthy training at the usual input scale no block comes near the
+threshold (README, "Guards", for the measurements), so the refreshes are SPEC §4's schedule;
+features with second moments far above 1 can cross it once while the average grows from its
+identity start.  With ``eps0 = 0`` there is no bound and no early refresh; under
 ``normalize_max_eigenvalue`` the stored inverse carries the layer's scale, so neither.
 """
 
