@@ -92,9 +92,8 @@ def resolve_layers(layers, default_kind, params, stacked_layers=(), tree_name="p
         string.
       ValueError: for an unknown kind, a path that is not a layer (a kernel of rank < 2 is
         named with its shape), kind ``"softmax"`` on a layer with one output, a masked
-        layer, ``layers=None`` with no layer to
-        precondition, or a ``stacked_layers`` path that is not among the layers or has no
-        common leading axis.
+        layer, ``layers=None`` with no layer to precondition, or a ``stacked_layers`` path
+        that is not among the layers or has no common leading axis.
     """
     declared = check_stacked_layers(stacked_layers)
     # optax.partition / optax.masked hand this transform MaskedNode leaves for the layers that
@@ -305,7 +304,7 @@ def plan_layers(
         params_bytes = layer.num_params * _itemsize(kernel.dtype)
         plans[layer.path] = LayerPlan(
             layer.path, kind_name(layer.kind), rep, by_rep[rep], by_rep["exact"], params_bytes,
-            (layer.d, layer.m), by_rep, getattr(layer, "num", 1),
+            (layer.d, layer.m), by_rep, layer.num if isinstance(layer, StackedLayer) else 1,
         )
     return plans
 
