@@ -15,7 +15,7 @@ warm-up and cosine decay of the learning rate.  Methods, on the same batches:
   ``representation="auto"`` with a 4 MiB exact budget, so that the GELU layers (per-neuron
   blocks, ``2 N m d^2`` flops per step) are eigen;
 - ``rngd_mlp``: RNGD on the MLPs only, AdamW on the rest (``optax.partition``);
-- ``adamw``;
+- ``adam``, ``adamw`` and ``sgd`` (momentum 0.9), the baselines;
 - ``muon``: ``optax.contrib.muon`` on the hidden matrices, the attention projections viewed
   as matrices (``benchmarks.peers.muon.kernel_dimension_numbers``); its AdamW fallback for
   the embeddings, the head, the biases and the norms, as Muon's authors use it;
@@ -30,8 +30,8 @@ with the reason.
 
 Recorded: training loss (on fixed training batches) and validation loss, both in bits per
 character, against steps and against training seconds; the time to a target training loss;
-and the per-step time relative to AdamW from an interleaved timing loop.  Outputs (``--out``,
-default ``results/``): ``transformer.json`` and ``transformer.png``.
+and the per-step time relative to Adam and to AdamW from an interleaved timing loop.
+Outputs (``--out``, default ``results/``): ``transformer.json`` and ``transformer.png``.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ import optax
 import rfim_jax
 from experiments import common, data
 
-METHODS = ("rngd", "rngd_mlp", "adamw", "muon", "psgd", "kfac")
+METHODS = ("rngd", "rngd_mlp", "adam", "adamw", "sgd", "muon", "psgd", "kfac")
 #: the methods from outside this library and optax: unavailable (with the reason) when they
 #: do not load or run.
 PEER_METHODS = ("psgd", "kfac")
@@ -73,7 +73,8 @@ class TransformerConfig:
     target_bits: tuple[float, ...] = (4.0, 3.7)
     methods: tuple[str, ...] = METHODS
     learning_rates: dict = dataclasses.field(default_factory=lambda: {
-        "rngd": 0.3, "rngd_mlp": 1e-2, "adamw": 1e-2, "muon": 0.02, "psgd": 1e-3})
+        "rngd": 0.3, "rngd_mlp": 3e-3, "adam": 3e-3, "adamw": 3e-3, "sgd": 0.1, "muon": 0.02,
+        "psgd": 1e-3})
     rngd_mlp_rngd_lr: float = 0.5  # the RNGD part's rate in "rngd_mlp"
     weight_decay: float = 1e-4
     rngd_decay: float = 0.95
@@ -172,6 +173,10 @@ def make_optimizer(method: str, cfg: TransformerConfig, params):
              "adamw": optax.adamw(lr, weight_decay=cfg.weight_decay)}, labels)
     if method == "adamw":
         return optax.with_extra_args_support(optax.adamw(lr, weight_decay=cfg.weight_decay))
+    if method == "adam":
+        return optax.with_extra_args_support(optax.adam(lr))
+    if method == "sgd":
+        return optax.with_extra_args_support(optax.sgd(lr, momentum=0.9))
     if method in ("muon", "psgd"):
         from benchmarks import harness
         from benchmarks.peers import muon, psgd
@@ -291,8 +296,9 @@ def run(cfg: TransformerConfig) -> dict[str, Any]:
     per_step = common.interleaved_timing(steps, states, params0, batches, cfg.timing_rounds)
     for method, ms in per_step.items():
         results[method]["ms_per_step"] = ms
-        results[method]["ratio_to_adamw"] = ms / per_step["adamw"] if "adamw" in per_step \
-            else None
+        for base in ("adam", "adamw"):  # None when that baseline was not among the methods
+            results[method][f"ratio_to_{base}"] = (ms / per_step[base] if base in per_step
+                                                   else None)
     num_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params0))
     return {"vocab": len(vocab), "num_params": num_params,
             "plan": {p: lp._asdict() for p, lp in plan.items()}, "methods": results}
@@ -320,7 +326,7 @@ def plot(results: dict, cfg: TransformerConfig, path) -> None:
 
 
 def summary(results: dict, cfg: TransformerConfig) -> str:
-    head = (f"{'method':<9} {'ms/step':>8} {'x AdamW':>8} {'train':>7} {'val':>7} "
+    head = (f"{'method':<9} {'ms/step':>8} {'x Adam':>8} {'x AdamW':>8} {'train':>7} {'val':>7} "
             + " ".join(f"{'t(' + str(t) + ')':>8}" for t in cfg.target_bits))
     lines = [head]
     for method, r in results["methods"].items():
@@ -330,9 +336,10 @@ def summary(results: dict, cfg: TransformerConfig) -> str:
         ttt = " ".join(f"{r['time_to_target'][str(t)]:8.1f}"
                        if r["time_to_target"][str(t)] is not None else f"{'-':>8}"
                        for t in cfg.target_bits)
-        ratio = r.get("ratio_to_adamw")  # None when AdamW was not among the methods
-        ratio = f"{ratio:8.2f}" if ratio is not None else f"{'-':>8}"
-        lines.append(f"{method:<9} {r['ms_per_step']:8.1f} {ratio} "
+        # None when that baseline was not among the methods
+        ratios = " ".join(f"{r[key]:8.2f}" if r.get(key) is not None else f"{'-':>8}"
+                          for key in ("ratio_to_adam", "ratio_to_adamw"))
+        lines.append(f"{method:<9} {r['ms_per_step']:8.1f} {ratios} "
                      f"{r['train_bits'][-1]:7.3f} {r['val_bits'][-1]:7.3f} {ttt}")
     return "\n".join(lines)
 

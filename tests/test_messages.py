@@ -43,6 +43,14 @@ def test_unknown_kind_lists_each_valid_kind_once():
         assert len(re.findall(rf"(?<!\w){re.escape(name)}(?!\w)", msg)) == 1, name
 
 
+def test_a_metric_of_kind_none_says_none_is_pass_through():
+    """A metric constructor given None said "unknown kind None" and then listed None as valid."""
+    x, z = jnp.ones((4, 2)), jnp.ones((4, 3))
+    with pytest.raises(ValueError, match=r"layer_rfim_from_activations: kind None "
+                                         r"\(pass-through\) has no RFIM.*scale_by_rngd's layers"):
+        rfim_jax.layer_rfim_from_activations(x, z, None)
+
+
 def test_whitening_refuses_a_non_linear_kind():
     with pytest.raises(ValueError, match=r"scale_by_whitening: layer 'Dense_0' was given kind "
                                          r"'softmax', but whitening is the 'linear' kind"):

@@ -7,6 +7,7 @@ The reference dense matrix and the param-layout <-> neuron-major vector maps are
 explicit Python loops over (neuron, coordinate), independently of the library's reshapes.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -468,3 +469,19 @@ def test_condition_number_of_a_non_finite_matrix_is_nan():
         assert np.isnan(float(rfim_jax.condition_number(bad, nonzero_only=nonzero_only)))
     np.testing.assert_allclose(
         rfim_jax.condition_number(np.diag([4.0, 2.0, 1.0]), nonzero_only=False), 4.0)
+
+
+@pytest.mark.parametrize("rep", ["exact", "eigen", "diagonal"])
+def test_every_metric_names_its_representation(rep):
+    """SPEC §7: every layer metric has a ``representation``; it is the constructors' argument,
+    for every kind, and survives jit (a class attribute, not a traced field)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(7, 3)))
+    params = {"kernel": jnp.asarray(rng.normal(size=(3, 4))), "bias": jnp.zeros(4)}
+    built = [rfim_jax.nonlinear_rfim(params, x, "tanh", representation=rep),
+             rfim_jax.linear_rfim(params, x, representation=rep),
+             rfim_jax.softmax_rfim(params, x, representation=rep)]
+    for metric in built:
+        assert metric.representation == rep, type(metric).__name__
+        assert jax.jit(lambda g: g)(metric).representation == rep
+        assert "representation" not in [f.name for f in dataclasses.fields(metric)]

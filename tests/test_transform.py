@@ -423,6 +423,11 @@ def test_scale_by_whitening_accepts_a_list_of_paths():
     acts = _random_acts(rng, specs, n=4)
     grads = _random_grads(rng, params)
     tx = rfim_jax.scale_by_whitening(["Dense_1"], inverse_every=1)
+    _assert_whitens_only_dense_1(tx, params, specs, acts, grads)
+
+
+def _assert_whitens_only_dense_1(tx, params, specs, acts, grads):
+    """One step of ``tx``: Dense_0 passes through, Dense_1 matches the numpy reference."""
     out, state = tx.update(grads, tx.init(params), activations={"Dense_1": acts["Dense_1"]})
     assert set(state.metrics) == {"Dense_1"}
     jax.tree.map(np.testing.assert_array_equal, out["Dense_0"], grads["Dense_0"])
@@ -444,6 +449,17 @@ def test_scale_by_whitening_keeps_a_linear_sigma():
     kernel, bias = ref.update(grads, _flat_acts(acts))["Dense_0"]
     np.testing.assert_allclose(out["Dense_0"]["kernel"], kernel, rtol=1e-7)
     np.testing.assert_allclose(out["Dense_0"]["bias"], bias, rtol=1e-7)
+
+
+def test_scale_by_whitening_mapping_none_passes_through():
+    """A None in the mapping is a pass-through layer, as in scale_by_rngd (it was refused,
+    by an error that listed None among the valid kinds)."""
+    rng = np.random.default_rng(3)
+    params, specs = _make_problem(rng, ["linear", "linear"])
+    acts = _random_acts(rng, specs, n=4)
+    grads = _random_grads(rng, params)
+    tx = rfim_jax.scale_by_whitening({"Dense_0": None, "Dense_1": "linear"}, inverse_every=1)
+    _assert_whitens_only_dense_1(tx, params, specs, acts, grads)
 
 
 def test_scale_by_whitening_refuses_per_neuron_linear_and_a_bare_path():

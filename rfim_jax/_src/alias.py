@@ -115,8 +115,9 @@ def scale_by_whitening(
 
     Args:
       layers: the layers to whiten: a list of paths, or None for every dense layer.  A mapping
-        is accepted too; its values must be ``"linear"`` or a ``Linear(sigma)`` (one shared
-        block: ``per_neuron=False``), and a sigma is kept.
+        is accepted too; its values must be ``"linear"``, a ``Linear(sigma)`` (one shared
+        block: ``per_neuron=False``; a sigma is kept) or None (the layer's gradient passes
+        through unchanged, as in :func:`scale_by_rngd`).
       decay, inverse_every, damping, update_every, solver, stacked_layers: as in
         :func:`scale_by_rngd`.
 
@@ -135,6 +136,8 @@ def scale_by_whitening(
         )
     if isinstance(layers, Mapping):
         for path, kind in layers.items():
+            if kind is None:  # pass-through, as in scale_by_rngd
+                continue
             if not act_lib.is_shared_linear(rfim_lib.resolve_kind(kind,
                                                                    where=f"layer {path!r}")):
                 raise ValueError(

@@ -89,6 +89,15 @@ def resolve_kind(kind, *, where: str = "layer_rfim_from_activations"):
     """
     if isinstance(kind, str) and kind.lower() == "softmax":
         return "softmax"
+    if kind is None:
+        # None is a kind only in an optimiser's ``layers`` (the gradient passes through); a
+        # metric always needs one.
+        raise ValueError(
+            f"{where}: kind None (pass-through) has no RFIM. A kind is an activation name "
+            f"({', '.join(act_lib.ACTIVATION_NAMES)}), an rfim_jax.Activation object or "
+            f"'softmax'; None is accepted only in scale_by_rngd's layers, where it leaves "
+            f"the layer's gradient unchanged."
+        )
     try:
         return act_lib.get_activation(kind)
     except (ValueError, TypeError) as e:

@@ -197,6 +197,8 @@ class AbstractMetric:
     jit cache could otherwise return one representation for another.
 
     Attributes (properties):
+      representation: ``"exact"``, ``"eigen"`` or ``"diagonal"`` (SPEC §7), the
+        ``representation=`` of the constructors that build this class.
       num_neurons: m.
       block_size: d, the length of one neuron's vector ``w~_l``.
       dim: ``m d``.
@@ -204,6 +206,8 @@ class AbstractMetric:
 
     num_neurons: int
     block_size: int
+    # A plain class attribute, not a dataclass field: it is the class's, not the instance's.
+    representation = ""
 
     def __init_subclass__(cls, **kwargs):
         # A representation's methods are documented once, here: an override without a

@@ -31,6 +31,8 @@ class DiagonalMetric(PerNeuronScales, AbstractMetric, Arithmetic):
       layout: the kernel's :class:`ParamLayout`, or None for a 2-D dense kernel (static).
     """
 
+    representation = "diagonal"
+
     scales: jax.Array
     has_bias: bool = struct.field(pytree_node=False, default=True)
     layout: ParamLayout | None = struct.field(pytree_node=False, default=None)

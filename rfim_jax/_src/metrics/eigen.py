@@ -45,6 +45,8 @@ class EigenDiagonalMetric(PerNeuronScales, AbstractMetric):
     when they are concrete; under ``jit`` the caller guarantees it.
     """
 
+    representation = "eigen"
+
     basis: jax.Array
     scales: jax.Array
     has_bias: bool = struct.field(pytree_node=False, default=True)

@@ -60,6 +60,8 @@ class SharedBlockMetric(AbstractMetric, Arithmetic):
     ``A = mean_i x~_i x~_i^T / sigma^2`` is stored once.
     """
 
+    representation = "exact"
+
     block: jax.Array
     num_neurons: int = struct.field(pytree_node=False)
     has_bias: bool = struct.field(pytree_node=False, default=True)
@@ -114,6 +116,8 @@ class BlockDiagonalMetric(AbstractMetric, Arithmetic):
 
     ``G_l = mean_i nu_f(z_il) x~_i x~_i^T``.
     """
+
+    representation = "exact"
 
     blocks: jax.Array
     has_bias: bool = struct.field(pytree_node=False, default=True)
@@ -176,6 +180,8 @@ class DenseMetric(AbstractMetric, Arithmetic):
 
     ``matrix`` is (m d, m d) in the neuron-major ordering of SPEC Sec. 2.
     """
+
+    representation = "exact"
 
     matrix: jax.Array
     num_neurons: int = struct.field(pytree_node=False)
