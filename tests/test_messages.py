@@ -5,6 +5,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import rfim_jax
@@ -49,6 +50,40 @@ def test_a_metric_of_kind_none_says_none_is_pass_through():
     with pytest.raises(ValueError, match=r"layer_rfim_from_activations: kind None "
                                          r"\(pass-through\) has no RFIM.*scale_by_rngd's layers"):
         rfim_jax.layer_rfim_from_activations(x, z, None)
+
+
+def test_a_layer_whose_whole_subtree_another_transform_owns_is_named_masked():
+    """optax.partition with a prefix label masks the whole layer dict (a MaskedNode where the
+    layer was); naming it said "not a dense layer" and listed the layers without it."""
+    params = {"Dense_0": {"kernel": jnp.ones((4, 8)), "bias": jnp.zeros(8)},
+              "Dense_1": {"kernel": jnp.ones((8, 2)), "bias": jnp.zeros(2)}}
+    labels = {"Dense_0": "rngd", "Dense_1": "adam"}
+
+    def partition(layers):
+        return optax.partition({"rngd": rfim_jax.rngd(0.1, layers), "adam": optax.adam(1e-3)},
+                               labels)
+
+    with pytest.raises(ValueError, match=r"layer 'Dense_1' is masked out of this transform "
+                                         r"\(optax.partition or optax.masked"):
+        partition({"Dense_0": "relu", "Dense_1": "linear"}).init(params)
+    partition({"Dense_0": "relu", "Dense_1": None}).init(params)  # pass-through: accepted
+
+
+def test_a_bias_only_layer_says_it_has_no_kernel_scale_or_embedding():
+    """A LayerNorm(use_scale=False) named in layers: the error now says what the node holds."""
+    params = {"n": {"bias": jnp.zeros(3)}, "Dense_0": {"kernel": jnp.ones((2, 3))}}
+    with pytest.raises(ValueError, match=r"layer 'n' is not a dense layer of the params.*"
+                                         r"holds only \['bias'\].*use_scale=False"):
+        rfim_jax.rngd(0.1, {"n": "linear"}).init(params)
+
+
+def test_a_transposed_kernel_is_named_with_the_shape_the_metric_needs():
+    """solve() with a (m, d_in) kernel blamed the bias and never named the kernel shape."""
+    params = {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}
+    metric = rfim_jax.nonlinear_rfim(params, jnp.asarray(np.eye(4, 3)), "tanh")
+    with pytest.raises(ValueError, match=r"BlockDiagonalMetric.solve: kernel has shape \(2, 3\), "
+                                         r"but this metric is for a kernel of shape \(3, 2\)"):
+        metric.solve({"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(2)}, 0.1)
 
 
 def test_whitening_refuses_a_non_linear_kind():

@@ -351,8 +351,12 @@ def test_eigen_sum_of_different_bases_is_refused():
         _ = g + other
     with pytest.raises(TypeError, match="same layer"):
         _ = g + g.replace(has_bias=False)
-    # Under jit the bases cannot be compared; the caller guarantees them.
+    # Under jit the bases are compared when the program runs: the same basis gives the exact
+    # sum, different ones NaN scales (it silently gave a wrong metric: 0.11 off in max entry).
     np.testing.assert_allclose(jax.jit(lambda a, b: a + b)(g, g).scales, 2 * g.scales)
+    mixed = jax.jit(lambda a, b: 0.9 * a - 0.1 * b)(g, other)
+    assert np.all(np.isnan(np.asarray(mixed.scales)))
+    assert np.all(np.isfinite(np.asarray(jax.jit(lambda a, b: a - b)(g, g).scales)))
 
 
 def test_distinct_tree_structures_across_all_representations():

@@ -119,20 +119,25 @@ def resolve_layers(layers, default_kind, params, stacked_layers=(), tree_name="p
         if kind is not None:
             kind = rfim_lib.resolve_kind(kind, where=f"layer {path!r}")
         node = paths_lib.get_by_path(params, path)
-        if node is None or not paths_lib.is_layer(node):
-            paths_lib.check_kernel_rank(path, node)
-            raise ValueError(
-                f"layer {path!r} is not a dense layer of the {tree_name}: no mapping with a "
-                f"'kernel' at that path. Dense layers found in the {tree_name}: {available}."
-            )
-        if kind is None:
-            continue
-        if isinstance(node[paths_lib.layer_key(node)], optax.MaskedNode):
+        if _masked_at_or_above(params, path) or (
+                paths_lib.is_layer(node)
+                and isinstance(node[paths_lib.layer_key(node)], optax.MaskedNode)):
+            if kind is None:
+                continue
             raise ValueError(
                 f"layer {path!r} is masked out of this transform (optax.partition or "
                 f"optax.masked gives its params to another one); remove it from `layers`. "
                 f"Layers this transform sees: {available}."
             )
+        if node is None or not paths_lib.is_layer(node):
+            paths_lib.check_kernel_rank(path, node)
+            raise ValueError(
+                f"layer {path!r} is not a dense layer of the {tree_name}: no mapping with a "
+                f"'kernel' at that path{_bias_only_hint(node)}. Dense layers found in the "
+                f"{tree_name}: {available}."
+            )
+        if kind is None:
+            continue
         # A bias owned by another transform (optax.partition sending biases to, say, Adam):
         # this one preconditions the kernel alone, by its own block of the RFIM (the layer
         # read as bias-free), and leaves the masked entry as it is.
@@ -146,6 +151,23 @@ def resolve_layers(layers, default_kind, params, stacked_layers=(), tree_name="p
             layer = StackedLayer(layer, int(node[paths_lib.layer_key(node)].shape[0]))
         out.append(layer)
     return out
+
+
+def _masked_at_or_above(params, path: str) -> bool:
+    """Whether ``path`` or a parent of it is an ``optax.MaskedNode`` (a whole subtree that
+    optax.partition or optax.masked gives to another transform)."""
+    keys = path.split(paths_lib.SEP)
+    return any(isinstance(paths_lib.get_by_path(params, paths_lib.SEP.join(keys[:i])),
+                          optax.MaskedNode) for i in range(1, len(keys) + 1))
+
+
+def _bias_only_hint(node) -> str:
+    """A clause for a node that holds a bias but no weights (a norm with use_scale=False)."""
+    if paths_lib.is_mapping(node) and "bias" in node:
+        return (f" (it holds only {sorted(node)}: a layer with a bias and no kernel, scale or "
+                f"embedding, e.g. LayerNorm(use_scale=False), has no RFIM here; leave it out "
+                f"of `layers`, its bias then passes through unchanged)")
+    return ""
 
 
 def _refuse_bias_without_kernel(params, layers) -> None:

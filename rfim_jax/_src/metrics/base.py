@@ -231,6 +231,19 @@ class AbstractMetric:
 
         The cast is explicit, so the algebra also runs under strict dtype promotion.
         """
+        if self.layout is None and isinstance(v, Mapping) and "kernel" in v:
+            # A wrong kernel with a bias that does not fit it either (a transposed kernel)
+            # would be reported as the bias's fault, never naming the kernel this metric needs.
+            want = (self.block_size - int(self.has_bias), self.num_neurons)
+            got = _shape(jnp.asarray(v["kernel"]))
+            bias = v.get("bias")
+            if (len(got) == 2 and got != want and bias is not None
+                    and _shape(jnp.asarray(bias)) != (got[1],)):
+                with_bias = f" and a bias of shape ({want[1]},)" if self.has_bias else ""
+                raise ValueError(
+                    f"{where}: kernel has shape {got}, but this metric is for a kernel of shape "
+                    f"{want} (d_in, m){with_bias}."
+                )
         cols = params_to_columns(v, self.has_bias, name=where, layout=self.layout)
         check_columns(cols, self.block_size, self.num_neurons, where)
         return cols.astype(dtypes_lib.result_type(cols, *jax.tree.leaves(self)))

@@ -41,8 +41,10 @@ class EigenDiagonalMetric(PerNeuronScales, AbstractMetric):
       layout: the kernel's :class:`ParamLayout`, or None for a 2-D dense kernel (static).
 
     Arithmetic: ``a * G``, ``G / a`` and ``-G`` scale ``S``; ``G + H`` and ``G - H`` combine the
-    scales of two metrics **in the same basis** (the result is then exact).  Bases are compared
-    when they are concrete; under ``jit`` the caller guarantees it.
+    scales of two metrics **in the same basis** (the result is then exact).  Concrete bases
+    that differ raise a ValueError.  Under ``jit`` (or ``vmap``, ``scan``) they cannot be
+    compared before the program runs, so there a sum or difference of different bases has
+    NaN scales: a loud result instead of a silently wrong metric.
     """
 
     representation = "eigen"
@@ -89,25 +91,33 @@ class EigenDiagonalMetric(PerNeuronScales, AbstractMetric):
         return (self.scales @ (self.basis * self.basis).T).reshape(-1)
 
     # ------------------------------------------------------------------ arithmetic
-    def _check_basis(self, other, where: str) -> None:
-        _same_static(self, other, where)
+    def _combine(self, other, scales: jax.Array, where: str) -> EigenDiagonalMetric:
+        """``self`` with ``scales``, the scales of ``self`` and ``other`` combined; their bases
+        must agree (to ``np.allclose(atol=1e-6)``); the static fields are checked already."""
+        if self.basis is other.basis:
+            return self.replace(scales=scales)
         try:
             same = np.allclose(np.asarray(self.basis), np.asarray(other.basis), atol=1e-6)
         except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-            return  # traced: the caller guarantees a shared basis.
+            # Traced: the bases are compared when the program runs, and a mismatch makes the
+            # result NaN rather than a metric that is silently wrong.
+            a, b = self.basis, other.basis.astype(self.basis.dtype)
+            same = jnp.all(jnp.abs(a - b) <= 1e-6 + 1e-5 * jnp.abs(b))
+            return self.replace(scales=jnp.where(same, scales, jnp.nan))
         if not same:
             raise ValueError(
                 f"{where}: the two EigenDiagonalMetrics have different bases, so their sum is "
                 f"not diagonal in either; convert with to_dense() or re-estimate in one basis."
             )
+        return self.replace(scales=scales)
 
     def __add__(self, other):
-        self._check_basis(other, "EigenDiagonalMetric.__add__")
-        return self.replace(scales=self.scales + other.scales)
+        _same_static(self, other, "EigenDiagonalMetric.__add__")
+        return self._combine(other, self.scales + other.scales, "EigenDiagonalMetric.__add__")
 
     def __sub__(self, other):
-        self._check_basis(other, "EigenDiagonalMetric.__sub__")
-        return self.replace(scales=self.scales - other.scales)
+        _same_static(self, other, "EigenDiagonalMetric.__sub__")
+        return self._combine(other, self.scales - other.scales, "EigenDiagonalMetric.__sub__")
 
     def __mul__(self, scalar):
         return self.replace(scales=self.scales * scalar)
