@@ -52,6 +52,17 @@ def test_a_metric_of_kind_none_says_none_is_pass_through():
         rfim_jax.layer_rfim_from_activations(x, z, None)
 
 
+def test_none_is_listed_as_a_kind_only_where_it_is_one():
+    """None (pass-through) is a kind of an optimiser's layers, not of a metric."""
+    x, z = jnp.ones((4, 2)), jnp.ones((4, 3))
+    with pytest.raises(ValueError) as err:
+        rfim_jax.layer_rfim_from_activations(x, z, "swish")
+    assert "unknown kind 'swish'" in str(err.value) and "None" not in str(err.value)
+    with pytest.raises(ValueError, match=r"layer 'Dense_0': unknown kind 'swish'.*"
+                                         r"or None \(pass-through\)"):
+        rfim_jax.scale_by_rngd({"Dense_0": "swish"})
+
+
 def test_a_layer_whose_whole_subtree_another_transform_owns_is_named_masked():
     """optax.partition with a prefix label masks the whole layer dict (a MaskedNode where the
     layer was); naming it said "not a dense layer" and listed the layers without it."""

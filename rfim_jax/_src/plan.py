@@ -117,7 +117,7 @@ def resolve_layers(layers, default_kind, params, stacked_layers=(), tree_name="p
     out = []
     for path, kind in layers.items():
         if kind is not None:
-            kind = rfim_lib.resolve_kind(kind, where=f"layer {path!r}")
+            kind = rfim_lib.resolve_kind(kind, where=f"layer {path!r}", pass_through=True)
         node = paths_lib.get_by_path(params, path)
         if _masked_at_or_above(params, path) or (
                 paths_lib.is_layer(node)
@@ -223,7 +223,7 @@ def check_request(layers, default_kind, representation, stacked_layers=()) -> No
                 )
     for where, kind in kinds.items():
         if kind is not None:
-            rfim_lib.resolve_kind(kind, where=where)
+            rfim_lib.resolve_kind(kind, where=where, pass_through=True)
     reps = representation.items() if isinstance(representation, Mapping) else [
         ("", representation)]
     for path, rep in reps:

@@ -79,10 +79,12 @@ def _inputs(params: Params, x: jax.Array, name: str):
 # --------------------------------------------------------------- statistics from activations
 
 
-def resolve_kind(kind, *, where: str = "layer_rfim_from_activations"):
+def resolve_kind(kind, *, where: str = "layer_rfim_from_activations",
+                 pass_through: bool = False):
     """A layer kind as ``"softmax"`` or an :class:`Activation` (``"linear"`` -> ``Linear()``).
 
-    Names are case-insensitive.
+    Names are case-insensitive.  ``pass_through``: the caller (an optimiser's ``layers``)
+    also takes None, which the error's list of valid kinds then includes.
 
     Raises:
       ValueError: for an unknown kind, naming ``where`` and listing the valid kinds.
@@ -103,8 +105,8 @@ def resolve_kind(kind, *, where: str = "layer_rfim_from_activations"):
     except (ValueError, TypeError) as e:
         raise ValueError(
             f"{where}: unknown kind {kind!r}. A kind is an activation name "
-            f"({', '.join(act_lib.ACTIVATION_NAMES)}), an rfim_jax.Activation object, "
-            f"'softmax', or None."
+            f"({', '.join(act_lib.ACTIVATION_NAMES)}), an rfim_jax.Activation object"
+            + (", 'softmax', or None (pass-through)." if pass_through else " or 'softmax'.")
         ) from e
 
 
