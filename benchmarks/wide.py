@@ -12,6 +12,10 @@ exact at width 64 (the issue's 3-epoch goal)::
     python -m benchmarks.wide --no-timing --train-width 64 --train-batch 100 --epochs 3 \\
         --train-methods exact,eigen --out results/wide64
 
+Timing only some methods at one size (Adam is always timed, every ratio is to it)::
+
+    python -m benchmarks.wide --no-train --widths 4096 --batches 100 --methods eigen,diagonal
+
 The network is the paper's 784-h-h-h-10 relu MLP with the RFIM kinds "linear" (input layer),
 "relu" (hidden layers) and "softmax" (output layer; ``--output-kind linear`` gives the paper's
 Fig. 5 choice), preconditioned by
@@ -96,6 +100,23 @@ def methods(lr: Mapping[str, float] | None = None,
         harness.Method("eigen_k10", representation="eigen", update_every=10, **rngd),
         harness.Method("diagonal", representation="diagonal", **rngd),
     )}
+
+
+def timing_methods(names: str | None, output_kind: str = "softmax") -> list[harness.Method]:
+    """The timed methods named in ``names`` (comma-separated; None: all), Adam always first,
+    since every ratio is to it.
+
+    Raises:
+      ValueError: for a name that is not one of :func:`methods`, listing them.
+    """
+    table = methods(output_kind=output_kind)
+    if names is None:
+        return list(table.values())
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in table]
+    if unknown:
+        raise ValueError(f"unknown timing methods {unknown}; choose from {sorted(table)}.")
+    return [table[n] for n in ["adam", *[n for n in wanted if n != "adam"]]]
 
 
 def layer_kinds(sizes: Sequence[int], output_kind: str = "softmax") -> dict[str, str]:
@@ -322,7 +343,7 @@ def _run(args: argparse.Namespace) -> dict:
     out = {"dataset": dataset, "rows": [], "training": None}
     if not args.no_timing:
         configs = [scaling.Config(w, b, input_dim=d_in) for b in batches for w in widths]
-        meths = list(methods(output_kind=args.output_kind).values())
+        meths = timing_methods(args.methods, args.output_kind)
         out["rows"] = measure(configs, meths, data.x_train[:20_000],
                               data.y_train[:20_000], steps=args.steps,
                               reps=args.reps or (3 if quick else 5),
@@ -374,6 +395,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target", type=float, default=0.2, help="target training loss")
     p.add_argument("--train-width", type=int, default=None, help="default 1024 (quick 256)")
     p.add_argument("--train-batch", type=int, default=None, help="default 1024 (quick 100)")
+    p.add_argument("--methods", type=str, default=None,
+                   help="timed methods, comma-separated (default all: "
+                        + ",".join(methods()) + "); adam is always timed, for the ratios")
     p.add_argument("--train-methods", type=str, default=",".join(TRAIN_METHODS))
     p.add_argument("--single-lr", action="store_true", help="only the middle rate of each grid")
     p.add_argument("--output-kind", choices=("softmax", "linear"), default="softmax",

@@ -258,11 +258,23 @@ def test_wrong_type():
         (lambda: GELUTanh(sigma=-2.0), r"GELUTanh: sigma must be > 0, got sigma=-2.0"),
         (lambda: SiLU(sigma=float("nan")), r"SiLU: sigma must be > 0, got sigma=nan"),
         (lambda: Softplus(sigma=0.0), r"Softplus: sigma must be > 0, got sigma=0.0"),
+        # 1/sigma^2 outside float32: every nu inf (or 0), the metric useless without a word.
+        (lambda: Linear(sigma=1e-30), r"Linear: sigma=1e-30 puts 1/sigma\^2 outside "
+                                      r"float32's range"),
+        (lambda: GELU(sigma=1e-20), r"GELU: sigma=1e-20 puts 1/sigma\^2 outside"),
+        (lambda: ReLU(sigma=float("inf")), r"ReLU: sigma=inf puts 1/sigma\^2 outside"),
     ],
 )
 def test_invalid_parameters(make, msg):
     with pytest.raises(ValueError, match=msg):
         make()
+
+
+def test_sigma_at_the_float32_limits_keeps_nu_finite():
+    z = jnp.array([-3.0, 0.5, 2.0], jnp.float32)
+    for sigma in (1.1e-19, 1.8e19):
+        nu = Linear(sigma=sigma).nu(z)
+        assert np.all(np.isfinite(np.asarray(nu))) and np.all(np.asarray(nu) > 0), sigma
 
 
 def test_hashable_and_static_under_jit():

@@ -332,6 +332,15 @@ def test_wide_flop_model_matches_speed_for_exact_linear_output():
     assert wide.flop_model(sizes, 100, {}, None)["bound"] == "forward/backward-bound"
 
 
+def test_wide_timing_methods_filter():
+    names = [m.name for m in wide.timing_methods("diagonal,eigen")]
+    assert names == ["adam", "diagonal", "eigen"]  # adam first: every ratio is to it
+    assert [m.name for m in wide.timing_methods(None)] == list(wide.methods())
+    assert [m.name for m in wide.timing_methods("eigen,adam")] == ["adam", "eigen"]
+    with pytest.raises(ValueError, match=r"unknown timing methods \['eigne'\]; choose from"):
+        wide.timing_methods("eigen,eigne")
+
+
 def test_wide_main_smoke(tmp_path):
     import json
 

@@ -79,11 +79,36 @@ def test_float32_hyperparams_keep_the_moving_average_of_eq_32():
         # An infinite damping made every batch non-finite: RNGD silently became momentum SGD.
         ({"damping": float("inf")}, r"damping must be finite, got inf"),
         ({"damping": np.nan}, r"damping must be finite, got nan"),
+        # Checked when built, not at the first update inside a jitted step.
+        ({"solver": "lu"}, r"Unknown solver method 'lu'; expected one of \('auto'"),
+        ({"solver": None}, r"Unknown solver method None"),
+        # A budget that is no number of bytes sent every layer to eigen without a word.
+        ({"exact_budget_bytes": -1}, r"exact_budget_bytes must be a whole number of bytes "
+                                     r">= 0, got -1"),
+        ({"exact_budget_bytes": 1.5}, r"exact_budget_bytes must be a whole number of bytes"),
+        ({"max_state_bytes": -(2**20)}, r"max_state_bytes must be a whole number of bytes"),
     ],
 )
 def test_out_of_range_hyperparameters_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         rfim_jax.rngd(0.1, {"Dense_0": "relu"}, **kwargs)
+
+
+@pytest.mark.parametrize("budget", [True, "1MB", jnp.bool_(True)])
+def test_a_budget_that_is_not_a_number_of_bytes_is_a_type_error(budget):
+    params = {"Dense_0": {"kernel": jnp.ones((3, 4)), "bias": jnp.zeros(4)}}
+    with pytest.raises(TypeError, match=r"exact_budget_bytes must be a number of bytes"):
+        rfim_jax.rngd(0.1, {"Dense_0": "relu"}, exact_budget_bytes=budget)
+    with pytest.raises(TypeError, match=r"exact_budget_bytes must be a number of bytes"):
+        rfim_jax.rngd_plan(params, {"Dense_0": "relu"}, exact_budget_bytes=budget)
+
+
+def test_a_zero_budget_is_a_budget_every_exact_layer_exceeds():
+    params = {"Dense_0": {"kernel": jnp.ones((3, 4)), "bias": jnp.zeros(4)}}
+    plan = rfim_jax.rngd_plan(params, {"Dense_0": "relu"}, exact_budget_bytes=0)
+    assert plan["Dense_0"].representation == "eigen"
+    plan = rfim_jax.rngd_plan(params, {"Dense_0": "relu"}, exact_budget_bytes=np.int64(2**20))
+    assert plan["Dense_0"].representation == "exact"
 
 
 def test_inject_hyperparams_values_are_checked_at_init():

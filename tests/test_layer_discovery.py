@@ -206,6 +206,14 @@ def test_layers_none_that_finds_nothing_raises():
     masked = {"Dense_0": {"kernel": optax.MaskedNode(), "bias": optax.MaskedNode()}}
     with pytest.raises(ValueError, match=r"masked out of this transform"):
         rfim_jax.scale_by_rngd(None).init(masked)
+    # ... or whole layers, as optax.partition with one label per layer leaves them.
+    params = {"Dense_0": {"kernel": jnp.ones((4, 8)), "bias": jnp.zeros(8)},
+              "Dense_1": {"kernel": jnp.ones((8, 3)), "bias": jnp.zeros(3)}}
+    tx = optax.partition({"rngd": rfim_jax.rngd(LR, None), "adam": optax.adam(LR)},
+                         {"Dense_0": "adam", "Dense_1": "adam"})
+    with pytest.raises(ValueError, match=r"optax.masked gives \['Dense_0', 'Dense_1'\] to "
+                                         r"another transform"):
+        tx.init(params)
 
 
 # --------------------------------------------------------------------------------------------

@@ -40,8 +40,14 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import jax.scipy.special
+import numpy as np
 
 Response = Literal["bernoulli_pm1", "bernoulli", "gaussian"]
+
+
+#: The range of sigma whose 1/sigma^2 is a normal float32 (see _check_sigma).
+_SIGMA_MIN = float(np.sqrt(np.finfo(np.float32).tiny))
+_SIGMA_MAX = float(np.sqrt(np.finfo(np.float32).max))
 
 
 def _check_sigma(name: str, sigma: float) -> float:
@@ -50,6 +56,14 @@ def _check_sigma(name: str, sigma: float) -> float:
     sigma = float(sigma)
     if not sigma > 0.0:
         raise ValueError(f"{name}: sigma must be > 0, got sigma={sigma}.")
+    # nu divides by sigma^2, computed in the inputs' dtype (float32 at least): it must be a
+    # normal float32 there, or nu is inf (or 0 for an infinite sigma) for every z.
+    if not _SIGMA_MIN <= sigma <= _SIGMA_MAX:
+        raise ValueError(
+            f"{name}: sigma={sigma} puts 1/sigma^2 outside float32's range, so every nu would "
+            f"be inf or 0; use a sigma in [{_SIGMA_MIN:.3g}, {_SIGMA_MAX:.3g}] (the metric "
+            f"scales as 1/sigma^2: rescale the loss instead)."
+        )
     return sigma
 
 

@@ -327,12 +327,17 @@ def _leaf_paths(tree: Any, limit: int = 8) -> str:
 def no_layers_error(tree: Any) -> ValueError:
     """The error for ``layers=None`` when ``tree`` holds no dense layer to precondition."""
     found = layer_paths(tree)
-    why = (
-        f"every dense layer ({found}) is masked out of this transform by optax.partition / "
-        f"optax.masked" if found else
-        "no node holds a 'kernel' entry of rank >= 2 (a layer: {'kernel': (d_in, m), 'bias': "
-        "(m,)}, a convolution's or a DenseGeneral's kernel)"
-    )
+    # A whole layer given to another transform is a MaskedNode where its dict was.
+    masked = [SEP.join(p) for p, leaf in _flatten(tree) if _is_masked(leaf)]
+    if found:
+        why = (f"every dense layer ({found}) is masked out of this transform by "
+               f"optax.partition / optax.masked")
+    elif masked:
+        why = (f"no node holds a 'kernel' entry this transform sees; optax.partition / "
+               f"optax.masked gives {masked} to another transform")
+    else:
+        why = ("no node holds a 'kernel' entry of rank >= 2 (a layer: {'kernel': (d_in, m), "
+               "'bias': (m,)}, a convolution's or a DenseGeneral's kernel)")
     return ValueError(
         f"layers=None found nothing to precondition: {why}. The params' leaves are "
         f"[{_leaf_paths(tree)}]. Name the layers explicitly, e.g. layers={{'Dense_0': 'relu'}}, "

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from rfim_jax._src import dtypes as dtypes_lib
@@ -279,17 +280,31 @@ def concrete_bytes(name: str, value) -> int | None:
     read, traced ones cannot decide a state's layout.
 
     Raises:
-      TypeError: for a traced budget, with the way out.
+      TypeError: for a traced budget (with the way out), or one that is not a number
+        (a string such as ``"1MB"``, a bool).
+      ValueError: for a negative or non-integral number of bytes.
     """
     if value is None:
         return None
+    if isinstance(value, (bool, np.bool_, str, bytes)) or (
+            hasattr(value, "dtype") and not (jnp.issubdtype(value.dtype, jnp.integer)
+                                             or jnp.issubdtype(value.dtype, jnp.floating))):
+        raise TypeError(
+            f"{name} must be a number of bytes (an int, e.g. 2**28 for 256 MiB) or None, "
+            f"got {value!r}."
+        )
     try:
-        return int(value)
+        number = float(value)
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError) as e:
         raise TypeError(
             f"{name} decides the state's layout, so it must be a concrete number, not a traced "
             f"value; with optax.inject_hyperparams pass static_args=('{name}',)."
         ) from e
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must be a number of bytes (an int) or None, got {value!r}.") from e
+    if not np.isfinite(number) or number < 0 or number != int(number):
+        raise ValueError(f"{name} must be a whole number of bytes >= 0, got {value!r}.")
+    return int(number)
 
 
 def plan_layers(

@@ -173,10 +173,15 @@ _SCHUR_ABOVE = 256
 # ----------------------------------------------------------------------------- helpers
 
 
+def check_method(method: str) -> None:
+    """Raises a ValueError unless ``method`` is one of :data:`METHODS`."""
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"Unknown solver method {method!r}; expected one of {METHODS}.")
+
+
 def resolve_method(method: str, backend: str | None = None) -> str:
     """Returns the concrete method for ``method``; ``"auto"`` depends on the backend."""
-    if method not in METHODS:
-        raise ValueError(f"Unknown solver method {method!r}; expected one of {METHODS}.")
+    check_method(method)
     if method != "auto":
         return method
     backend = jax.default_backend() if backend is None else backend

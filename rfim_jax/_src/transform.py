@@ -329,6 +329,11 @@ def scale_by_rngd(
     _check_number("decay", decay, 0.0, 1.0, high_open=True)
     _check_number("damping", damping, 0.0, None)
     _check_state_dtype(state_dtype)
+    solvers_lib.check_method(solver)
+    for name, val in (("exact_budget_bytes", exact_budget_bytes),
+                      ("max_state_bytes", max_state_bytes)):
+        if not isinstance(val, jax.core.Tracer):  # a traced one is refused at init
+            plan_lib.concrete_bytes(name, val)
     # Read once: a generator would be used up by the first reading.
     stacked_layers = plan_lib.check_stacked_layers(stacked_layers)
     plan_lib.check_request(layers, default_kind, representation, stacked_layers)

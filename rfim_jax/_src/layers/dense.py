@@ -275,10 +275,11 @@ class DenseLayer(LayerAdapter):
             # The kind is fine here; the representation is what cannot hold the groups.  It
             # is often "auto"'s choice, made at init from the params, which do not show G.
             raise ValueError(
-                f"{where}, but its state is in the eigen representation (chosen at init: "
-                f"\"auto\" picks eigen for a layer whose exact state exceeds "
-                f"exact_budget_bytes, and the params do not show the groups), which keeps "
-                f"one input basis per layer. Pass representation={{{self.path!r}: 'exact'}} "
+                f"{where}, but its state is in the eigen representation (asked for, or "
+                f"\"auto\"'s choice for a layer whose exact state exceeds "
+                f"exact_budget_bytes; init sees only the params, which do not show the "
+                f"groups), which keeps one input basis per layer. Pass "
+                f"representation={{{self.path!r}: 'exact'}} "
                 f"(grouped blocks are small, d={d}) or 'diagonal' for this layer."
             )
         if self.is_softmax:
