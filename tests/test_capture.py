@@ -883,3 +883,11 @@ def test_capture_nnx_names_a_module_broadcast_into_a_lifted_transform():
                                              r"inside a lifted transform.*broadcast"):
             capture_nnx(model, x)
         np.testing.assert_allclose(model(x), want)
+
+
+def test_activation_paths_reads_lists_as_the_params_do():
+    x = jnp.ones((4, 2))
+    params = {"block": {"layers": [{"kernel": jnp.eye(2), "bias": jnp.zeros(2)}] * 2}}
+    acts = {"block": {"layers": [{"inputs": x, "preacts": x}] * 2}}
+    assert rfim_jax.activation_paths(acts) == rfim_jax.layer_paths(params) == [
+        "block/layers/0", "block/layers/1"]

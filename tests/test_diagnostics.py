@@ -195,3 +195,28 @@ def test_diagnostics_of_an_nnx_optimizer_state_are_plain_arrays():
     out = rfim_jax.diagnostics(optimizer.opt_state, nnx.state(model, nnx.Param))
     assert out and all(type(v) is type(jnp.zeros(())) for v in out.values()), {
         k: type(v).__name__ for k, v in out.items()}
+
+
+def test_a_frozen_layer_logs_zero_and_missing_params_name_the_layer():
+    rng = np.random.default_rng(8)
+    params = {"Dense_0": {"kernel": jnp.asarray(rng.normal(size=(3, 2))), "bias": jnp.zeros(2)},
+              "Dense_1": {"kernel": jnp.asarray(rng.normal(size=(2, 2))), "bias": jnp.zeros(2)}}
+    x = jnp.asarray(rng.normal(size=(5, 3)))
+    z0 = x @ params["Dense_0"]["kernel"]
+    z1 = z0 @ params["Dense_1"]["kernel"]
+    acts = {"Dense_0": {"inputs": x, "preacts": z0}, "Dense_1": {"inputs": z0, "preacts": z1}}
+    tx = rfim_jax.scale_by_rngd({"Dense_0": "tanh", "Dense_1": "softmax"})
+    grads = jax.tree.map(jnp.ones_like, params)
+    _, state = tx.update(grads, tx.init(params), params, activations=acts)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    half = {"Dense_0": zeros["Dense_0"], "Dense_1": grads["Dense_1"]}
+    out = rfim_jax.diagnostics(state, params, grads=half, updates=half)
+    assert float(out["Dense_0/step_to_grad_norm"]) == 0.0  # 0 / 0 read as no step, not NaN
+    assert float(out["Dense_1/step_to_grad_norm"]) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=r"layer 'Dense_0' of the RNGD state is not a layer of "
+                                         r"the params given .*\['Dense_1'\]"):
+        rfim_jax.diagnostics(state, {"Dense_1": params["Dense_1"]})
+    metric = rfim_jax.layer_metrics(state, params)["Dense_0"]
+    with pytest.raises(TypeError, match=r"relative_fisher_rao_norm: complex dtype"):
+        rfim_jax.relative_fisher_rao_norm(
+            metric, jax.tree.map(lambda a: a.astype(jnp.complex64), params["Dense_0"]))

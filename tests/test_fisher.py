@@ -409,3 +409,23 @@ def test_fim_rank_of_a_non_finite_matrix_is_minus_one():
     for bad in (np.full((3, 3), np.nan), np.where(np.eye(3) > 0, np.inf, 0.0)):
         assert int(rfim_jax.fim_rank(bad)) == -1
         assert int(jax.jit(rfim_jax.fim_rank)(bad)) == -1
+
+
+def test_empty_batches_empty_matrices_and_negative_tolerances_are_refused():
+    """Each once gave NaN or a bare numpy error instead of naming what was wrong."""
+    params = {"Dense_0": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+
+    def model(p, x):
+        return x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
+
+    with pytest.raises(ValueError, match=r"full_fisher: the batch is empty \(model_fn's "
+                                         r"outputs have shape \(0, 2\)\)"):
+        rfim_jax.full_fisher(model, params, jnp.ones((0, 3)), "categorical")
+    with pytest.raises(ValueError, match=r"full_fisher: sigma must be > 0, got sigma=0.0"):
+        rfim_jax.full_fisher(model, params, jnp.ones((4, 3)), "gaussian", sigma=np.float32(0))
+    for fn in (rfim_jax.fim_rank, rfim_jax.condition_number):
+        with pytest.raises(ValueError, match=r"with D >= 1, got shape \(0, 0\)"):
+            fn(np.zeros((0, 0)))
+        with pytest.raises(ValueError, match=r"rtol must be >= 0, got rtol=-1.0"):
+            fn(np.diag([4.0, 1.0, 0.0]), rtol=-1.0)
+    assert int(rfim_jax.fim_rank(np.diag([4.0, 1.0, 0.0]), rtol=np.float32(0.1))) == 2

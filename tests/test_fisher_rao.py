@@ -335,3 +335,18 @@ def test_class_indices_outside_the_classes_are_not_silently_zero():
     good = jnp.asarray([0, 1, 2, 2, 0])
     np.testing.assert_allclose(traced(good), fisher_rao_norm(_net, params, x, "categorical",
                                                              labels=good), rtol=1e-12)
+
+
+def test_empty_batches_and_complex_labels_are_refused():
+    params = {"Dense_0": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+
+    def model(p, x):
+        return x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
+
+    with pytest.raises(ValueError, match=r"fisher_rao_norm: the batch is empty"):
+        fisher_rao_norm(model, params, jnp.ones((0, 3)), "categorical")
+    with pytest.raises(TypeError, match=r"fisher_rao_norm: labels: complex dtype"):
+        fisher_rao_norm(model, params, jnp.ones((4, 3)), "gaussian",
+                        labels=jnp.ones((4, 2), jnp.complex64))
+    with pytest.raises(ValueError, match=r"fisher_rao_norm: sigma must be > 0"):
+        fisher_rao_norm(model, params, jnp.ones((4, 3)), "gaussian", sigma=np.float32(-1))

@@ -852,3 +852,9 @@ def test_layer_rfim_from_activations_refuses_rows_without_the_bias_column():
     # Inside jit the rows are traced and not checked (the optimiser's own rows are built
     # augmented).
     jax.jit(lambda a, b: layer_rfim_from_activations(a, b, "relu").blocks)(x_aug, z)
+
+
+def test_neuron_rfim_errors_name_neuron_rfim_and_the_kernel_as_given():
+    with pytest.raises(ValueError, match=r"^neuron_rfim: x has 4 features but kernel expects "
+                                         r"d_in=3"):
+        neuron_rfim({"kernel": jnp.ones(3), "bias": jnp.zeros(())}, jnp.ones((7, 4)), "tanh")

@@ -454,3 +454,15 @@ def test_zero_by_zero_blocks_are_their_own_inverse(method, shape):
     assert x.shape == shape[:-1]
     x = solvers.spd_solve(blocks, jnp.zeros(shape[:-1] + (2,)), method=method)
     assert x.shape == shape[:-1] + (2,)
+
+
+def test_empty_blocks_and_numpy_scalar_dampings_get_clear_errors():
+    for fn, name in ((solvers.newton_schulz_inverse, "newton_schulz_inverse"),
+                     (solvers.spd_max_eigenvalue, "spd_max_eigenvalue")):
+        with pytest.raises(ValueError, match=rf"{name}: expected \(\.\.\., d, d\) blocks "
+                                             rf"with d >= 1, got shape \(2, 0, 0\)"):
+            fn(np.ones((2, 0, 0)))
+    assert solvers.spd_inverse(np.ones((2, 0, 0))).shape == (2, 0, 0)
+    for damping in (np.float32(-1.0), jnp.float32(-1.0), float("nan")):
+        with pytest.raises(ValueError, match=r"damping must be >= 0"):
+            solvers.add_damping(jnp.eye(2)[None], damping)

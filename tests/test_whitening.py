@@ -202,3 +202,21 @@ def test_whitening_extreme_scales_in_float32(scale):
     if scale < 1:
         damped, _ = whitening_map(jnp.asarray(x, jnp.float32), eps=1e-2)
         np.testing.assert_allclose(np.asarray(damped), 10.0 * np.eye(5), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("make", [float, np.float32, jnp.float32])
+def test_negative_eps_and_rtol_are_refused_whatever_their_number_type(make):
+    """A numpy or jax scalar once slipped past a Python-number check and gave an all-NaN A."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(20, 4)), jnp.float32)
+    with pytest.raises(ValueError, match=r"whitening_map: eps must be >= 0, got eps=-1"):
+        whitening_map(x, eps=make(-1.0))
+    with pytest.raises(ValueError, match=r"whitening_map: rtol must be >= 0, got rtol=-0.5"):
+        whitening_map(x, rtol=make(-0.5))
+
+
+def test_zero_features_and_complex_inputs_are_refused():
+    with pytest.raises(ValueError, match=r"whitening_map: x has no features \(shape \(5, 0\)\)"):
+        whitening_map(jnp.ones((5, 0)))
+    big_a, a = whitening_map(jnp.asarray(np.random.default_rng(1).normal(size=(10, 3))))
+    with pytest.raises(TypeError, match=r"apply_whitening: x: complex dtype complex64"):
+        apply_whitening(jnp.ones((4, 3), jnp.complex64), big_a, a)

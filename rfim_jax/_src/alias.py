@@ -12,8 +12,9 @@ import optax
 
 from rfim_jax._src import activations as act_lib
 from rfim_jax._src import rfim as rfim_lib
+from rfim_jax._src.arguments import concrete_number
 from rfim_jax._src.plan import Representation
-from rfim_jax._src.transform import LayerKind, concrete_number, scale_by_rngd
+from rfim_jax._src.transform import LayerKind, scale_by_rngd
 
 
 def rngd(

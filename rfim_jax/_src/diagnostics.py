@@ -137,7 +137,14 @@ def layer_metrics(state: Any, params: Any) -> dict[str, metrics_lib.AbstractMetr
         lambda a: a.astype(dtypes_lib.at_least_float32(a))
         if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
     for path, stats in state.metrics.items():
-        layer, stacked = _reading_of(path, paths_lib.get_by_path(params, path), stats)
+        node = paths_lib.get_by_path(params, path)
+        if not paths_lib.is_mapping(node):
+            raise ValueError(
+                f"layer {path!r} of the RNGD state is not a layer of the params given (found "
+                f"{type(node).__name__} there; the params' layers are "
+                f"{paths_lib.layer_paths(params)}); pass the params the state was initialised "
+                f"with.")
+        layer, stacked = _reading_of(path, node, stats)
         est = _estimator_of({path: stats}, layer)
         if not stacked:
             out[path] = est.as_metric(layer, stats, state.inverses[path])
@@ -217,7 +224,8 @@ def diagnostics(
     * ``relative_fisher_rao_norm`` (with ``params``): ``sum_l w~_l^T G_l w~_l``;
     * ``step_to_grad_norm`` (with ``grads`` and ``updates``): ``|update| / |grad|`` over the
       layer's kernel and bias, e.g. the output of ``scale_by_rngd`` against its input (with
-      ``params``, the kernel alone for a layer whose bias another optimiser owns).
+      ``params``, the kernel alone for a layer whose bias another optimiser owns); 0 when
+      both are zero (a frozen or dead layer), ``inf`` for a step without a gradient.
 
     Plus ``count``, the number of updates, and ``rejected_updates``, the steps whose update
     was not finite and was replaced by zeros.  Everything is a jnp scalar, so the function can run
@@ -265,6 +273,8 @@ def diagnostics(
                     if k in g and (k != "bias" or with_bias)]
             gn = jnp.sqrt(sum(jnp.sum(jnp.square(g[k])) for k in keys))
             un = jnp.sqrt(sum(jnp.sum(jnp.square(u[k])) for k in keys))
-            out[f"{path}/step_to_grad_norm"] = un / gn
+            # A zero gradient (a frozen or dead layer) with a zero step logs 0, not 0/0.
+            out[f"{path}/step_to_grad_norm"] = jnp.where(
+                gn > 0, un / jnp.where(gn > 0, gn, 1.0), jnp.where(un > 0, jnp.inf, 0.0))
     # An nnx.Optimizer's state holds its counters in nnx.OptArray wrappers: plain arrays out.
     return {k: jnp.asarray(v) for k, v in out.items()}

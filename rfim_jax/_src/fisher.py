@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from rfim_jax._src import arguments
 from rfim_jax._src.dtypes import at_least_float32
 from rfim_jax._src.paths import SEP
 
@@ -264,8 +265,7 @@ def full_fisher(
             f"full_fisher: unknown response {response!r}; valid responses are "
             f"{', '.join(repr(r) for r in RESPONSES)}."
         )
-    if isinstance(sigma, (int, float)) and not sigma > 0:
-        raise ValueError(f"full_fisher: sigma must be > 0, got sigma={sigma}.")
+    arguments.check_positive("sigma", sigma, where="full_fisher: ")
     # One compiled program instead of hundreds of op-by-op dispatches when called eagerly;
     # inside an outer jit this is simply inlined.
     return _full_fisher_jit(model_fn, params, x, response, sigma)
@@ -287,6 +287,9 @@ def _full_fisher_jit(model_fn, params, x, response, sigma) -> FullFisher:
             f"{'' if response == 'categorical' else ' or (n,)'} for a {response!r} response, "
             f"got shape {tuple(out.shape)}."
         )
+    if out.size == 0:  # a mean over no samples is NaN
+        raise ValueError(f"full_fisher: the batch is empty (model_fn's outputs have shape "
+                         f"{tuple(out.shape)}).")
     num_out = out.size
     # Reverse mode costs one pass per output, forward mode one per parameter.
     jac_fn = jax.jacrev(outputs) if num_out <= theta.size else jax.jacfwd(outputs)
@@ -313,12 +316,14 @@ def _spectrum(matrix: Any) -> jax.Array:
     if hasattr(matrix, "to_dense"):
         matrix = matrix.to_dense()
     matrix = jnp.asarray(matrix)
-    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
-        raise ValueError(f"Expected a square (D, D) matrix, got shape {tuple(matrix.shape)}.")
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] == 0:
+        raise ValueError(f"Expected a square (D, D) matrix with D >= 1, got shape "
+                         f"{tuple(matrix.shape)}.")
     return jnp.linalg.eigvalsh(0.5 * (matrix + matrix.T))
 
 
 def _threshold(eig: jax.Array, rtol: float | None) -> jax.Array:
+    arguments.check_at_least("rtol", rtol, 0.0)
     if rtol is None:
         rtol = eig.shape[0] * jnp.finfo(eig.dtype).eps
     return rtol * jnp.max(jnp.abs(eig))

@@ -35,7 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rfim_jax._src.dtypes import at_least_float32
+from rfim_jax._src import arguments
+from rfim_jax._src.dtypes import at_least_float32, reject_complex
 from rfim_jax._src.fisher import RESPONSES, Response, _output_fisher_quadratic
 
 
@@ -54,6 +55,7 @@ def _labels_as_outputs(
 ) -> jax.Array:
     """Checks ``labels`` against the outputs' shape; returns them as (N, k) in ``dtype``."""
     labels = jnp.asarray(labels)
+    reject_complex(labels.dtype, "fisher_rao_norm: labels")
     shape = tuple(labels.shape)
     if response == "categorical":
         if shape == out_shape[:-1] and jnp.issubdtype(labels.dtype, jnp.integer):
@@ -146,7 +148,7 @@ def fisher_rao_norm(
     Raises:
       TypeError: for a params leaf that is not floating point (integer, bool or complex),
         naming its path, dtype and shape.
-      ValueError: for an unknown ``response``, a Python ``sigma <= 0``, outputs of the wrong
+      ValueError: for an unknown ``response``, a ``sigma <= 0`` known now, outputs of the wrong
         rank (a categorical response needs (n, k)), or ``labels`` whose shape (or, for a
         categorical response given class indices, dtype) does not match the outputs, or
         concrete class indices outside ``[0, k)``; the message names the shapes.
@@ -163,8 +165,7 @@ def fisher_rao_norm(
             f"fisher_rao_norm: unknown response {response!r}; valid responses are "
             f"{', '.join(repr(r) for r in RESPONSES)}."
         )
-    if isinstance(sigma, (int, float)) and not sigma > 0:
-        raise ValueError(f"fisher_rao_norm: sigma must be > 0, got sigma={sigma}.")
+    arguments.check_positive("sigma", sigma, where="fisher_rao_norm: ")
 
     with_path = jax.tree_util.tree_leaves_with_path(params)
     for path, leaf in with_path:
@@ -184,6 +185,9 @@ def fisher_rao_norm(
             f"{'' if response == 'categorical' else ' or (n,)'} for a {response!r} response, "
             f"got shape {out_shape}."
         )
+    if out.size == 0:  # a mean over no samples is NaN
+        raise ValueError(f"fisher_rao_norm: the batch is empty (model_fn's outputs have shape "
+                         f"{out_shape}).")
     k = 1 if out.ndim == 1 else out_shape[-1]
     o = out.reshape(-1, k).astype(dtype)
     v = v.reshape(-1, k).astype(dtype)

@@ -198,13 +198,13 @@ def activation_paths(activations: Any) -> list[str]:
     out: list[str] = []
 
     def walk(node: Any, prefix: str) -> None:
-        if not isinstance(node, Mapping):
-            return
-        if "inputs" in node:
+        if isinstance(node, Mapping) and "inputs" in node:
             out.append(prefix)
             return
-        for k in node:
-            walk(node[k], f"{prefix}{SEP}{k}" if prefix else str(k))
+        # Any container the params may use (dicts, lists, tuples, registered nodes), the
+        # same reading get_by_path gives the optimiser.
+        for k, child in (_entries(node) or {}).items():
+            walk(child, f"{prefix}{SEP}{k}" if prefix else k)
 
     walk(activations, "")
     return out

@@ -15,6 +15,8 @@ pre-activation is ``z = x @ kernel + bias``.  With ``x~ = [x, 1]`` (or ``x`` wit
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,7 +44,8 @@ def flatten_batch(x: jax.Array, *, name: str = "x") -> jax.Array:
         raise ValueError(
             f"{name}: expected a batch of shape (n, d) or (..., n, d), got shape {tuple(x.shape)}."
         )
-    return x.reshape((-1, x.shape[-1]))
+    # The row count spelled out: reshape((-1, 0)) cannot infer it for zero features.
+    return x.reshape((math.prod(x.shape[:-1]), x.shape[-1]))
 
 
 def augment(x: jax.Array, has_bias: bool) -> jax.Array:
@@ -345,7 +348,8 @@ def neuron_rfim(params: Params, x: jax.Array, activation: act_lib.ActivationLike
             f"neuron_rfim: expected one neuron, kernel shape (d_in,) or (d_in, 1), got "
             f"{tuple(kernel.shape)}."
         )
-    return nonlinear_rfim(p, x, activation).blocks[0]
+    x_aug, z, _ = _inputs(p, x, "neuron_rfim")
+    return stats.second_moment(x_aug, act_lib.get_activation(activation).nu(z))[0]
 
 
 def linear_rfim(

@@ -140,6 +140,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from rfim_jax._src.arguments import concrete_number
 from rfim_jax._src.dtypes import at_least_float32, reject_complex, result_type
 
 ArrayLike = Any
@@ -198,6 +199,14 @@ def needs_serial_calls(method: str, backend: str | None = None) -> bool:
     """
     backend = jax.default_backend() if backend is None else backend
     return backend == "cpu" and resolve_method(method, backend) in ("lapack", "lapack_map")
+
+
+def _nonempty(blocks: jax.Array, where: str) -> jax.Array:
+    """``blocks`` unless they are 0 x 0, which have no eigenvalues or iteration to run."""
+    if blocks.shape[-1] == 0:
+        raise ValueError(f"{where}: expected (..., d, d) blocks with d >= 1, got shape "
+                         f"{tuple(blocks.shape)}.")
+    return blocks
 
 
 def _as_blocks(blocks: ArrayLike, name: str = "blocks", *, promote: bool = True) -> jax.Array:
@@ -603,7 +612,7 @@ def newton_schulz_inverse(
       before symmetrisation), ``info.num_iters`` and ``info.warm`` (see
       :class:`NewtonSchulzInfo`).
     """
-    g, _ = _sanitise(_as_blocks(blocks))
+    g, _ = _sanitise(_nonempty(_as_blocks(blocks), "newton_schulz_inverse"))
     previous = _check_previous(previous, g)
     tol = g.shape[-1] * jnp.finfo(g.dtype).eps if tol is None else tol
     cold = _jacobi(g)
@@ -659,14 +668,15 @@ def _lapack(a: jax.Array, rhs: jax.Array | None, mapped: bool):
 
 
 def check_damping(damping) -> None:
-    """Refuses a Python-number damping that is negative or NaN (arrays are left to the caller).
+    """Refuses a damping known now (a Python or numpy number, a concrete 0-d array) that is
+    negative or NaN; traced and per-block arrays are left to the caller.
 
     Raises:
       ValueError: naming the value and the valid range.
     """
-    if isinstance(damping, (int, float)) and not isinstance(damping, bool) and not (
-            damping >= 0):
-        raise ValueError(f"damping must be >= 0, got {damping}.")
+    number = concrete_number(damping)
+    if number is not None and not number >= 0:
+        raise ValueError(f"damping must be >= 0, got {number}.")
 
 
 def reciprocal_scales(scales: ArrayLike) -> jax.Array:
@@ -712,7 +722,7 @@ def add_damping(blocks: ArrayLike, damping: ArrayLike, *, relative: bool = False
     *absolute*, while :func:`rfim_jax.rngd`'s ``damping`` is relative.
 
     Raises:
-      ValueError: for a ``damping`` given as a Python number that is negative or NaN (it
+      ValueError: for a ``damping`` known now (a number or 0-d array) that is negative or NaN (it
         would make the blocks indefinite), or an array that does not broadcast to the
         blocks' batch shape (naming both shapes).
     """
@@ -875,7 +885,7 @@ def spd_max_eigenvalue(blocks: ArrayLike, num_iters: int = 30) -> jax.Array:
     ``max_eigenvalue()`` is exact (``eigvalsh``); this is the cheap bound that
     ``normalize_max_eigenvalue`` uses inside the optimiser's step.
     """
-    blocks = _as_blocks(blocks)
+    blocks = _nonempty(_as_blocks(blocks), "spd_max_eigenvalue")
     d = blocks.shape[-1]
     scale = jnp.max(jnp.abs(blocks), axis=(-2, -1))
     scale = jnp.where((scale > 0) & jnp.isfinite(scale), scale, 1.0)

@@ -37,6 +37,7 @@ from rfim_jax._src import paths as paths_lib
 from rfim_jax._src import plan as plan_lib
 from rfim_jax._src import sharding as sharding_lib
 from rfim_jax._src import solvers as solvers_lib
+from rfim_jax._src.arguments import concrete_number
 from rfim_jax._src.estimators import for_layer
 
 LayerKind = Any  # str | Activation | None
@@ -73,28 +74,8 @@ class ScaleByRNGDState(NamedTuple):
     rejected_updates: jax.Array
 
 
-
-
-def concrete_number(value) -> float | None:
-    """``value`` as a Python float when it is known now, else None.
-
-    Known: Python and numpy numbers, and concrete 0-d arrays (``optax.inject_hyperparams``
-    hands its hyperparameters to ``init`` as such).  Traced values are checked by nobody: they
-    are the caller's (a schedule's) responsibility.
-    """
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float, np.number)):
-        return float(value)
-    if isinstance(value, (np.ndarray, jax.Array)) and value.shape == () and not isinstance(
-            value, jax.core.Tracer):
-        if jnp.issubdtype(value.dtype, jnp.integer) or jnp.issubdtype(value.dtype, jnp.floating):
-            return float(value)
-    return None
-
-
 def _check_number(name: str, value, low, high, *, high_open=False) -> None:
-    """Validates a hyperparameter whose value is known now (see :func:`concrete_number`).
+    """Validates a hyperparameter whose value is known now (see :func:`rfim_jax._src.arguments.concrete_number`).
 
     Raises:
       ValueError: if ``value`` lies outside ``[low, high]`` (``[low, high)`` with

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rfim_jax._src import arguments
 from rfim_jax._src import dtypes as dtypes_lib
 from rfim_jax._src import rfim as rfim_lib
 
@@ -105,12 +106,12 @@ def whitening_map(
     """
     if method not in ("zca", "pca"):
         raise ValueError(f"whitening_map: method must be 'zca' or 'pca', got {method!r}.")
-    if isinstance(eps, (int, float)) and eps < 0:
-        raise ValueError(f"whitening_map: eps must be >= 0, got eps={eps}.")
-    if isinstance(rtol, (int, float)) and rtol < 0:
-        raise ValueError(f"whitening_map: rtol must be >= 0, got rtol={rtol}.")
+    arguments.check_at_least("eps", eps, 0.0, where="whitening_map: ")
+    arguments.check_at_least("rtol", rtol, 0.0, where="whitening_map: ")
     x = rfim_lib.flatten_batch(x, name="whitening_map: x")
     n, d = x.shape
+    if d == 0:
+        raise ValueError(f"whitening_map: x has no features (shape {tuple(x.shape)}).")
     if n == 0:
         raise ValueError(f"whitening_map: x has no samples (shape {tuple(x.shape)}).")
     _check_finite(x)
@@ -190,6 +191,8 @@ def apply_whitening(x: jax.Array, big_a: jax.Array, a: jax.Array) -> jax.Array:
     Other backends take one matmul (the chunking was measured on the CPU only).
     """
     x = jnp.asarray(x)
+    for name, arr in (("x", x), ("A", big_a), ("a", a)):
+        dtypes_lib.reject_complex(jnp.result_type(arr), f"apply_whitening: {name}")
     if big_a.ndim != 2 or a.shape != (big_a.shape[1],) or x.shape[-1] != big_a.shape[1]:
         raise ValueError(
             f"apply_whitening: expected x (..., d), A (k, d) and a (d,), got x "

@@ -246,6 +246,8 @@ class AbstractMetric:
                 )
         cols = params_to_columns(v, self.has_bias, name=where, layout=self.layout)
         check_columns(cols, self.block_size, self.num_neurons, where)
+        # A complex v would be cast to the metric's real dtype, dropping its imaginary part.
+        dtypes_lib.reject_complex(cols.dtype, where)
         return cols.astype(dtypes_lib.result_type(cols, *jax.tree.leaves(self)))
 
     def _in_dtype(self, dtype):
@@ -280,7 +282,7 @@ class AbstractMetric:
         means.  ``solve`` and ``inverse`` take the same two arguments.
 
         Raises:
-          ValueError: for a negative or non-finite Python-number ``damping``.
+          ValueError: for a negative or non-finite ``damping`` known now (a number or 0-d array).
         """
         raise NotImplementedError
 

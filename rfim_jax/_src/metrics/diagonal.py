@@ -52,8 +52,8 @@ class DiagonalMetric(PerNeuronScales, AbstractMetric, Arithmetic):
         ``damping * mean(s_l)`` (eq. 30's ``tr(G_l)/d``), as in :func:`rfim_jax.rngd`.
 
         Raises:
-          ValueError: for a negative or NaN Python-number ``damping``, an unknown ``method``,
-            or ``v`` of the wrong shapes.
+          ValueError: for a negative or NaN ``damping`` known now (a number or 0-d array),
+            an unknown ``method``, or ``v`` of the wrong shapes.
         """
         solvers.resolve_method(method)
         cols = self._columns(v, "DiagonalMetric.solve")
