@@ -75,7 +75,7 @@ class ScaleByRNGDState(NamedTuple):
 
 
 def _check_number(name: str, value, low, high, *, high_open=False) -> None:
-    """Validates a hyperparameter whose value is known now (see :func:`rfim_jax._src.arguments.concrete_number`).
+    """Validates a hyperparameter whose value is known now (see :mod:`rfim_jax._src.arguments`).
 
     Raises:
       ValueError: if ``value`` lies outside ``[low, high]`` (``[low, high)`` with
