@@ -37,11 +37,16 @@ def check_at_least(name: str, value, low: float, *, where: str = "") -> None:
     """
     number = concrete_number(value)
     if number is not None and not number >= low:
-        raise ValueError(f"{where}{name} must be >= {low:g}, got {name}={number}.")
+        raise ValueError(f"{where}{name} must be >= {low:g}, got {name}={shown(value, number)}.")
 
 
 def check_positive(name: str, value, *, where: str = "") -> None:
     """Raises a ValueError when ``value`` is known now and is not > 0 (NaN included)."""
     number = concrete_number(value)
     if number is not None and not number > 0:
-        raise ValueError(f"{where}{name} must be > 0, got {name}={number}.")
+        raise ValueError(f"{where}{name} must be > 0, got {name}={shown(value, number)}.")
+
+
+def shown(value, number: float):
+    """A Python number as the user wrote it (0, not 0.0); anything else as its float."""
+    return value if isinstance(value, (int, float)) else number

@@ -316,9 +316,10 @@ def _spectrum(matrix: Any) -> jax.Array:
     if hasattr(matrix, "to_dense"):
         matrix = matrix.to_dense()
     matrix = jnp.asarray(matrix)
-    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] == 0:
-        raise ValueError(f"Expected a square (D, D) matrix with D >= 1, got shape "
-                         f"{tuple(matrix.shape)}.")
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"Expected a square (D, D) matrix, got shape {tuple(matrix.shape)}.")
+    if matrix.shape[0] == 0:
+        raise ValueError("Expected a square (D, D) matrix with D >= 1, got shape (0, 0).")
     return jnp.linalg.eigvalsh(0.5 * (matrix + matrix.T))
 
 

@@ -140,7 +140,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from rfim_jax._src.arguments import concrete_number
+from rfim_jax._src.arguments import concrete_number, shown
 from rfim_jax._src.dtypes import at_least_float32, reject_complex, result_type
 
 ArrayLike = Any
@@ -676,7 +676,7 @@ def check_damping(damping) -> None:
     """
     number = concrete_number(damping)
     if number is not None and not number >= 0:
-        raise ValueError(f"damping must be >= 0, got {number}.")
+        raise ValueError(f"damping must be >= 0, got {shown(damping, number)}.")
 
 
 def reciprocal_scales(scales: ArrayLike) -> jax.Array:
