@@ -350,3 +350,23 @@ def test_empty_batches_and_complex_labels_are_refused():
                         labels=jnp.ones((4, 2), jnp.complex64))
     with pytest.raises(ValueError, match=r"fisher_rao_norm: sigma must be > 0"):
         fisher_rao_norm(model, params, jnp.ones((4, 3)), "gaussian", sigma=np.float32(-1))
+
+
+def test_bernoulli_labels_outside_zero_one_are_refused_when_known():
+    params = {"Dense_0": {"kernel": jnp.ones((3, 1)), "bias": jnp.zeros(1)}}
+
+    def model(p, x):
+        return (x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])[:, 0]
+
+    x = jnp.ones((4, 3))
+    with pytest.raises(ValueError, match=r"'bernoulli' labels must lie in \[0, 1\], got values "
+                                         r"in \[0, 3\]"):
+        fisher_rao_norm(model, params, x, "bernoulli", labels=jnp.asarray([0.0, 1.0, 3.0, 1.0]))
+    soft = jnp.asarray([0.0, 0.25, 1.0, 0.5])  # soft labels in [0, 1] are Bernoulli means
+    got = fisher_rao_norm(model, params, x, "bernoulli", labels=soft)
+    # The empirical form by hand: v_i = o_i (the model is linear in its params), score y - s(o).
+    o = np.asarray(model(params, x))
+    want = np.mean(((np.asarray(soft) - 1 / (1 + np.exp(-o))) * o) ** 2)
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    # Traced labels cannot be read: the check is the caller's there.
+    jax.jit(lambda y: fisher_rao_norm(model, params, x, "bernoulli", labels=y))(soft)

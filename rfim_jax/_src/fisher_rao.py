@@ -83,6 +83,15 @@ def _labels_as_outputs(
             f"fisher_rao_norm: for a {response!r} response, labels must have the outputs' shape "
             f"{out_shape}; got labels of shape {shape}."
         )
+    if response == "bernoulli" and not isinstance(labels, jax.core.Tracer) and labels.size:
+        # Checked when known, as class indices are: a label of 3 is no Bernoulli outcome.
+        host = np.asarray(labels, np.float64)
+        if not (np.all(host >= 0) and np.all(host <= 1)):
+            raise ValueError(
+                f"fisher_rao_norm: 'bernoulli' labels must lie in [0, 1], got values in "
+                f"[{np.nanmin(host):g}, {np.nanmax(host):g}]"
+                f"{' and NaN' if np.isnan(host).any() else ''}."
+            )
     return labels.reshape(-1, k).astype(dtype)
 
 
@@ -150,8 +159,9 @@ def fisher_rao_norm(
         naming its path, dtype and shape.
       ValueError: for an unknown ``response``, a ``sigma <= 0`` known now, outputs of the wrong
         rank (a categorical response needs (n, k)), or ``labels`` whose shape (or, for a
-        categorical response given class indices, dtype) does not match the outputs, or
-        concrete class indices outside ``[0, k)``; the message names the shapes.
+        categorical response given class indices, dtype) does not match the outputs,
+        concrete class indices outside ``[0, k)``, or concrete Bernoulli labels outside
+        ``[0, 1]``; the message names the shapes or the values.
 
     References:
       T. Liang, T. Poggio, A. Rakhlin, J. Stokes, "Fisher-Rao Metric, Geometry, and
