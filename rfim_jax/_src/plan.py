@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rfim_jax._src import arguments
 from rfim_jax._src import dtypes as dtypes_lib
 from rfim_jax._src import paths as paths_lib
 from rfim_jax._src import rfim as rfim_lib
@@ -277,7 +278,8 @@ def concrete_bytes(name: str, value) -> int | None:
     """A byte budget as a Python int (None stays None).
 
     ``optax.inject_hyperparams`` hands numeric arguments over as arrays; concrete ones are
-    read, traced ones cannot decide a state's layout.
+    read (:func:`rfim_jax._src.arguments.concrete_number`), traced ones cannot decide a
+    state's layout.
 
     Raises:
       TypeError: for a traced budget (with the way out), or one that is not a number
@@ -286,22 +288,17 @@ def concrete_bytes(name: str, value) -> int | None:
     """
     if value is None:
         return None
-    if isinstance(value, (bool, np.bool_, str, bytes)) or (
-            hasattr(value, "dtype") and not (jnp.issubdtype(value.dtype, jnp.integer)
-                                             or jnp.issubdtype(value.dtype, jnp.floating))):
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{name} decides the state's layout, so it must be a concrete number, not a traced "
+            f"value; with optax.inject_hyperparams pass static_args=('{name}',)."
+        )
+    number = arguments.concrete_number(value)
+    if number is None:
         raise TypeError(
             f"{name} must be a number of bytes (an int, e.g. 2**28 for 256 MiB) or None, "
             f"got {value!r}."
         )
-    try:
-        number = float(value)
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError) as e:
-        raise TypeError(
-            f"{name} decides the state's layout, so it must be a concrete number, not a traced "
-            f"value; with optax.inject_hyperparams pass static_args=('{name}',)."
-        ) from e
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"{name} must be a number of bytes (an int) or None, got {value!r}.") from e
     if not np.isfinite(number) or number < 0 or number != int(number):
         raise ValueError(f"{name} must be a whole number of bytes >= 0, got {value!r}.")
     return int(number)
