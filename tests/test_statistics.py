@@ -48,9 +48,15 @@ def test_moments_grouped_and_chunked(monkeypatch, budget):
 
 
 @pytest.mark.parametrize("groups,per_group,d",
-                         [(1, 8, 9), (1, 2, 9), (3, 4, 6), (2, 1, 7), (4, 2, 5)])
-def test_per_neuron_moments_both_paths(groups, per_group, d):
-    """Through the triangle of x x^T (d < 2m) and the plain contraction (d >= 2m) alike."""
+                         [(1, 8, 9), (1, 2, 9), (3, 4, 6), (2, 1, 7), (4, 2, 5),
+                          (1, 9, 8), (1, 2, 2), (1, 1, 1), (2, 3, 3)])
+@pytest.mark.parametrize("neurons_first_rows", [None, 0])
+def test_per_neuron_moments_both_paths(monkeypatch, groups, per_group, d, neurons_first_rows):
+    """Through the triangle of x x^T (d < 2m) and the plain contraction (d >= 2m) alike, and
+    on the triangle's two layouts (few rows: weights transposed; many rows: result
+    transposed)."""
+    if neurons_first_rows is not None:
+        monkeypatch.setattr(stats, "NEURONS_FIRST_ROWS", neurons_first_rows)
     x, w = _data(n=23, groups=groups, per_group=per_group, d=d, seed=d)
     triangle = d < 2 * per_group
     assert stats._use_triangle(per_group, d) == triangle
@@ -58,3 +64,17 @@ def test_per_neuron_moments_both_paths(groups, per_group, d):
     np.testing.assert_allclose(got, _np_blocks(x, w), **TOL)
     if triangle:  # one triangle, mirrored: exactly symmetric
         np.testing.assert_array_equal(got, np.swapaxes(got, 1, 2))
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 4, 5, 8, 9, 64, 65])
+def test_packed_order_holds_each_entry_once_and_unpacks(d):
+    """The packed order names every unordered pair {a, b} exactly once, and unpacking a
+    symmetric matrix's packed entries gives back the matrix, to the bit."""
+    rows, cols = stats._packed_pairs(d)
+    pairs = {(min(a, b), max(a, b)) for a, b in zip(rows.tolist(), cols.tolist(), strict=True)}
+    assert len(rows) == d * (d + 1) // 2 == len(pairs)
+    assert pairs == {(a, b) for a in range(d) for b in range(a, d)}
+    rng = np.random.default_rng(d)
+    a = rng.normal(size=(3, d, d))
+    sym = a + np.swapaxes(a, 1, 2)
+    np.testing.assert_array_equal(stats._unpack_symmetric(sym[:, rows, cols], d), sym)
