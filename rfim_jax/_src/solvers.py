@@ -726,8 +726,18 @@ def add_damping(blocks: ArrayLike, damping: ArrayLike, *, relative: bool = False
         would make the blocks indefinite), or an array that does not broadcast to the
         blocks' batch shape (naming both shapes).
     """
-    check_damping(damping)
     blocks = _as_blocks(blocks, promote=False)
+    eps = damping_shifts(blocks, damping, relative=relative)
+    return blocks + eps[..., None, None] * jnp.eye(blocks.shape[-1], dtype=blocks.dtype)
+
+
+def damping_shifts(blocks: jax.Array, damping: ArrayLike, *, relative: bool) -> jax.Array:
+    """The ``eps`` per block that :func:`add_damping` adds to the diagonal, (...,).
+
+    Raises:
+      ValueError: as :func:`add_damping`.
+    """
+    check_damping(damping)
     d = blocks.shape[-1]
     damping = jnp.asarray(damping, blocks.dtype)
     batch = blocks.shape[:-2]
@@ -743,10 +753,8 @@ def add_damping(blocks: ArrayLike, damping: ArrayLike, *, relative: bool = False
             f"scalar)."
         )
     if relative:
-        eps = damping * block_traces(blocks) / d
-    else:
-        eps = jnp.broadcast_to(damping, blocks.shape[:-2])
-    return blocks + eps[..., None, None] * jnp.eye(d, dtype=blocks.dtype)
+        return damping * block_traces(blocks) / d
+    return jnp.broadcast_to(damping, batch)
 
 
 def spd_inverse_and_status(

@@ -64,13 +64,14 @@ def _average_one_block(stats, block, damping, rate, axis_name):
     entries of the result in place, after the full-block pass, instead of inside it.  On the
     CPU the identity inside the pass made it 30% slower (265 against 200 us per step for the
     paper MLP's 785 x 785 input block; README, *Where the step time went*).  The per-neuron
-    (m, d, d) blocks keep the identity in the pass: their average is bound by reading the
+    (m, d, d) blocks keep the identity in the pass: their average was bound by reading the
     mirrored triangle, and a separate update of their m d diagonal entries costs more than it
-    saves.
+    saves (measured with the earlier, transposed layout of those blocks: 14-15 us per layer
+    for the update, no gain in the pass).
     """
     n = block.shape[-1]
+    eps = solvers.damping_shifts(block, damping, relative=True)
     damping = jnp.asarray(damping, block.dtype)
-    eps = damping * solvers.block_traces(block) / n
     if axis_name is not None:  # eps is linear in the block, as the average across replicas is
         eps = jax.lax.pmean(eps, axis_name)
     # Finite exactly when the damped block's traces, tr(G_hat)(1 + damping), are.
