@@ -78,3 +78,23 @@ def test_packed_order_holds_each_entry_once_and_unpacks(d):
     a = rng.normal(size=(3, d, d))
     sym = a + np.swapaxes(a, 1, 2)
     np.testing.assert_array_equal(stats._unpack_symmetric(sym[:, rows, cols], d), sym)
+
+
+@pytest.mark.parametrize("m,d", [(2, 3), (3, 5), (4, 1), (2, 9)])
+@pytest.mark.parametrize("neurons_first_rows", [None, 0])
+def test_coupled_rfim_against_kronecker_sum(monkeypatch, m, d, neurons_first_rows):
+    """``coupled_rfim`` equals ``mean_i K_i kron x_i x_i^T`` summed by loops, for symmetric
+    ``K_i`` of both signs (the softmax Fisher's off-diagonal entries are negative), whether its
+    m (m + 1) / 2 pair blocks go through the triangle (d < m (m + 1)) or the plain contraction,
+    on both layouts; and, through the triangle, the result is exactly symmetric."""
+    if neurons_first_rows is not None:
+        monkeypatch.setattr(stats, "NEURONS_FIRST_ROWS", neurons_first_rows)
+    rng = np.random.default_rng(10 * m + d)
+    x = rng.normal(size=(19, d))
+    a = rng.normal(size=(19, m, m))
+    coeffs = a + np.swapaxes(a, 1, 2)
+    want = sum(np.kron(coeffs[i], np.outer(x[i], x[i])) for i in range(len(x))) / len(x)
+    got = np.asarray(stats.coupled_rfim(x, coeffs))
+    np.testing.assert_allclose(got, want, **TOL)
+    if stats._use_triangle(m * (m + 1) // 2, d):
+        np.testing.assert_array_equal(got, got.T)

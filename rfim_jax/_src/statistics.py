@@ -189,15 +189,25 @@ def softmax_coefficients(z: jax.Array) -> jax.Array:
 def coupled_rfim(x_aug: jax.Array, coeffs: jax.Array) -> jax.Array:
     """``[mean_i K_i[k, l] x~_i x~_i^T]_{k,l}`` as a dense (m d, m d) neuron-major matrix.
 
-    ``coeffs`` is (n, m, m). This is the shared form of eqs. (25) and (26).
+    ``coeffs`` is (n, m, m), each ``K_i`` symmetric; only its upper triangle is read.  This is
+    the shared form of eqs. (25) and (26), whose ``K_i`` (``diag(eta_i) - eta_i eta_i^T``, and
+    ``F_i diag(...) F_i^T``) are symmetric.
+
+    **Symmetry, twice.**  Block (k, l) is the weighted second moment with weights
+    ``K_i[k, l]``: symmetric itself, and equal to block (l, k).  So the m (m + 1) / 2 distinct
+    blocks are computed by :func:`second_moment` with one weight column per pair k <= l (its
+    triangle path halves their flops again), and placed into the (m d, m d) matrix.  That is
+    ``n m (m + 1) d (d + 1) / 2`` flops against the ``2 n m^2 d^2`` of the direct contraction:
+    3.6x fewer for 10 classes.
     """
     d = x_aug.shape[-1]
     m = coeffs.shape[-1]
-
-    def coupled(c, x):
-        return jnp.einsum("nkl,ni,nj->kilj", c, x, x).reshape(m * d, m * d)
-
-    return _chunked_mean(coupled, (coeffs, x_aug), m * m * d)
+    first, second = np.triu_indices(m)
+    blocks = second_moment(x_aug, coeffs[:, first, second])  # (m (m + 1) / 2, d, d)
+    pair = np.zeros((m, m), np.int32)
+    pair[first, second] = pair[second, first] = np.arange(first.size)
+    # (k, l, a, b) -> (k, a, l, b): row k d + a, column l d + b.
+    return jnp.swapaxes(blocks[pair], 1, 2).reshape(m * d, m * d)
 
 
 def softmax_unit_coefficients(z: jax.Array) -> jax.Array:
