@@ -4,8 +4,13 @@ Tests run with float64 enabled so that closed forms can be compared with the aut
 definition (eq. 9) to tight tolerances; float32 behaviour is tested with explicit dtypes.
 """
 
+import os
+from pathlib import Path
+
 import jax
 import pytest
+
+import rfim_jax
 
 jax.config.update("jax_enable_x64", True)
 # On GPUs (TF32) and TPUs (bfloat16 passes) JAX's default float32 matmul precision is lower
@@ -39,3 +44,29 @@ def kfac_jax_runs() -> None:
     reason = peer.incompatibility()
     if reason is not None:
         pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def child_env():
+    """Makes the environment for a test's child Python process: ``child_env(**changes)``.
+
+    The child imports the same ``rfim_jax`` as this process (its folder goes first on
+    PYTHONPATH), whatever the installed copy or the working directory: a child that silently
+    ran another checkout's code would test the wrong library.  A change of ``None`` removes
+    that variable.
+    """
+    root = str(Path(rfim_jax.__file__).resolve().parents[1])
+
+    def make(**changes: str | None) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        )
+        for name, value in changes.items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
+        return env
+
+    return make

@@ -8,7 +8,6 @@ block/Dense_0 ("relu", a nested path) -> relu -> out ("softmax").
 """
 
 import functools
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -413,7 +412,7 @@ def test_state_is_a_pytree_of_arrays_with_a_fixed_structure(seed):
 # ------------------------------------------------------------------------ orbax checkpoint
 
 
-def test_orbax_checkpoint_resumes_bit_identically_in_a_fresh_process(tmp_path):
+def test_orbax_checkpoint_resumes_bit_identically_in_a_fresh_process(tmp_path, child_env):
     ocp = pytest.importorskip("orbax.checkpoint")
     params, tx = ckpt_setup()
     state = tx.init(params)
@@ -431,10 +430,10 @@ def test_orbax_checkpoint_resumes_bit_identically_in_a_fresh_process(tmp_path):
     out = tmp_path / "resumed.npz"
     # Bit-identical only on the backend that trained: the child resumes where the parent ran
     # (a GPU child must not preallocate the memory the parent holds).
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    if jax.default_backend() != "cpu":
-        env.pop("JAX_PLATFORMS")
-        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    if jax.default_backend() == "cpu":
+        env = child_env(JAX_PLATFORMS="cpu")
+    else:
+        env = child_env(JAX_PLATFORMS=None, XLA_PYTHON_CLIENT_PREALLOCATE="false")
     proc = subprocess.run(
         [sys.executable, str(DRIVER), "resume", str(ckpt), str(out)],
         env=env, capture_output=True, text=True, timeout=300,

@@ -86,15 +86,15 @@ print("SOAK-OK", fallbacks, err)
 """
 
 
-def test_eigen_soak_1000_refreshes_in_one_jitted_loop():
+def test_eigen_soak_1000_refreshes_in_one_jitted_loop(child_env):
     """1000 eigendecompositions of three layers in ONE jitted loop on the CPU default: a hang
     (batched LAPACK has deadlocked on 2-core CPUs) fails here after the timeout."""
     import subprocess
     import sys
 
     try:
-        proc = subprocess.run([sys.executable, "-c", _EIGEN_SOAK], capture_output=True,
-                              text=True, timeout=240)
+        proc = subprocess.run([sys.executable, "-c", _EIGEN_SOAK], env=child_env(),
+                              capture_output=True, text=True, timeout=240)
     except subprocess.TimeoutExpired:
         pytest.fail("1000 jitted eigen refreshes did not finish in 240 s")
     assert proc.returncode == 0, proc.stderr[-2000:]

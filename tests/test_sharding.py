@@ -31,13 +31,13 @@ DRIVER = Path(__file__).with_name("_driver.py")
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def report(tmp_path_factory, child_env):
     out = tmp_path_factory.mktemp("sharding") / "report.json"
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
+    env = child_env(
+        XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+                   ).strip(),
+        JAX_PLATFORMS="cpu",
+    )
     proc = subprocess.run(
         [sys.executable, str(DRIVER), "sharding", str(out)],
         env=env, capture_output=True, text=True, timeout=300,

@@ -120,11 +120,12 @@ def _expected(every: int) -> int:
     return sum(1 for i in range(STEPS) if i % every == every - 1)
 
 
-def test_rngd_soak_10000_jitted_steps_with_bad_batches():
+def test_rngd_soak_10000_jitted_steps_with_bad_batches(child_env):
     """One jitted loop of 10,000 RNGD steps; a hang or a crash fails here."""
     try:
         proc = subprocess.run(
-            [sys.executable, "-c", _SOAK], capture_output=True, text=True, timeout=300
+            [sys.executable, "-c", _SOAK], env=child_env(), capture_output=True, text=True,
+            timeout=300,
         )
     except subprocess.TimeoutExpired:
         pytest.fail(f"{STEPS} jitted RNGD steps (inverse_every=10) did not finish in 300 s")

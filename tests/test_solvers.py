@@ -418,12 +418,13 @@ _SOAK = textwrap.dedent(
 )
 
 
-def test_soak_default_method_does_not_deadlock():
+def test_soak_default_method_does_not_deadlock(child_env):
     """1000 refreshes of a block stack plus another block in ONE jitted loop (the pattern that
     deadlocks batched LAPACK on a 2-core CPU); a hang fails here after the timeout."""
     try:
         proc = subprocess.run(
-            [sys.executable, "-c", _SOAK], capture_output=True, text=True, timeout=120
+            [sys.executable, "-c", _SOAK], env=child_env(), capture_output=True, text=True,
+            timeout=120,
         )
     except subprocess.TimeoutExpired:
         pytest.fail("1000 jitted refreshes with the default solver did not finish in 120 s")

@@ -626,7 +626,7 @@ print("ok", float(losses[0]), float(losses[-1]))
 """
 
 
-def test_scanned_training_with_the_lapack_solver_runs():
+def test_scanned_training_with_the_lapack_solver_runs(child_env):
     """A lax.scan over RNGD steps with solver="lapack" on the paper MLP's shapes completes.
 
     Two independent LAPACK inverses in one while-loop body deadlock XLA's CPU runtime (jax
@@ -637,8 +637,8 @@ def test_scanned_training_with_the_lapack_solver_runs():
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", _SCANNED_LAPACK_TRAINING], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", _SCANNED_LAPACK_TRAINING], env=child_env(),
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("ok")
 
