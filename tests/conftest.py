@@ -10,7 +10,7 @@ from pathlib import Path
 # Why: the suite's time is mostly XLA compiling about 10 small programs per test (eager ops
 # and jitted steps at tiny shapes), not running them.  LLVM's backend optimisation is most of
 # each compile, and at these shapes the unoptimised code runs about as fast: level 0 cut
-# tests/test_conv.py from 191 s to 149 s and the transformer and CNN smoke tests from 287 s
+# tests/test_conv.py from 191 s to 157 s and the transformer and CNN smoke tests from 287 s
 # to 225 s on 2 CPU cores.  It must be set before XLA's backend starts; child processes
 # inherit it through os.environ (child_env).  A user's own level in XLA_FLAGS wins.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
