@@ -18,6 +18,7 @@ the format of SPEC §4: the params nesting down to each dense layer, each mappin
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -220,6 +221,7 @@ def _pmap_run(axis_name) -> dict:
             "vs_one_device": _max_err(jax.tree.map(lambda a: a[0], params), ref)}
 
 
+@functools.cache  # ten runs share three references: each would be another compile
 def _one_device_run(rep: str):
     """The sharding runs' reference: 3 jitted steps of the MLP on one device.
 
