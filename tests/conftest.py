@@ -18,6 +18,23 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
         os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
     ).strip()
 
+# Why: many tests compile the same programs (the same eager ops and jitted steps at the same
+# tiny shapes, built afresh in each test, so jit's in-memory cache misses).  JAX's persistent
+# compilation cache finds them by their HLO and skips XLA.  Each pytest process (each xdist
+# worker) gets its own empty folder, removed at exit: nothing persists between runs, and no
+# two writers share a folder (the cache writes its files unlocked).  Child processes inherit
+# it through os.environ.  A user's own cache folder wins.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _cache_dir = tempfile.mkdtemp(prefix="rfim_jax_tests_xla_cache_")
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
