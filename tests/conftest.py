@@ -21,9 +21,10 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 # Why: many tests compile the same programs (the same eager ops and jitted steps at the same
 # tiny shapes, built afresh in each test, so jit's in-memory cache misses).  JAX's persistent
 # compilation cache finds them by their HLO and skips XLA.  Each pytest process (each xdist
-# worker) gets its own empty folder, removed at exit: nothing persists between runs, and no
-# two writers share a folder (the cache writes its files unlocked).  Child processes inherit
-# it through os.environ.  A user's own cache folder wins.
+# worker) gets its own empty folder, removed at exit: nothing persists between runs, and no two
+# processes write one folder at the same time (the cache writes its files unlocked).  Child
+# processes, which their test waits for, inherit it through os.environ.  A user's own cache
+# folder (or an empty value, no cache) wins.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import atexit
     import shutil
