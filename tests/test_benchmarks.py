@@ -527,7 +527,8 @@ def test_rngd_weight_decay_is_added_after_the_preconditioning():
     updates = {}
     for m in (plain, decayed):
         opt = harness.make_optimizer(m, SIZES)
-        updates[m.name], _ = opt.update(grads, opt.init(params), params, activations=acts)
+        update = jax.jit(lambda g, s, p, a, opt=opt: opt.update(g, s, p, activations=a))
+        updates[m.name], _ = update(grads, opt.init(params), params, acts)
     for path in params:
         for k in params[path]:
             np.testing.assert_allclose(updates["d"][path][k] - updates["p"][path][k],

@@ -178,7 +178,9 @@ def test_diagnostics_of_a_bfloat16_state_are_float32(representation):
     figures = {}
     for dtype in (None, jnp.bfloat16):
         tx = rfim_jax.scale_by_rngd(layers, state_dtype=dtype, representation=representation)
-        _, state = tx.update(params, tx.init(params), params, activations=acts)
+        # Jitted: run eagerly, the update compiled each of its ops alone (about 10 s here).
+        update = jax.jit(lambda s, a, tx=tx: tx.update(params, s, params, activations=a))
+        _, state = update(tx.init(params), acts)
         figures[dtype] = rfim_jax.diagnostics(state, params)
     for key, value in figures[jnp.bfloat16].items():
         if jnp.issubdtype(value.dtype, jnp.floating):
