@@ -25,6 +25,7 @@ from rfim_jax._src.capture import (
     capture_nnx,
     record,
 )
+from rfim_jax._src.capture_jaxpr import capture_jax
 from rfim_jax._src.diagnostics import diagnostics, layer_metrics, relative_fisher_rao_norm
 from rfim_jax._src.fisher import (
     FullFisher,
@@ -102,6 +103,7 @@ __all__ = [
     "add_damping",
     "apply_whitening",
     "apply_gradients",
+    "capture_jax",
     "capture_linen",
     "capture_nnx",
     "condition_number",

@@ -31,8 +31,9 @@ Sources
 * flax.nnx: :func:`capture_nnx`, which wraps the ``__call__`` of ``nnx.Linear``,
   ``nnx.LinearGeneral``, ``nnx.Einsum`` and ``nnx.Conv`` for the duration of the call and keys
   each layer by its graph path (``nnx.iter_modules``).
-* plain JAX: build the dict yourself with :func:`record` (and :func:`rfim_jax.conv_patches`
-  for a convolution).
+* plain JAX: :func:`rfim_jax.capture_jax` (``rfim_jax._src.capture_jaxpr``) reads the dense
+  layers out of the unmodified function's jaxpr; or build the dict yourself with
+  :func:`record` (and :func:`rfim_jax.conv_patches` for a convolution).
 
 Layer types (the format of :mod:`rfim_jax._src.layers.dense`): a multi-axis dense layer's
 contracted input axes are moved last and flattened, and its feature axes flattened; a
