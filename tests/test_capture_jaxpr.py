@@ -182,12 +182,29 @@ def _dense(p, x):
 
 
 @pytest.mark.parametrize("model,why", [
-    (lambda p, x: jax.jit(_dense)(p["Dense_0"], x), "nested `jit`"),
+    (lambda p, x: jax.jit(_dense)(p["Dense_0"], x), "nested jax.jit of `_dense`"),
     (lambda p, x: jax.lax.scan(lambda h, _: (jnp.tanh(_dense(p["block"]["Dense_0"], h)), None),
                                _dense(p["Dense_0"], x), None, length=2)[0], "nested `scan`"),
     (lambda p, x: jax.checkpoint(_dense)(p["Dense_0"], x), "nested `"),
     (lambda p, x: jax.jit(_dense)({"kernel": 2 * p["Dense_0"]["kernel"],
-                                   "bias": p["Dense_0"]["bias"]}, x), "nested `jit`"),
+                                   "bias": p["Dense_0"]["bias"]}, x), "nested jax.jit"),
+    (lambda p, x: jnp.matvec(p["Dense_0"]["kernel"].T, x[0]) + p["Dense_0"]["bias"],
+     "jax.jit of `matvec`"),
+    # The bias spread along another axis than the neurons' (the batch has m = 5 rows).
+    (lambda p, x: x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"][:, None], "along axis"),
+    (lambda p, x: p["Dense_0"]["kernel"].T @ x.T + p["Dense_0"]["bias"], "along axis"),
+    # Products the matcher cannot read as x @ kernel must not vanish from the activations.
+    (lambda p, x: (x[:, :, None] * p["Dense_0"]["kernel"]).sum(1) + p["Dense_0"]["bias"],
+     "elementwise"),
+    (lambda p, x: jnp.kron(x, p["Dense_0"]["kernel"]), "jax.jit of `kron`"),
+    (lambda p, x: x @ p["Dense_0"]["kernel"].astype(jnp.int32) + p["Dense_0"]["bias"],
+     "transformed"),
+    (lambda p, x: (x @ p["Dense_0"]["kernel"]).astype(jnp.int32) + p["Dense_0"]["bias"],
+     "bias is not added"),
+    (lambda p, x: x @ jax.lax.reduce_precision(p["Dense_0"]["kernel"], 2, 1)
+     + p["Dense_0"]["bias"], "transformed"),
+    (lambda p, x: jax.lax.ragged_dot(x, jnp.stack([p["Dense_0"]["kernel"]] * 2),
+                                     jnp.array([1, 2])), "ragged_dot"),
     (lambda p, x: x @ (p["Dense_0"]["kernel"] * 0.5) + p["Dense_0"]["bias"], "transformed"),
     (lambda p, x: x @ p["Dense_0"]["kernel"], "bias is not added"),
     (lambda p, x: (x @ p["Dense_0"]["kernel"] + x[:, :5]) + p["Dense_0"]["bias"],
@@ -198,7 +215,7 @@ def _dense(p, x):
 def test_capture_jax_refuses_what_it_cannot_read_naming_the_layer(model, why):
     key = jax.random.PRNGKey(3)
     params = _params(key)
-    x = jax.random.normal(key, (3, 6))
+    x = jax.random.normal(key, (5, 6))
     with pytest.raises(ValueError, match=why) as err:
         rfim_jax.capture_jax(model, params, x)
     assert "layer '" in str(err.value) and "skip_unsupported=True" in str(err.value)
@@ -241,3 +258,47 @@ def test_capture_jax_names_a_convolution_and_a_multi_axis_kernel():
 
     with pytest.raises(ValueError, match=r"layer 'qkv'.*rank 3, shape \(4, 2, 3\)"):
         rfim_jax.capture_jax(attn, heads, jnp.ones((2, 4)))
+
+
+def test_capture_jax_looks_through_relabellings_transposes_and_dead_products():
+    """Code the matcher once refused: the values are those of x @ kernel + bias all the same."""
+    from jax.ad_checkpoint import checkpoint_name
+
+    key = jax.random.PRNGKey(4)
+    params = _params(key)
+    x3 = jax.random.normal(key, (3, 2, 6))  # (S, B, D)
+    p0 = params["Dense_0"]
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    models = {
+        # vmap over axis 1 transposes the product's leading axes before the bias is added.
+        "vmap": lambda p, x: jax.vmap(lambda xi: xi @ p["Dense_0"]["kernel"]
+                                      + p["Dense_0"]["bias"], in_axes=1, out_axes=1)(x),
+        "einsum_bfs": lambda p, x: jnp.einsum("bsd,df->bfs", x, p["Dense_0"]["kernel"])
+        + p["Dense_0"]["bias"][:, None],
+        "stop_gradient": lambda p, x: x @ jax.lax.stop_gradient(p["Dense_0"]["kernel"])
+        + p["Dense_0"]["bias"],
+        "barrier": lambda p, x: x @ jax.lax.optimization_barrier(p["Dense_0"]["kernel"])
+        + p["Dense_0"]["bias"],
+        "names": lambda p, x: checkpoint_name(x @ jax.lax.with_sharding_constraint(
+            p["Dense_0"]["kernel"], device), "z") + p["Dense_0"]["bias"],
+        # An orthogonality penalty multiplies the kernel by itself: not a layer use.
+        "penalty": lambda p, x: x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
+        + jnp.sum((p["Dense_0"]["kernel"].T @ p["Dense_0"]["kernel"]) ** 2),
+        # A product the output never sees is not a use.
+        "dead": lambda p, x: (x @ p["Dense_0"]["kernel"], x @ p["Dense_0"]["kernel"]
+                              + p["Dense_0"]["bias"])[1],
+    }
+    x_rows = np.asarray(x3).reshape(-1, 6)
+    for name, model in models.items():
+        out, acts = rfim_jax.capture_jax(model, params, x3)
+        np.testing.assert_allclose(out, model(params, x3), **TIGHT, err_msg=name)
+        assert rfim_jax.activation_paths(acts) == ["Dense_0"], name
+        got_x, got_z = acts["Dense_0"]["inputs"], acts["Dense_0"]["preacts"]
+        assert got_x.shape[-1] == 6 and got_z.shape[-1] == 5, name
+        got_x, got_z = np.asarray(got_x).reshape(-1, 6), np.asarray(got_z).reshape(-1, 5)
+        # Rows in any order the model's transposes give, but each x row with its own z row.
+        np.testing.assert_allclose(got_z, got_x @ np.asarray(p0["kernel"])
+                                   + np.asarray(p0["bias"]), **TIGHT, err_msg=name)
+        order = np.lexsort(got_x.T)
+        np.testing.assert_allclose(got_x[order], x_rows[np.lexsort(x_rows.T)], **TIGHT,
+                                   err_msg=name)

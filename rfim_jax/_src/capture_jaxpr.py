@@ -30,13 +30,16 @@ from rfim_jax._src.capture import Unsupported, _Recorder
 SOURCE = "capture_jax"
 BIAS = "bias"
 
-# Ops that hand a kernel (or bias, or product) on with the same values in another dtype or
-# memory layout: the matcher looks through them.
-_SAME_VALUES = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision"})
-# Ops that bring a bias to the product's shape.
-_BROADCASTS = frozenset({"broadcast_in_dim", "reshape", "expand_dims", "squeeze"})
-_PRODUCTS = frozenset({"dot_general", "conv_general_dilated"})
+# Ops that hand a kernel (or bias, or product) on with the same values: a float cast (checked
+# in _relabels), a copy, a name or a sharding annotation. The matcher looks through them.
+_RELABELS = frozenset({"convert_element_type", "copy", "copy_p", "stop_gradient", "name",
+                       "sharding_constraint"})
+_PRODUCTS = frozenset({"dot_general", "conv_general_dilated", "ragged_dot",
+                       "ragged_dot_general"})
+# Ops whose result depends on their operands in a way the matcher cannot read.
+_OPAQUE = frozenset({"pure_callback", "io_callback", "custom_call"})
 _ADDS = frozenset({"add", "add_any"})
+_CALLS = frozenset({"pjit", "jit", "closed_call", "core_call"})
 
 
 def _raw_key(entry: Any) -> Any:
@@ -57,15 +60,39 @@ def _sub_jaxprs(eqn) -> list:
     return list(jex.jaxprs_in_params(eqn.params))
 
 
+def _relabels(eqn) -> bool:
+    """Whether ``eqn`` passes its one operand on with the same values."""
+    if eqn.primitive.name not in _RELABELS or len(eqn.invars) != 1:
+        return False
+    if eqn.primitive.name != "convert_element_type":
+        return True
+    # A float-to-float cast rounds (bf16, fp8) but is the value the product uses; a cast to an
+    # integer is not a relabelling.
+    return all(jnp.issubdtype(v.aval.dtype, jnp.inexact) for v in (eqn.invars[0], eqn.outvars[0]))
+
+
+def _live_vars(jaxpr) -> set:
+    """The vars the function's outputs (or its effects, such as a debug print) depend on."""
+    live = {v for v in jaxpr.outvars if not isinstance(v, jex.Literal)}
+    for eqn in reversed(jaxpr.eqns):
+        if eqn.effects or any(v in live for v in eqn.outvars):
+            live.update(v for v in eqn.invars if not isinstance(v, jex.Literal))
+    return live
+
+
 def _reaches_product(jaxpr, derived: set) -> bool:
-    """Whether values computed from ``derived`` vars reach a ``dot_general`` or a conv."""
+    """Whether values computed from ``derived`` vars reach a product, an opaque op, or an
+    elementwise product with another array (inputs are not told apart from constants here)."""
     derived = set(derived)
     for eqn in jaxpr.eqns:
         used = [v for v in eqn.invars if not isinstance(v, jex.Literal) and v in derived]
         if not used:
             continue
-        if eqn.primitive.name in _PRODUCTS:
+        if eqn.primitive.name in _PRODUCTS | _OPAQUE:
             return True
+        if eqn.primitive.name == "mul" and any(
+                v not in derived and len(v.aval.shape) >= 2 for v in eqn.invars):
+            return True  # an elementwise product with an array: a product in disguise
         for sub in _sub_jaxprs(eqn):
             # Call-like eqns pass their operands 1:1; for the others (scan, cond, while) any
             # inner input may hold the value, so all count.
@@ -79,17 +106,39 @@ def _reaches_product(jaxpr, derived: set) -> bool:
     return False
 
 
+def _bias_axis(eqn, axis):
+    """Where a bias's neuron axis lands after a broadcast, reshape or squeeze, or False when
+    the op moves values across axes (not a bias broadcast any more). ``None``: m = 1."""
+    prim, old = eqn.primitive.name, tuple(eqn.invars[0].aval.shape)
+    new = tuple(eqn.outvars[0].aval.shape)
+    if prim == "broadcast_in_dim":
+        return None if axis is None else eqn.params["broadcast_dimensions"][axis]
+    if prim == "squeeze":
+        return None if axis is None else axis - sum(d < axis for d in eqn.params["dimensions"])
+    if prim == "reshape":
+        old_nz = [i for i, n in enumerate(old) if n != 1]
+        new_nz = [i for i, n in enumerate(new) if n != 1]
+        if [old[i] for i in old_nz] != [new[i] for i in new_nz]:
+            return False
+        return None if axis is None or old[axis] == 1 else new_nz[old_nz.index(axis)]
+    return False
+
+
 class _Use:
     """One product ``x @ kernel`` of a layer, found in the jaxpr."""
 
-    def __init__(self, keys: tuple, x, axis: int, out, kernel_first: bool):
+    def __init__(self, keys: tuple, x, axis: int, out, m_axis: int):
         self.keys = keys
         self.x, self.axis = x, axis  # the input var and its contracted axis
-        self.z, self.kernel_first = out, kernel_first  # the product var (then the bias sum)
+        self.product = out  # the dot_general's output var
+        self.m_axis = m_axis  # the neuron axis in the dot_general's output: 0 or last
+        # The pre-activation var, and perm: its axis j is the product's axis perm[j].
+        self.z, self.perm = out, tuple(range(len(out.aval.shape)))
         self.biased = False
 
 
-def _match(jaxpr, kernels: dict, biases: dict, has_bias: set) -> tuple[list[_Use], dict]:
+def _match(jaxpr, kernels: dict, biases: dict, has_bias: set, data: set
+           ) -> tuple[list[_Use], dict]:
     """The uses of every layer in ``jaxpr``'s top level, and the layers that cannot be read.
 
     Args:
@@ -97,17 +146,18 @@ def _match(jaxpr, kernels: dict, biases: dict, has_bias: set) -> tuple[list[_Use
       kernels: invar -> layer keys, for each layer's kernel (rank >= 2).
       biases: invar -> layer keys, for each layer's bias.
       has_bias: the layers with a bias.
+      data: the invars and constvars that are not params (the function's inputs).
 
     Returns:
-      ``(uses, unsupported)``: the products in program order, and layer keys -> why.
+      ``(uses, unsupported)``: the live products in program order, and layer keys -> why.
     """
     kernel = {v: (keys, False) for v, keys in kernels.items()}  # var -> (keys, transposed)
-    bias = dict(biases)
+    bias = {v: (keys, len(v.aval.shape) - 1) for v, keys in biases.items()}  # -> (keys, axis)
     # Vars computed from a kernel by anything but a relabelling: a product of one of them is
     # a transformed kernel (a mask, a weight norm) whose layer cannot be read as x @ kernel.
     tainted: dict = {}
-    # var -> (_Use, whether the neuron axis is first), for a product and its relabellings.
-    product: dict = {}
+    product: dict = {}  # var -> (_Use, perm), for a product and its relabellings
+    data = set(data)
     uses: list[_Use] = []
     unsupported: dict = {}
 
@@ -118,46 +168,44 @@ def _match(jaxpr, kernels: dict, biases: dict, has_bias: set) -> tuple[list[_Use
         prim = eqn.primitive.name
         ins = [None if isinstance(v, jex.Literal) else v for v in eqn.invars]
         k_ins = [(i, kernel[v]) for i, v in enumerate(ins) if v in kernel]
-        t_ins = [tainted[v] for v in ins if v in tainted]
-        if prim in _SAME_VALUES and len(ins) == 1:
-            v, out = ins[0], eqn.outvars[0]
-            if v in kernel:
-                kernel[out] = kernel[v]
-            if v in bias:
-                bias[out] = bias[v]
-            if v in product:
-                product[out] = product[v]
-            if v in tainted:
-                tainted[out] = tainted[v]
+        from_kernel = [(i, kernel[v][0] if v in kernel else tainted[v])
+                       for i, v in enumerate(ins) if v in kernel or v in tainted]
+        if any(v in data for v in ins):
+            data.update(eqn.outvars)
+        out = eqn.outvars[0] if eqn.outvars else None
+        if _relabels(eqn) or prim == "optimization_barrier":
+            for v, o in zip(ins, eqn.outvars, strict=True):
+                for table in (kernel, bias, product, tainted):
+                    if v in table:
+                        table[o] = table[v]
             continue
-        if prim == "transpose" and k_ins and eqn.params["permutation"] == (1, 0):
-            keys, transposed = k_ins[0][1]
-            kernel[eqn.outvars[0]] = (keys, not transposed)
+        if prim == "transpose" and ins[0] in kernel and eqn.params["permutation"] == (1, 0):
+            keys, transposed = kernel[ins[0]]
+            kernel[out] = (keys, not transposed)
             continue
         if prim == "transpose" and ins[0] in product:
-            # (m, n...) <-> (n..., m): a kernel-first product brought to the usual layout.
-            use, m_first = product[ins[0]]
-            perm, rank = tuple(eqn.params["permutation"]), len(eqn.params["permutation"])
-            rolled = (tuple(range(1, rank)) + (0,)) if m_first else ((rank - 1,)
-                                                                      + tuple(range(rank - 1)))
-            if perm == rolled:
-                product[eqn.outvars[0]] = (use, not m_first)
-                continue
-        if prim in _BROADCASTS and ins[0] in bias:
-            bias[eqn.outvars[0]] = bias[ins[0]]
+            use, perm = product[ins[0]]
+            product[out] = (use, tuple(perm[q] for q in eqn.params["permutation"]))
             continue
-        if prim in _ADDS and len(ins) == 2:
-            a, b = ins
-            for p, q in ((a, b), (b, a)):
-                use, m_first = product.get(p, (None, False))
-                if use is not None and not use.biased and bias.get(q) == use.keys:
-                    use.z, use.kernel_first, use.biased = eqn.outvars[0], m_first, True
-                    break
-        if prim == "dot_general" and k_ins:
-            if len(k_ins) > 1 or len(eqn.invars) != 2:
-                for _, (keys, _) in k_ins:
-                    reject(keys, "multiplied by another kernel")
+        if ins and ins[0] in bias and prim in ("broadcast_in_dim", "reshape", "squeeze"):
+            axis = _bias_axis(eqn, bias[ins[0]][1])
+            if axis is not False:
+                bias[out] = (bias[ins[0]][0], axis)
                 continue
+        if prim in _ADDS and len(ins) == 2:
+            for p, q in ((ins[0], ins[1]), (ins[1], ins[0])):
+                use, perm = product.get(p, (None, None))
+                if use is None or use.biased or bias.get(q, (None,))[0] != use.keys:
+                    continue
+                axis, want = bias[q][1], perm.index(use.m_axis)
+                if out.aval.shape != p.aval.shape or axis not in (None, want):
+                    reject(use.keys, f"multiplied, and its bias is added along axis {axis} of "
+                                     f"the product {tuple(p.aval.shape)} (result "
+                                     f"{tuple(out.aval.shape)}), not along its neuron axis "
+                                     f"{want}")
+                use.z, use.perm, use.biased = out, perm, True
+                break
+        if prim == "dot_general" and k_ins and len(from_kernel) == 1:
             pos, (keys, transposed) = k_ins[0]
             k_shape = tuple(eqn.invars[pos].aval.shape)
             if len(k_shape) != 2:
@@ -176,41 +224,50 @@ def _match(jaxpr, kernels: dict, biases: dict, has_bias: set) -> tuple[list[_Use
                              f"{eqn.params['dimension_numbers']}; expected inputs (n..., d_in) "
                              f"contracted with the kernel's axis 0")
                 continue
-            x = eqn.invars[1 - pos]
-            use = _Use(keys, x, x_axes[0], eqn.outvars[0], kernel_first=pos == 0)
+            m_axis = 0 if pos == 0 else len(out.aval.shape) - 1
+            use = _Use(keys, eqn.invars[1 - pos], x_axes[0], out, m_axis)
             uses.append(use)
-            product[eqn.outvars[0]] = (use, use.kernel_first)
+            product[out] = (use, use.perm)
             continue
-        if prim == "conv_general_dilated" and k_ins:
-            reject(k_ins[0][1][0], "a convolution's: record its patches with rfim_jax.record "
-                                   "and rfim_jax.conv_patches, or use a Flax nn.Conv with "
-                                   "capture_linen or capture_nnx")
-            continue
-        if prim in _PRODUCTS and t_ins:
-            for keys in t_ins:
-                reject(keys, f"transformed before its product ({prim}), as by a mask or a "
-                             "weight norm; the product is then not x @ kernel")
-            continue
+        if from_kernel and len(from_kernel) == len([v for v in ins if v is not None]) \
+                and prim == "dot_general":
+            pass  # a product of kernels only (an orthogonality penalty): not a layer use
+        elif prim == "conv_general_dilated" and from_kernel:
+            reject(from_kernel[0][1], "a convolution's: record its patches with "
+                                      "rfim_jax.record and rfim_jax.conv_patches, or use a "
+                                      "Flax nn.Conv with capture_linen or capture_nnx")
+        elif prim in _PRODUCTS | _OPAQUE and from_kernel:
+            for _, keys in from_kernel:
+                reject(keys, f"transformed before its product, or used in `{prim}`: the "
+                             "product is then not x @ kernel (a mask, a weight norm, a "
+                             "callback)")
+        elif prim == "mul" and from_kernel and any(
+                v in data and len(v.aval.shape) >= 2 for v in ins if v is not None):
+            for _, keys in from_kernel:
+                reject(keys, "multiplied elementwise with the inputs, as in "
+                             "(x[..., None] * kernel).sum(-2); write the product as x @ kernel")
         subs = _sub_jaxprs(eqn)
-        entering = [(i, kernel[v][0] if v in kernel else tainted[v])
-                    for i, v in enumerate(ins) if v in kernel or v in tainted]
-        if subs and entering:
-            for i, keys in entering:
+        if subs and from_kernel:
+            for i, keys in from_kernel:
                 # Call-like eqns pass operand i as inner input i; scan, cond and while lay
                 # their inputs out otherwise, so any inner input may hold it.
                 inner = [({sub.invars[i]} if len(sub.invars) == len(eqn.invars)
                           else set(sub.invars), sub) for sub in subs]
                 if any(_reaches_product(sub, vs) for vs, sub in inner):
-                    hint = ("jit that function with inline=True, or record the layer with "
-                            "rfim_jax.record" if prim in ("pjit", "jit", "closed_call")
-                            else "record the layer with rfim_jax.record inside it")
-                    reject(keys, f"multiplied inside a nested `{prim}`, whose values "
-                                 f"capture_jax cannot read: {hint}")
+                    name = eqn.params.get("name")
+                    where = (f"a nested jax.jit{f' of `{name}`' if name else ''}: jit it with "
+                             "inline=True, or record the layer with rfim_jax.record"
+                             if prim in _CALLS else
+                             f"a nested `{prim}`: record the layer with rfim_jax.record "
+                             "inside it")
+                    reject(keys, f"multiplied inside {where}")
         # Anything else computed from a kernel is not a layer use (a weight-decay term, a
         # norm): it only taints its outputs.
-        for keys in [k for _, (k, _) in k_ins] + t_ins:
-            for out in eqn.outvars:
-                tainted[out] = keys
+        for _, keys in from_kernel:
+            for o in eqn.outvars:
+                tainted[o] = keys
+    live = _live_vars(jaxpr)
+    uses = [u for u in uses if u.product in live]  # a product the output never sees
     for use in uses:
         if use.keys in has_bias and not use.biased:
             reject(use.keys, "multiplied, but the layer's bias is not added to that product "
@@ -230,13 +287,15 @@ def capture_jax(
     For a plain-JAX model left as it is: no :func:`rfim_jax.record` lines. A *layer* is a
     mapping in ``params`` that holds a rank-2 ``"kernel"`` (d_in, m) and optionally a
     ``"bias"`` (m,), as for :func:`rfim_jax.scale_by_rngd`. Each product of an array ``x``
-    (n..., d_in) with the kernel in ``fn`` (``x @ kernel``, ``jnp.dot``, ``jnp.einsum``, through
-    dtype casts and ``kernel.T.T``) is a use of the layer; the activations hold its
+    (n..., d_in) with the kernel in ``fn`` (``x @ kernel``, ``jnp.dot``, ``jnp.einsum`` in any
+    axis order, ``jax.vmap`` over any axis; through float casts, transposes, ``stop_gradient``,
+    ``checkpoint_name`` and sharding constraints) is a use of the layer; the activations hold its
     ``{"inputs": x, "preacts": z}`` with ``z = x @ kernel + bias`` (the sum ``fn`` computes),
     shapes (n..., d_in) and (n..., m), at the layer's path (``activations["block"]["Dense_0"]``
     for ``params["block"]["Dense_0"]``). A layer used several times (tied weights, a Python
-    loop) has every use stacked as extra rows (SPEC §8). Other uses of a kernel (a
-    weight-decay term) are not layer uses; a kernel ``fn`` never multiplies by is left out.
+    loop) has every use stacked as extra rows (SPEC §8). A product the output never sees is not
+    a use, nor are other uses of a kernel (a weight-decay term, ``kernel.T @ kernel``); a kernel
+    ``fn`` never multiplies by is left out.
 
     The function is traced once with ``jax.make_jaxpr`` and its program evaluated with the
     activations as extra outputs, so the recorded arrays are the forward pass's own values,
@@ -267,9 +326,11 @@ def capture_jax(
     Raises:
       ValueError: naming the layer, when a kernel is multiplied in a way that is not
         ``x @ kernel`` (a convolution, a product over another axis, a transformed kernel such
-        as ``kernel * mask``), inside a nested ``jax.jit`` or a control-flow primitive
-        (``lax.scan``, ``lax.cond``, ``jax.checkpoint``), or without its bias added directly to
-        the product; or when the uses of one layer have different widths.
+        as ``kernel * mask`` or an integer cast, ``ragged_dot``, a callback, an elementwise
+        product with the inputs), inside a nested ``jax.jit`` (named) or a control-flow
+        primitive (``lax.scan``, ``lax.cond``, ``jax.checkpoint``), without its bias added
+        directly to the product, or with the bias added along another axis than the
+        neurons'; or when the uses of one layer have different widths.
 
     References:
       Sun & Nielsen, Sec. 5, eqs. (31)-(33): the RFIM of each layer from the batch that gives
@@ -306,7 +367,8 @@ def capture_jax(
             biases[var] = owner
             has_bias.add(owner)
 
-    uses, unsupported = _match(jaxpr, kernels, biases, has_bias)
+    data = set(jaxpr.invars[len(leaves):]) | set(jaxpr.constvars)
+    uses, unsupported = _match(jaxpr, kernels, biases, has_bias, data)
     recorder = _Recorder(SOURCE)
     for keys, why in unsupported.items():
         name = paths_lib.SEP.join(map(str, keys)) or "<root>"
@@ -328,8 +390,7 @@ def capture_jax(
     for i, use in enumerate(uses):
         x, z = values[n_out + 2 * i], values[n_out + 2 * i + 1]
         x = jnp.moveaxis(x, use.axis, -1)
-        if use.kernel_first:
-            z = jnp.moveaxis(z, 0, -1)
+        z = jnp.moveaxis(jnp.transpose(z, np.argsort(use.perm)), use.m_axis, -1)
         recorder.add(use.keys, x, z)
     return output, recorder.tree()
 
