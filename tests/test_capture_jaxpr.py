@@ -302,3 +302,83 @@ def test_capture_jax_looks_through_relabellings_transposes_and_dead_products():
         order = np.lexsort(got_x.T)
         np.testing.assert_allclose(got_x[order], x_rows[np.lexsort(x_rows.T)], **TIGHT,
                                    err_msg=name)
+
+
+def test_capture_jax_a_layer_it_cannot_read_does_not_hide_the_layers_after_it():
+    rng = np.random.default_rng(0)
+    f = lambda *s: jnp.asarray(rng.standard_normal(s))  # noqa: E731
+    params = {"embed": {"kernel": f(7, 4)}, "a": {"kernel": f(4, 5)},
+              "head": {"kernel": f(5, 3), "bias": f(3)}}
+    tok = jnp.asarray([1, 3, 6, 0])
+    p = jax.tree.map(np.asarray, params)
+
+    def embedded(params, tok):  # a lookup in a "kernel" table, then dense layers
+        x = params["embed"]["kernel"][tok]
+        return jnp.tanh(x @ params["a"]["kernel"]) @ params["head"]["kernel"] \
+            + params["head"]["bias"]
+
+    def weight_normed(params, tok):  # (x @ W) / |W|: refused, the head is still read
+        x, w = params["embed"]["kernel"][tok], params["a"]["kernel"]
+        h = jnp.tanh((x @ w) / jnp.linalg.norm(w, axis=0))
+        return h @ params["head"]["kernel"] + params["head"]["bias"]
+
+    x = p["embed"]["kernel"][np.asarray(tok)]
+    h = np.tanh(x @ p["a"]["kernel"])
+    _, acts = rfim_jax.capture_jax(embedded, params, tok)
+    _check(acts, {"a": (x, x @ p["a"]["kernel"]),
+                  "head": (h, h @ p["head"]["kernel"] + p["head"]["bias"])})
+    with pytest.raises(ValueError, match="layer 'a'.*weight norm"):
+        rfim_jax.capture_jax(weight_normed, params, tok)
+    _, acts = rfim_jax.capture_jax(weight_normed, params, tok, skip_unsupported=True)
+    h = np.tanh((x @ p["a"]["kernel"]) / np.linalg.norm(p["a"]["kernel"], axis=0))
+    _check(acts, {"head": (h, h @ p["head"]["kernel"] + p["head"]["bias"])})
+
+    conv = {"conv": {"kernel": f(3, 3, 1, 2), "bias": f(2)}, "head": {"kernel": f(32, 3)}}
+    images = f(2, 4, 4, 1)
+
+    def features(params, images):
+        y = jax.lax.conv_general_dilated(images, params["conv"]["kernel"], (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jax.nn.relu(y + params["conv"]["bias"]).reshape(images.shape[0], -1)
+
+    _, acts = rfim_jax.capture_jax(lambda q, i: features(q, i) @ q["head"]["kernel"], conv,
+                                   images, skip_unsupported=True)
+    h = np.asarray(features(conv, images))
+    _check(acts, {"head": (h, h @ np.asarray(conv["head"]["kernel"]))})
+
+
+def test_capture_jax_refuses_params_it_cannot_lay_out_and_odd_bias_sums():
+    rng = np.random.default_rng(1)
+    f = lambda *s: jnp.asarray(rng.standard_normal(s))  # noqa: E731
+    x = f(3, 4)
+    nested = {"kernel": f(4, 4), "sub": {"kernel": f(4, 2)}}
+    with pytest.raises(ValueError, match="layer '<root>' holds layer 'sub'"):
+        rfim_jax.capture_jax(lambda p, x: (x @ p["kernel"]) @ p["sub"]["kernel"], nested, x)
+    params = {"a": {"kernel": f(4, 5), "bias": f(5)}}
+    with pytest.raises(ValueError, match="layer 'a'.*closure"):
+        rfim_jax.capture_jax(lambda p, x: x @ params["a"]["kernel"] + params["a"]["bias"],
+                             params, x)
+    with pytest.raises(ValueError, match="layer 'a'.*twice"):
+        rfim_jax.capture_jax(lambda p, x: x @ p["a"]["kernel"] + p["a"]["bias"]
+                             + p["a"]["bias"], params, x)
+    latents = {"a": {"kernel": f(4, 5)}, "latents": f(3, 4)}
+    with pytest.raises(ValueError, match="layer 'a'.*elementwise"):
+        rfim_jax.capture_jax(lambda p, x: (p["latents"][:, :, None] * p["a"]["kernel"]).sum(1),
+                             latents, x)
+
+
+def test_capture_jax_one_sample_numpy_scalars_and_dead_refusals():
+    rng = np.random.default_rng(2)
+    params = {"a": {"kernel": jnp.asarray(rng.standard_normal((4, 5))),
+                    "bias": jnp.asarray(rng.standard_normal(5))}}
+    x = jnp.asarray(rng.standard_normal(4))
+
+    def model(p, x, rows):
+        unused = x @ (p["a"]["kernel"] * 2.0)  # a refused form the output never sees  # noqa: F841
+        return (x @ p["a"]["kernel"] + p["a"]["bias"])[:rows]
+
+    out, acts = rfim_jax.capture_jax(model, params, x, np.int64(3))  # rows stays static
+    assert out.shape == (3,)
+    z = np.asarray(x) @ np.asarray(params["a"]["kernel"]) + np.asarray(params["a"]["bias"])
+    np.testing.assert_allclose(acts["a"]["inputs"], np.asarray(x)[None], **TIGHT)
+    np.testing.assert_allclose(acts["a"]["preacts"], z[None], **TIGHT)

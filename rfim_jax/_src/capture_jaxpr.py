@@ -53,7 +53,8 @@ def _raw_key(entry: Any) -> Any:
 def _is_dynamic(leaf: Any) -> bool:
     # Arrays (tracers included) become jaxpr inputs; Python values (flags, sizes) stay static,
     # as they would under jit's static arguments.
-    return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
+    # A numpy scalar (np.int64(3)) is a Python value here, as it is to jit.
+    return isinstance(leaf, (jax.Array, np.ndarray))
 
 
 def _sub_jaxprs(eqn) -> list:
@@ -67,8 +68,10 @@ def _relabels(eqn) -> bool:
     if eqn.primitive.name != "convert_element_type":
         return True
     # A float-to-float cast rounds (bf16, fp8) but is the value the product uses; a cast to an
-    # integer is not a relabelling.
-    return all(jnp.issubdtype(v.aval.dtype, jnp.inexact) for v in (eqn.invars[0], eqn.outvars[0]))
+    # integer, or from complex to real, is not a relabelling.
+    dtypes = (eqn.invars[0].aval.dtype, eqn.outvars[0].aval.dtype)
+    return any(all(jnp.issubdtype(d, kind) for d in dtypes)
+               for kind in (jnp.floating, jnp.complexfloating))
 
 
 def _live_vars(jaxpr) -> set:
@@ -124,6 +127,39 @@ def _bias_axis(eqn, axis):
     return False
 
 
+def _name(keys: tuple) -> str:
+    return paths_lib.SEP.join(map(str, keys)) or "<root>"
+
+
+def _check_closed_over(closed, leaves, layer_keys) -> None:
+    """Raises if ``fn`` read a kernel from a closure instead of its ``params`` argument: the
+    kernel is then a constant of the program and its layer would be missing silently."""
+    consts = {id(c) for c in getattr(closed, "consts", ())}
+    for keypath, leaf in leaves:
+        keys = tuple(_raw_key(k) for k in keypath)
+        if keys[:-1] in layer_keys and str(keys[-1]) == paths_lib.KERNEL and id(leaf) in consts:
+            raise ValueError(
+                f"{SOURCE}: layer {_name(keys[:-1])!r}: fn reads its kernel from a closure, not "
+                f"from its params argument, so capture_jax cannot tell its products from "
+                f"constants. Pass the params to fn: capture_jax(fn, params, ...) calls "
+                f"fn(params, ...)."
+            )
+
+
+def _check_not_nested(used: set) -> None:
+    """Raises if one recorded layer's params hold another's: one activations node cannot
+    hold both a layer's "inputs"/"preacts" and another layer (as rfim_jax.record refuses)."""
+    for outer in used:
+        for inner in used:
+            if len(outer) < len(inner) and inner[:len(outer)] == outer:
+                raise ValueError(
+                    f"{SOURCE}: layer {_name(outer)!r} holds layer {_name(inner)!r} in its "
+                    f"params; the activations keep one layer's inputs and preacts per node, "
+                    f"so both cannot be recorded. Move the inner layer beside the outer one "
+                    f"in the params tree."
+                )
+
+
 class _Use:
     """One product ``x @ kernel`` of a layer, found in the jaxpr."""
 
@@ -150,32 +186,41 @@ def _match(jaxpr, kernels: dict, biases: dict, has_bias: set, data: set
 
     Returns:
       ``(uses, unsupported)``: the live products in program order, and layer keys -> why.
+      Products and other uses that the output never sees are neither.
     """
+    live = _live_vars(jaxpr)
     kernel = {v: (keys, False) for v, keys in kernels.items()}  # var -> (keys, transposed)
-    bias = {v: (keys, len(v.aval.shape) - 1) for v, keys in biases.items()}  # -> (keys, axis)
-    # Vars computed from a kernel by anything but a relabelling: a product of one of them is
-    # a transformed kernel (a mask, a weight norm) whose layer cannot be read as x @ kernel.
-    tainted: dict = {}
+    bias = {v: (keys, (len(v.aval.shape) - 1) if v.aval.shape else None)
+            for v, keys in biases.items()}  # var -> (keys, its neuron axis; None: any)
+    # var -> the layers it is computed from: a *weight*, computed from kernels (and constants)
+    # only, by more than a relabelling (a mask, a weight norm, a product of kernels). A value
+    # that also depends on the inputs is data, never a weight, so that one layer the matcher
+    # cannot read does not hide the layers after it.
+    weight: dict = {}
     product: dict = {}  # var -> (_Use, perm), for a product and its relabellings
+    biased: dict = {}  # var -> _Use, for a pre-activation x @ kernel + bias
     data = set(data)
     uses: list[_Use] = []
     unsupported: dict = {}
 
-    def reject(keys, why):
-        unsupported.setdefault(keys, why)
+    def reject(layers, why, eqn):
+        if eqn.effects or any(o in live for o in eqn.outvars):
+            for keys in sorted(layers, key=str):
+                unsupported.setdefault(keys, why)
 
     for eqn in jaxpr.eqns:
         prim = eqn.primitive.name
         ins = [None if isinstance(v, jex.Literal) else v for v in eqn.invars]
-        k_ins = [(i, kernel[v]) for i, v in enumerate(ins) if v in kernel]
-        from_kernel = [(i, kernel[v][0] if v in kernel else tainted[v])
-                       for i, v in enumerate(ins) if v in kernel or v in tainted]
-        if any(v in data for v in ins):
+        w_ins = {i: frozenset({kernel[v][0]}) if v in kernel else weight[v]
+                 for i, v in enumerate(ins) if v is not None and (v in kernel or v in weight)}
+        w_layers = frozenset().union(*w_ins.values())
+        has_data = any(v in data for v in ins if v is not None)
+        if has_data:
             data.update(eqn.outvars)
         out = eqn.outvars[0] if eqn.outvars else None
         if _relabels(eqn) or prim == "optimization_barrier":
             for v, o in zip(ins, eqn.outvars, strict=True):
-                for table in (kernel, bias, product, tainted):
+                for table in (kernel, bias, product, weight, biased):
                     if v in table:
                         table[o] = table[v]
             continue
@@ -194,84 +239,97 @@ def _match(jaxpr, kernels: dict, biases: dict, has_bias: set, data: set
                 continue
         if prim in _ADDS and len(ins) == 2:
             for p, q in ((ins[0], ins[1]), (ins[1], ins[0])):
+                if q not in bias:
+                    continue
+                if p in biased and biased[p].keys == bias[q][0]:
+                    reject({bias[q][0]}, "multiplied, and its bias is added to the product "
+                                         "twice", eqn)
                 use, perm = product.get(p, (None, None))
-                if use is None or use.biased or bias.get(q, (None,))[0] != use.keys:
+                if use is None or use.biased or bias[q][0] != use.keys:
                     continue
                 axis, want = bias[q][1], perm.index(use.m_axis)
                 if out.aval.shape != p.aval.shape or axis not in (None, want):
-                    reject(use.keys, f"multiplied, and its bias is added along axis {axis} of "
-                                     f"the product {tuple(p.aval.shape)} (result "
-                                     f"{tuple(out.aval.shape)}), not along its neuron axis "
-                                     f"{want}")
+                    reject({use.keys}, f"multiplied, and its bias is added along axis {axis} "
+                                       f"of the product {tuple(p.aval.shape)} (result "
+                                       f"{tuple(out.aval.shape)}), not along its neuron axis "
+                                       f"{want}", eqn)
                 use.z, use.perm, use.biased = out, perm, True
+                biased[out] = use
                 break
-        if prim == "dot_general" and k_ins and len(from_kernel) == 1:
-            pos, (keys, transposed) = k_ins[0]
-            k_shape = tuple(eqn.invars[pos].aval.shape)
+        if prim == "dot_general" and len(w_ins) == 1 and ins[next(iter(w_ins))] in kernel:
+            pos = next(iter(w_ins))
+            keys, transposed = kernel[ins[pos]]
+            k_shape = tuple(ins[pos].aval.shape)
             if len(k_shape) != 2:
-                reject(keys, f"of rank {len(k_shape)}, shape {k_shape}, in a dot_general: "
-                             "only a (d_in, m) kernel is read; record a multi-axis layer with "
-                             "rfim_jax.record, its contracted axes flattened")
+                reject({keys}, f"of rank {len(k_shape)}, shape {k_shape}, in a dot_general: "
+                               "only a (d_in, m) kernel is read. Record a multi-axis layer "
+                               "with rfim_jax.record, its contracted axes flattened; for a "
+                               "stack of layers or an ensemble, vmap capture_jax over the "
+                               "stacked params", eqn)
                 continue
             (contract, batch) = eqn.params["dimension_numbers"]
             k_axes, x_axes = tuple(contract[pos]), tuple(contract[1 - pos])
             # The kernel's input axis (0, or 1 of its transpose) must be the one contracted.
             if batch != ((), ()) or k_axes != ((1,) if transposed else (0,)) or len(x_axes) != 1:
                 x_shape = tuple(eqn.invars[1 - pos].aval.shape)
-                reject(keys, f"multiplied over another axis than x @ kernel: dot_general of "
-                             f"an operand {x_shape} with the kernel{'.T' if transposed else ''} "
-                             f"{k_shape}, dimension_numbers "
-                             f"{eqn.params['dimension_numbers']}; expected inputs (n..., d_in) "
-                             f"contracted with the kernel's axis 0")
+                reject({keys}, f"multiplied over another axis than x @ kernel: dot_general "
+                               f"of an operand {x_shape} with the "
+                               f"kernel{'.T' if transposed else ''} {k_shape}, "
+                               f"dimension_numbers {eqn.params['dimension_numbers']}; expected "
+                               f"inputs (n..., d_in) contracted with the kernel's axis 0", eqn)
                 continue
             m_axis = 0 if pos == 0 else len(out.aval.shape) - 1
             use = _Use(keys, eqn.invars[1 - pos], x_axes[0], out, m_axis)
             uses.append(use)
             product[out] = (use, use.perm)
             continue
-        if from_kernel and len(from_kernel) == len([v for v in ins if v is not None]) \
-                and prim == "dot_general":
-            pass  # a product of kernels only (an orthogonality penalty): not a layer use
-        elif prim == "conv_general_dilated" and from_kernel:
-            reject(from_kernel[0][1], "a convolution's: record its patches with "
-                                      "rfim_jax.record and rfim_jax.conv_patches, or use a "
-                                      "Flax nn.Conv with capture_linen or capture_nnx")
-        elif prim in _PRODUCTS | _OPAQUE and from_kernel:
-            for _, keys in from_kernel:
-                reject(keys, f"transformed before its product, or used in `{prim}`: the "
-                             "product is then not x @ kernel (a mask, a weight norm, a "
-                             "callback)")
-        elif prim == "mul" and from_kernel and any(
-                v in data and len(v.aval.shape) >= 2 for v in ins if v is not None):
-            for _, keys in from_kernel:
-                reject(keys, "multiplied elementwise with the inputs, as in "
-                             "(x[..., None] * kernel).sum(-2); write the product as x @ kernel")
+        if prim == "dot_general" and w_ins and (has_data or len(w_ins) < len(
+                [v for v in ins if v is not None])):
+            reject(w_layers, "transformed before its product, so the product is not "
+                             "x @ kernel (a mask, a weight norm, a product of kernels)", eqn)
+        elif prim == "conv_general_dilated" and w_ins:
+            reject(w_layers, "a convolution's: record its patches with rfim_jax.record and "
+                             "rfim_jax.conv_patches, or use a Flax nn.Conv with capture_linen "
+                             "or capture_nnx", eqn)
+        elif prim in (_PRODUCTS | _OPAQUE) - {"dot_general"} and w_ins:
+            reject(w_layers, f"used in `{prim}`, whose product capture_jax cannot read", eqn)
+        elif prim in ("mul", "div") and w_ins:
+            scaled = [product[v][0] if v in product else biased[v]
+                      for v in ins if v in product or v in biased]
+            for use in scaled:
+                reject({use.keys}, "multiplied, and the product is then scaled by a function "
+                                   "of a kernel (a weight norm), so the pre-activation is not "
+                                   "x @ kernel + bias", eqn)
+            arrays = [v for i, v in enumerate(ins) if v is not None and i not in w_ins]
+            if (not scaled and any(len(v.aval.shape) >= 2 for v in arrays)
+                    and any(ins[i].aval.shape for i in w_ins)):
+                reject(w_layers, "multiplied elementwise with an array, as in "
+                                 "(x[..., None] * kernel).sum(-2); write the product as "
+                                 "x @ kernel", eqn)
         subs = _sub_jaxprs(eqn)
-        if subs and from_kernel:
-            for i, keys in from_kernel:
-                # Call-like eqns pass operand i as inner input i; scan, cond and while lay
-                # their inputs out otherwise, so any inner input may hold it.
-                inner = [({sub.invars[i]} if len(sub.invars) == len(eqn.invars)
-                          else set(sub.invars), sub) for sub in subs]
-                if any(_reaches_product(sub, vs) for vs, sub in inner):
-                    name = eqn.params.get("name")
-                    where = (f"a nested jax.jit{f' of `{name}`' if name else ''}: jit it with "
-                             "inline=True, or record the layer with rfim_jax.record"
-                             if prim in _CALLS else
-                             f"a nested `{prim}`: record the layer with rfim_jax.record "
-                             "inside it")
-                    reject(keys, f"multiplied inside {where}")
-        # Anything else computed from a kernel is not a layer use (a weight-decay term, a
-        # norm): it only taints its outputs.
-        for _, keys in from_kernel:
+        for i, layers in w_ins.items() if subs else ():
+            # Call-like eqns pass operand i as inner input i; scan, cond and while lay their
+            # inputs out otherwise, so any inner input may hold it.
+            inner = [({sub.invars[i]} if len(sub.invars) == len(eqn.invars) else set(sub.invars),
+                      sub) for sub in subs]
+            if any(_reaches_product(sub, vs) for vs, sub in inner):
+                name = eqn.params.get("name")
+                where = (f"a nested jax.jit{f' of `{name}`' if name else ''}: jit it with "
+                         "inline=True, or record the layer with rfim_jax.record"
+                         if prim in _CALLS else
+                         f"a nested `{prim}`: record the layer with rfim_jax.record inside it")
+                reject(layers, f"multiplied inside {where}", eqn)
+        # Anything else computed from kernels alone is a weight (or a weight-decay term, which
+        # no product reads); with the inputs in it, it is data.
+        if w_layers and not has_data:
             for o in eqn.outvars:
-                tainted[o] = keys
-    live = _live_vars(jaxpr)
+                weight[o] = w_layers
     uses = [u for u in uses if u.product in live]  # a product the output never sees
     for use in uses:
         if use.keys in has_bias and not use.biased:
-            reject(use.keys, "multiplied, but the layer's bias is not added to that product "
-                             "directly, so z = x @ kernel + bias is not in the program")
+            unsupported.setdefault(
+                use.keys, "multiplied, but the layer's bias is not added to that product "
+                          "directly, so z = x @ kernel + bias is not in the program")
     return uses, unsupported
 
 
@@ -367,19 +425,21 @@ def capture_jax(
             biases[var] = owner
             has_bias.add(owner)
 
+    _check_closed_over(closed, leaves, layer_keys)
     data = set(jaxpr.invars[len(leaves):]) | set(jaxpr.constvars)
     uses, unsupported = _match(jaxpr, kernels, biases, has_bias, data)
     recorder = _Recorder(SOURCE)
     for keys, why in unsupported.items():
-        name = paths_lib.SEP.join(map(str, keys)) or "<root>"
         if not skip_unsupported:
             raise Unsupported(
-                f"{SOURCE}: layer {name!r}: its kernel is {why}. Pass skip_unsupported=True to "
-                f"leave the layer out of the activations; its params then pass through "
+                f"{SOURCE}: layer {_name(keys)!r}: its kernel is {why}. Pass "
+                f"skip_unsupported=True to leave the layer out of the activations; its params "
+                f"then pass through "
                 f"scale_by_rngd unchanged when not named in `layers`."
             )
         recorder.dropped.add(keys)
     uses = [u for u in uses if u.keys not in unsupported]
+    _check_not_nested({u.keys for u in uses})
 
     extra = [v for u in uses for v in (u.x, u.z)]
     n_out = len(jaxpr.outvars)
@@ -391,6 +451,8 @@ def capture_jax(
         x, z = values[n_out + 2 * i], values[n_out + 2 * i + 1]
         x = jnp.moveaxis(x, use.axis, -1)
         z = jnp.moveaxis(jnp.transpose(z, np.argsort(use.perm)), use.m_axis, -1)
+        if z.ndim == 1:  # one sample, x of shape (d_in,): one row
+            x, z = x[None], z[None]
         recorder.add(use.keys, x, z)
     return output, recorder.tree()
 
