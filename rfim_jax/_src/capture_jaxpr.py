@@ -51,9 +51,8 @@ def _raw_key(entry: Any) -> Any:
 
 
 def _is_dynamic(leaf: Any) -> bool:
-    # Arrays (tracers included) become jaxpr inputs; Python values (flags, sizes) stay static,
-    # as they would under jit's static arguments.
-    # A numpy scalar (np.int64(3)) is a Python value here, as it is to jit.
+    # Arrays (tracers included) become jaxpr inputs; Python values (flags, sizes) and numpy
+    # scalars (np.int64(3)) stay static, as they would under jit's static arguments.
     return isinstance(leaf, (jax.Array, np.ndarray))
 
 
@@ -387,8 +386,10 @@ def capture_jax(
         as ``kernel * mask`` or an integer cast, ``ragged_dot``, a callback, an elementwise
         product with the inputs), inside a nested ``jax.jit`` (named) or a control-flow
         primitive (``lax.scan``, ``lax.cond``, ``jax.checkpoint``), without its bias added
-        directly to the product, or with the bias added along another axis than the
-        neurons'; or when the uses of one layer have different widths.
+        directly to the product, with the bias added twice or along another axis than the
+        neurons', or with the product scaled by a function of the kernel (a weight norm);
+        when ``fn`` reads a kernel from a closure instead of ``params``; when a used layer's
+        params hold another used layer; or when the uses of one layer have different widths.
 
     References:
       Sun & Nielsen, Sec. 5, eqs. (31)-(33): the RFIM of each layer from the batch that gives
@@ -396,11 +397,11 @@ def capture_jax(
     """
     leaves, _ = jax.tree_util.tree_flatten_with_path(params)
     kernels, biases, has_bias = {}, {}, set()
-    layer_keys = {}
+    layer_keys = set()
     for keypath, leaf in leaves:
         keys = tuple(_raw_key(k) for k in keypath)
         if keys and str(keys[-1]) == paths_lib.KERNEL and jnp.ndim(leaf) >= 2:
-            layer_keys[keys[:-1]] = True
+            layer_keys.add(keys[:-1])
     extra_leaves, extra_tree = jax.tree_util.tree_flatten((args, kwargs))
     dynamic = [i for i, leaf in enumerate(extra_leaves) if _is_dynamic(leaf)]
 
@@ -434,8 +435,7 @@ def capture_jax(
             raise Unsupported(
                 f"{SOURCE}: layer {_name(keys)!r}: its kernel is {why}. Pass "
                 f"skip_unsupported=True to leave the layer out of the activations; its params "
-                f"then pass through "
-                f"scale_by_rngd unchanged when not named in `layers`."
+                f"then pass through scale_by_rngd unchanged when not named in `layers`."
             )
         recorder.dropped.add(keys)
     uses = [u for u in uses if u.keys not in unsupported]
