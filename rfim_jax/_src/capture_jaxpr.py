@@ -22,7 +22,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend import core as jex
+
+try:  # The public home of the jaxpr types; older jax kept them in jax.core only.
+    from jax.extend import core as jex
+
+    jex.jaxpr_as_fun, jex.jaxprs_in_params, jex.Literal  # noqa: B018
+except (ImportError, AttributeError):  # pragma: no cover - depends on the installed jax
+    from jax import core as jex
 
 from rfim_jax._src import paths as paths_lib
 from rfim_jax._src.capture import Unsupported, _Recorder
