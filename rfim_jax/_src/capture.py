@@ -189,7 +189,7 @@ class _Recorder:
     def _stacked(self, keys, uses):
         if len(uses) == 1:
             return uses[0]
-        name = paths_lib.SEP.join(map(str, keys)) or "<root>"
+        name = paths_lib.display_path(keys)
         return _stack_uses(uses, f"{self.source}: layer {name!r}")
 
     def tree(self) -> dict:
@@ -509,7 +509,7 @@ def capture_linen(
             return out
         try:
             call_str = call_args[1] if len(call_args) > 1 else call_kwargs.get("einsum_str")
-            rows = _linen_rows(module, inputs, out, paths_lib.SEP.join(keys) or "<root>",
+            rows = _linen_rows(module, inputs, out, paths_lib.display_path(keys),
                                call_str)
         except Unsupported:
             if skip_unsupported:
@@ -818,7 +818,7 @@ def capture_nnx(
             recorder.add_attend(keys, inputs, out)
             return
         try:
-            rows = _nnx_rows(module, inputs, out, paths_lib.SEP.join(map(str, keys)) or "<root>")
+            rows = _nnx_rows(module, inputs, out, paths_lib.display_path(keys))
         except Unsupported:
             if skip_unsupported:
                 return

@@ -48,14 +48,6 @@ _ADDS = frozenset({"add", "add_any"})
 _CALLS = frozenset({"pjit", "jit", "closed_call", "core_call"})
 
 
-def _raw_key(entry: Any) -> Any:
-    """A key-path entry as the key itself (an ``int`` index stays an ``int``)."""
-    for attr in ("key", "idx", "name"):
-        if hasattr(entry, attr):
-            return getattr(entry, attr)
-    return entry
-
-
 def _is_dynamic(leaf: Any) -> bool:
     # Arrays (tracers included) become jaxpr inputs; Python values (flags, sizes) and numpy
     # scalars (np.int64(3)) stay static, as they would under jit's static arguments.
@@ -132,20 +124,16 @@ def _bias_axis(eqn, axis):
     return False
 
 
-def _name(keys: tuple) -> str:
-    return paths_lib.SEP.join(map(str, keys)) or "<root>"
-
-
-def _check_closed_over(closed, leaves, layer_keys) -> None:
+def _check_closed_over(closed, kernel_leaves: dict) -> None:
     """Raises if ``fn`` read a kernel from a closure instead of its ``params`` argument: the
     kernel is then a constant of the program and its layer would be missing silently."""
     consts = {id(c) for c in getattr(closed, "consts", ())}
-    for keypath, leaf in leaves:
-        keys = tuple(_raw_key(k) for k in keypath)
-        if keys[:-1] in layer_keys and str(keys[-1]) == paths_lib.KERNEL and id(leaf) in consts:
+    for keys, leaf in kernel_leaves.items():
+        if id(leaf) in consts:
             raise ValueError(
-                f"{SOURCE}: layer {_name(keys[:-1])!r}: fn reads its kernel from a closure, not "
-                f"from its params argument, so capture_jax cannot tell its products from "
+                f"{SOURCE}: layer {paths_lib.display_path(keys)!r}: fn reads its kernel from "
+                f"a closure, not from its params argument, so capture_jax cannot tell its "
+                f"products from "
                 f"constants. Pass the params to fn: capture_jax(fn, params, ...) calls "
                 f"fn(params, ...)."
             )
@@ -158,7 +146,8 @@ def _check_not_nested(used: set) -> None:
         for inner in used:
             if len(outer) < len(inner) and inner[:len(outer)] == outer:
                 raise ValueError(
-                    f"{SOURCE}: layer {_name(outer)!r} holds layer {_name(inner)!r} in its "
+                    f"{SOURCE}: layer {paths_lib.display_path(outer)!r} holds layer "
+                    f"{paths_lib.display_path(inner)!r} in its "
                     f"params; the activations keep one layer's inputs and preacts per node, "
                     f"so both cannot be recorded. Move the inner layer beside the outer one "
                     f"in the params tree."
@@ -178,15 +167,13 @@ class _Use:
         self.biased = False
 
 
-def _match(jaxpr, kernels: dict, biases: dict, has_bias: set, data: set
-           ) -> tuple[list[_Use], dict]:
+def _match(jaxpr, kernels: dict, biases: dict, data: set) -> tuple[list[_Use], dict]:
     """The uses of every layer in ``jaxpr``'s top level, and the layers that cannot be read.
 
     Args:
       jaxpr: the function's jaxpr.
       kernels: invar -> layer keys, for each layer's kernel (rank >= 2).
       biases: invar -> layer keys, for each layer's bias.
-      has_bias: the layers with a bias.
       data: the invars and constvars that are not params (the function's inputs).
 
     Returns:
@@ -330,6 +317,7 @@ def _match(jaxpr, kernels: dict, biases: dict, has_bias: set, data: set
             for o in eqn.outvars:
                 weight[o] = w_layers
     uses = [u for u in uses if u.product in live]  # a product the output never sees
+    has_bias = set(biases.values())
     for use in uses:
         if use.keys in has_bias and not use.biased:
             unsupported.setdefault(
@@ -402,12 +390,10 @@ def capture_jax(
       the gradient. SPEC §1 (capture helpers), §8 (a layer used several times).
     """
     leaves, _ = jax.tree_util.tree_flatten_with_path(params)
-    kernels, biases, has_bias = {}, {}, set()
-    layer_keys = set()
-    for keypath, leaf in leaves:
-        keys = tuple(_raw_key(k) for k in keypath)
-        if keys and str(keys[-1]) == paths_lib.KERNEL and jnp.ndim(leaf) >= 2:
-            layer_keys.add(keys[:-1])
+    leaf_keys = [tuple(paths_lib.raw_key(k) for k in keypath) for keypath, _ in leaves]
+    # A layer: the keys of a mapping that holds a "kernel" of rank >= 2 -> that kernel.
+    kernel_leaves = {keys[:-1]: leaf for keys, (_, leaf) in zip(leaf_keys, leaves, strict=True)
+                     if keys and str(keys[-1]) == paths_lib.KERNEL and jnp.ndim(leaf) >= 2}
     extra_leaves, extra_tree = jax.tree_util.tree_flatten((args, kwargs))
     dynamic = [i for i, leaf in enumerate(extra_leaves) if _is_dynamic(leaf)]
 
@@ -422,24 +408,20 @@ def capture_jax(
     closed, out_shape = jax.make_jaxpr(traced, return_shape=True)(params, dyn_values)
     # A ClosedJaxpr holds a Jaxpr and its consts; newer jax folds the two into one object.
     jaxpr = getattr(closed, "jaxpr", closed)
-    param_vars = jaxpr.invars[:len(leaves)]
-    for var, (keypath, _) in zip(param_vars, leaves, strict=True):
-        keys = tuple(_raw_key(k) for k in keypath)
+    kernels, biases = {}, {}  # invar -> its layer's keys
+    for var, keys in zip(jaxpr.invars[:len(leaves)], leaf_keys, strict=True):
         owner, last = keys[:-1], str(keys[-1]) if keys else ""
-        if owner in layer_keys and last == paths_lib.KERNEL:
-            kernels[var] = owner
-        elif owner in layer_keys and last == BIAS:
-            biases[var] = owner
-            has_bias.add(owner)
+        if owner in kernel_leaves and last in (paths_lib.KERNEL, BIAS):
+            (kernels if last == paths_lib.KERNEL else biases)[var] = owner
 
-    _check_closed_over(closed, leaves, layer_keys)
+    _check_closed_over(closed, kernel_leaves)
     data = set(jaxpr.invars[len(leaves):]) | set(jaxpr.constvars)
-    uses, unsupported = _match(jaxpr, kernels, biases, has_bias, data)
+    uses, unsupported = _match(jaxpr, kernels, biases, data)
     recorder = _Recorder(SOURCE)
     for keys, why in unsupported.items():
         if not skip_unsupported:
             raise Unsupported(
-                f"{SOURCE}: layer {_name(keys)!r}: its kernel is {why}. Pass "
+                f"{SOURCE}: layer {paths_lib.display_path(keys)!r}: its kernel is {why}. Pass "
                 f"skip_unsupported=True to leave the layer out of the activations; its params "
                 f"then pass through scale_by_rngd unchanged when not named in `layers`."
             )

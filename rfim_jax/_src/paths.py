@@ -21,7 +21,7 @@ list of layers).  These are the keys of the ``layers`` argument of
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -43,12 +43,23 @@ def _is_masked(node: Any) -> bool:
     return isinstance(node, optax.MaskedNode)
 
 
-def key_name(key: Any) -> str:
-    """One key-path entry as a path component: the dict key, sequence index or attribute."""
+def raw_key(key: Any) -> Any:
+    """One key-path entry as the key itself: the dict key, sequence index (an ``int`` stays an
+    ``int``) or attribute name."""
     for attr in ("key", "idx", "name"):  # DictKey / FlattenedIndexKey, SequenceKey, GetAttrKey
         if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
+            return getattr(key, attr)
+    return key
+
+
+def key_name(key: Any) -> str:
+    """One key-path entry as a path component: the dict key, sequence index or attribute."""
+    return str(raw_key(key))
+
+
+def display_path(keys: Sequence[Any]) -> str:
+    """A layer's keys joined by "/" for messages; ``"<root>"`` for the params tree itself."""
+    return SEP.join(map(str, keys)) or "<root>"
 
 
 def _parts(keypath: tuple) -> _Parts:
